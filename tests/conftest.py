@@ -1,0 +1,84 @@
+"""Shared fixtures: config composition, and running the real entry points in subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from trainer.config import Config
+from trainer.rundir import register_resolvers
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
+VENV_BIN = Path(sys.executable).parent
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+def compose_config(overrides: list[str] = ()) -> tuple[Config, object]:
+    """The typed config (and its node) exactly as ``trainer.train`` would compose it."""
+    import trainer.train  # noqa: F401  (registers the schema and resolvers)
+
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        node = compose(config_name="config", overrides=list(overrides))
+    return OmegaConf.to_object(node), node
+
+
+@pytest.fixture
+def compose_cfg():
+    return compose_config
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="disabled", PYTHONUNBUFFERED="1")
+    env["PATH"] = f"{VENV_BIN}:{env.get('PATH', '')}"
+    env.update(extra)
+    return env
+
+
+def tiny_corpus_overrides(cache_dir: Path) -> list[str]:
+    """A small real corpus (Tiny Shakespeare) with a small tokenizer: fast to prepare."""
+    return [
+        "data=shakespeare",
+        f"data.paths=[{SHAKESPEARE}]",
+        f"data.cache_dir={cache_dir}",
+        "data.tokenizer.vocab_size=512",
+    ]
+
+
+def run_train(run_dir: Path, overrides: list[str], ranks: int = 0, timeout: int = 300):
+    """Run ``trainer.train``: in-process world of one (ranks=0) or through the deepspeed launcher."""
+    args = [*overrides, f"hydra.run.dir={run_dir}"]
+    if ranks:
+        cmd = ["deepspeed", "--num_gpus", str(ranks), "--no_local_rank",
+               "--master_port", str(free_port()), "--module", "trainer.train", *args]
+    else:
+        cmd = [sys.executable, "-m", "trainer.train", *args]
+    return subprocess.run(cmd, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="session")
+def data_cache(tmp_path_factory) -> Path:
+    """One prepared-corpus cache shared by the tests of a session."""
+    return tmp_path_factory.mktemp("data-cache")

@@ -1,0 +1,110 @@
+"""Config composition, overrides, validation and the generated DeepSpeed config."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, child_env, compose_config
+from trainer.config import ConfigError, validate
+from trainer.ds_config import ds_config
+
+GROUPS = {g: sorted(p.stem for p in (ROOT / "conf" / g).glob("*.yaml")) for g in ("model", "parallel", "data")}
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g, opts in GROUPS.items() for o in opts])
+def test_every_option_composes_and_validates(group, option):
+    overrides = [f"{group}={option}"]
+    if option == "files":
+        overrides.append(f"data.paths=[{ROOT / 'pyproject.toml'}]")
+    cfg, _ = compose_config(overrides)
+    plan = validate(cfg, world_size=2)
+    assert getattr(cfg, group).name == option
+    assert plan.global_batch == plan.micro_batch * plan.grad_accum * plan.dp
+
+
+def test_command_line_overrides_reach_the_typed_config():
+    cfg, _ = compose_config(["model=gpt2-small", "parallel.zero_stage=2", "optim.lr=3e-4", "train.steps=7"])
+    assert (cfg.model.n_layer, cfg.model.n_embd, cfg.model.vocab_size) == (12, 768, 50257)
+    assert cfg.parallel.zero_stage == 2 and cfg.optim.lr == 3e-4 and cfg.train.steps == 7
+    assert cfg.data.tokenizer.vocab_size == 50257  # interpolated from the model
+
+
+def test_experiment_overrides_groups_and_fields():
+    cfg, _ = compose_config(["experiment=quickstart"])
+    assert cfg.parallel.zero_stage == 1 and cfg.model.seq_len == 128 and cfg.train.steps == 200
+
+
+@pytest.mark.parametrize(
+    "overrides,world,key",
+    [
+        (["parallel.tp=2"], 2, "parallel.tp"),
+        (["parallel.pp=2"], 2, "parallel.pp"),
+        (["parallel.zero_stage=4"], 1, "parallel.zero_stage"),
+        (["parallel.precision=fp8"], 1, "parallel.precision"),
+        (["parallel.global_batch=6"], 4, "parallel.global_batch"),  # not a multiple of micro 4 * dp 4
+        (["parallel.micro_batch=0"], 1, "parallel.micro_batch"),
+        (["model.n_head=5"], 1, "model.n_head"),
+        (["optim.lr=-1"], 1, "optim.lr"),
+        (["optim.min_lr=1.0"], 1, "optim.min_lr"),
+        (["train.steps=0"], 1, "train.steps"),
+        (["data=files"], 1, "data.paths"),
+        (["data=files", "data.paths=[/no/such/corpus]"], 1, "data.paths"),
+        (["data.tokenizer.vocab_size=100000"], 1, "data.tokenizer.vocab_size"),
+        (["data.tokenizer.source=/no/such/tokenizer.json"], 1, "data.tokenizer.source"),
+        (["logging.wandb.mode=sometimes"], 1, "logging.wandb.mode"),
+    ],
+)
+def test_invalid_configs_name_the_key(overrides, world, key):
+    cfg, _ = compose_config(overrides)
+    with pytest.raises(ConfigError) as err:
+        validate(cfg, world)
+    assert err.value.key == key
+    assert "\n" not in str(err.value)
+
+
+def _cli(*overrides: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "trainer.train", *overrides], cwd=ROOT, env=child_env(),
+                          capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("override,key", [("parallel.tp=2", "parallel.tp"), ("parallel.zero_stage=9", "parallel.zero_stage")])
+def test_invalid_override_on_the_cli_is_one_line_and_exit_2(override, key, tmp_path):
+    proc = _cli(override, f"hydra.run.dir={tmp_path / 'run'}")
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and key in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert not (tmp_path / "run").exists()  # a refused run leaves nothing behind
+
+
+def test_type_error_on_the_cli_fails_without_traceback():
+    proc = _cli("parallel.micro_batch=abc")
+    assert proc.returncode != 0
+    assert "parallel.micro_batch" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_ds_config_is_derived_from_the_config(stage):
+    cfg, _ = compose_config([f"parallel.zero_stage={stage}", "parallel.micro_batch=2", "parallel.global_batch=16",
+                             "parallel.precision=bf16", "optim.grad_clip=0.5"])
+    plan = validate(cfg, world_size=4)
+    ds = ds_config(cfg, plan)
+    assert ds["zero_optimization"]["stage"] == stage
+    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (16, 2, 2)
+    assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
+    assert ds["gradient_clipping"] == 0.5
+    assert ds["optimizer"]["params"]["lr"] == cfg.optim.lr
+
+
+def test_lr_schedule_warms_up_then_decays_to_min_lr():
+    from trainer.schedule import lr_at
+
+    cfg, _ = compose_config(["optim.lr=1e-3", "optim.min_lr=1e-4", "optim.warmup_steps=10"])
+    lrs = [lr_at(s, cfg.optim, 100) for s in range(100)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
+    assert all(a < b for a, b in zip(lrs[:9], lrs[1:10]))
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert lr_at(100, cfg.optim, 100) == pytest.approx(1e-4)

@@ -1,0 +1,65 @@
+"""Process-group start-up and the DeepSpeed engine around a built model."""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def resolve_device(requested: str) -> torch.device:
+    """auto -> cuda:<local rank> when a GPU is present, else cpu."""
+    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(device: torch.device) -> tuple[int, int]:
+    """Start the default process group (nccl on GPU, gloo on CPU); return (rank, world size).
+
+    ``python -m trainer.train`` without a launcher is a world of one: the rendezvous variables a
+    launcher would set are filled in so the same code path runs.
+    """
+    import deepspeed
+
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+    return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Decay matrices (linear and embedding weights); leave biases and LayerNorm parameters alone."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+
+
+def build_engine(model: nn.Module, ds_dict: dict[str, Any], weight_decay: float, lr_scheduler, mpu=None):
+    """``deepspeed.initialize`` with the generated config; returns the engine."""
+    import deepspeed
+
+    engine, *_ = deepspeed.initialize(
+        model=model,
+        model_parameters=param_groups(model, weight_decay),
+        config=ds_dict,
+        lr_scheduler=lr_scheduler,
+        mpu=mpu,
+        dist_init_required=False,
+    )
+    return engine

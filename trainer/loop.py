@@ -1,0 +1,136 @@
+"""Train and evaluate over a built DeepSpeed engine. Builds nothing; measures and logs.
+
+One optimizer step = ``grad_accum`` micro-batches per data-parallel rank. DeepSpeed's engine
+counts micro-steps itself and only reduces gradients and steps the optimizer at the boundary.
+Host syncs (``.item()``) happen only on logged steps so the loop does not stall the device.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from trainer.config import BatchPlan, TrainConfig
+from trainer.metrics import Console, MetricsLog
+
+
+@dataclass
+class FitResult:
+    steps: int
+    first_loss: float | None = None
+    last_loss: float | None = None
+    val_loss: float | None = None
+    losses: list[float] = field(default_factory=list)  # every logged step's loss
+
+    @property
+    def val_ppl(self) -> float | None:
+        return None if self.val_loss is None else math.exp(min(self.val_loss, 50.0))
+
+
+def dp_mean(value: torch.Tensor, group) -> float:
+    """Mean of a scalar over the data-parallel group (one host sync)."""
+    value = value.detach().float().clone()
+    if dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.all_reduce(value, group=group)
+        value /= dist.get_world_size(group)
+    return value.item()
+
+
+class Trainer:
+    def __init__(self, engine, stream, eval_batches, train: TrainConfig, plan: BatchPlan,
+                 device: torch.device, dp_group, metrics: MetricsLog, console: Console, save):
+        self.engine, self.stream, self.eval_data = engine, stream, eval_batches
+        self.cfg, self.plan, self.device, self.dp_group = train, plan, device, dp_group
+        self.metrics, self.console, self.save = metrics, console, save
+
+    def train_step(self) -> tuple[torch.Tensor, float | None]:
+        """Forward/backward over grad_accum micro-batches, then the optimizer step.
+
+        Returns this rank's mean micro-batch loss (a device tensor) and the gradient norm
+        before clipping (None if the engine does not report it).
+        """
+        total = torch.zeros((), device=self.device)
+        grad_norm = None
+        for _ in range(self.plan.grad_accum):
+            x, y = (t.to(self.device, non_blocking=True) for t in self.stream.next_micro_batch())
+            loss = self.engine(x, y)
+            self.engine.backward(loss)
+            total += loss.detach().float()
+            if self.engine.is_gradient_accumulation_boundary():
+                grad_norm = self._grad_norm_without_zero()
+            self.engine.step()
+        reported = self.engine.get_global_grad_norm()
+        if reported is not None:
+            grad_norm = float(reported)
+        return total / self.plan.grad_accum, grad_norm
+
+    def _grad_norm_without_zero(self) -> float | None:
+        """Without ZeRO the engine clips but does not keep the norm; compute it once here."""
+        if self.engine.zero_optimization_stage() > 0:
+            return None
+        from deepspeed.runtime.utils import get_flattened_grad_norm
+
+        params = [p for p in self.engine.module.parameters() if p.grad is not None]
+        return float(get_flattened_grad_norm(params, mpu=self.engine.mpu))
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        self.engine.eval()
+        total = torch.zeros((), device=self.device)
+        for x, y in self.eval_data:
+            total += self.engine(x.to(self.device), y.to(self.device)).float()
+        self.engine.train()
+        return dp_mean(total / len(self.eval_data), self.dp_group)
+
+    def fit(self, start_step: int = 0) -> FitResult:
+        result = FitResult(steps=self.cfg.steps)
+        self.engine.train()
+        for step in range(start_step, self.cfg.steps):
+            lr = self.engine.get_lr()[0]  # the rate this step uses (the scheduler moves on in step())
+            t0 = time.perf_counter()
+            loss, grad_norm = self.train_step()
+            if (step + 1) % self.cfg.log_interval == 0 or step == start_step or step + 1 == self.cfg.steps:
+                self._log_step(step, dp_mean(loss, self.dp_group), lr, grad_norm, t0, result)
+            self._maybe_evaluate(step, result)
+            self._maybe_save(step)
+            self.console.advance(step + 1, f"loss {result.last_loss:.4f}" if result.last_loss else "")
+        return result
+
+    def _log_step(self, step, loss, lr, grad_norm, t0, result: FitResult) -> None:
+        step_time = time.perf_counter() - t0  # includes the loss all-reduce: an honest wall time
+        record = {
+            "step": step + 1,
+            "loss": loss,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "step_time_s": step_time,
+            "tokens_per_s": self.plan.tokens_per_step / step_time,
+        }
+        self.metrics.log(record)
+        result.losses.append(loss)
+        result.first_loss = loss if result.first_loss is None else result.first_loss
+        result.last_loss = loss
+        norm = f"{grad_norm:.3f}" if grad_norm is not None else "n/a"
+        self.console.print(
+            f"step {step + 1:>6}/{self.cfg.steps}  loss {loss:.4f}  lr {lr:.2e}  grad_norm {norm}  "
+            f"{record['tokens_per_s']:,.0f} tok/s"
+        )
+
+    def _maybe_evaluate(self, step: int, result: FitResult) -> None:
+        last = step + 1 == self.cfg.steps
+        if not last and (self.cfg.eval_interval == 0 or (step + 1) % self.cfg.eval_interval):
+            return
+        result.val_loss = self.evaluate()
+        self.metrics.log({"step": step + 1, "val_loss": result.val_loss, "val_ppl": result.val_ppl})
+        self.console.print(f"step {step + 1:>6}  val_loss {result.val_loss:.4f}  val_ppl {result.val_ppl:.2f}")
+
+    def _maybe_save(self, step: int) -> None:
+        interval = self.cfg.save_interval
+        last = step + 1 == self.cfg.steps
+        if interval == -1 or not (last or (interval > 0 and (step + 1) % interval == 0)):
+            return
+        self.save(step + 1)

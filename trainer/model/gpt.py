@@ -1,0 +1,160 @@
+"""GPT-2/3 style decoder, written as single-device code.
+
+    idx (B, T) ─ wte + wpe ─> [Block × n_layer] ─> ln_f ─> head tied to wte ─> logits (B, T, V)
+    Block:  x + attn(ln_1(x))  then  x + mlp(ln_2(x))        (pre-LayerNorm)
+
+Layers that tensor parallelism may split come from a ``LayerProvider``; this file knows nothing of
+process groups, launchers or configs. Shapes in comments are per rank: with tensor parallelism the
+head count ``nh`` is the local one (n_head / tp).
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trainer.model.layers import DenseLayers, LayerProvider
+
+
+@dataclass(frozen=True)
+class GPTShape:
+    n_layer: int
+    n_embd: int
+    n_head: int
+    seq_len: int
+    vocab_size: int  # embedding rows, padding included
+    dropout: float = 0.0
+
+
+def analytic_param_count(l: int, h: int, V: int, s: int) -> int:
+    """P = 12·l·h²·(1 + 13/(12h) + (V+s)/(12·l·h))  (Narayanan et al. 2021, eq. 2), in integers.
+
+    The paper's count leaves out the final LayerNorm (2h parameters); ``GPT.num_params`` is this
+    plus 2h.
+    """
+    return 12 * l * h * h + 13 * l * h + (V + s) * h
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, shape: GPTShape, layers: LayerProvider):
+        super().__init__()
+        self.n_head = shape.n_head // layers.tp_size  # heads on this rank
+        self.head_dim = shape.n_embd // shape.n_head
+        # Fused QKV, laid out per head as [h0: q k v | h1: q k v | ...] so that a split of the
+        # output features across tp ranks hands each rank whole heads, at any tp.
+        self.qkv = layers.column(shape.n_embd, 3 * shape.n_embd)
+        self.proj = layers.row(shape.n_embd, shape.n_embd)
+        self.proj.residual_init = True
+        self.dropout = shape.dropout
+        self.resid_drop = nn.Dropout(shape.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        qkv = self.qkv(x)  # (B, T, nh*3*hd)
+        B, T = qkv.shape[:2]
+        q, k, v = qkv.view(B, T, self.n_head, 3, self.head_dim).unbind(dim=3)  # each (B, T, nh, hd)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hd)
+        # Flash / memory-efficient kernels on GPU, the math kernel on CPU.
+        y = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
+        )
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, nh*hd)
+        return self.resid_drop(self.proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, shape: GPTShape, layers: LayerProvider):
+        super().__init__()
+        self.fc1 = layers.column(shape.n_embd, 4 * shape.n_embd)
+        self.fc2 = layers.row(4 * shape.n_embd, shape.n_embd)
+        self.fc2.residual_init = True
+        self.drop = nn.Dropout(shape.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.fc2(F.gelu(self.fc1(x), approximate="tanh")))  # GPT-2's GELU
+
+
+class Block(nn.Module):
+    def __init__(self, shape: GPTShape, layers: LayerProvider):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(shape.n_embd)
+        self.attn = CausalSelfAttention(shape, layers)
+        self.ln_2 = nn.LayerNorm(shape.n_embd)
+        self.mlp = MLP(shape, layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, shape: GPTShape, layers: LayerProvider | None = None, seed: int = 0):
+        super().__init__()
+        self.shape = shape
+        self.layers = layers or DenseLayers()
+        self.wte = self.layers.embedding(shape.vocab_size, shape.n_embd)
+        self.wpe = nn.Embedding(shape.seq_len, shape.n_embd)
+        self.drop = nn.Dropout(shape.dropout)
+        self.blocks = nn.ModuleList(Block(shape, self.layers) for _ in range(shape.n_layer))
+        self.ln_f = nn.LayerNorm(shape.n_embd)
+        if self.wte.weight.device.type != "meta":
+            self.init_weights(seed)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """idx (B, T) token ids -> mean loss against targets (B, T), or logits if targets is None."""
+        T = idx.shape[1]
+        pos = torch.arange(T, device=idx.device)
+        x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, h)
+        x = self.layers.to_block_layout(x)
+        for block in self.blocks:
+            x = block(x)
+        x = self.layers.from_block_layout(self.ln_f(x))
+        logits = self.layers.lm_logits(x, self.wte)  # (B, T, V) or its vocab shard
+        if targets is None:
+            return logits
+        return self.layers.cross_entropy(logits, targets)
+
+    def num_params(self) -> int:
+        """Parameters of the full model (shards counted at their full size)."""
+        return sum(_full_shape(module, name).numel() for _, module, name, _ in _leaf_params(self))
+
+    @torch.no_grad()
+    def init_weights(self, seed: int) -> None:
+        """GPT-2 initialisation, independent of the parallel layout.
+
+        Every parameter is drawn at its full size from a generator seeded by (seed, its name) and
+        then cut to this rank's shard, so the gathered weights are the same at any tp or pp and
+        however the modules were constructed. Weights ~ N(0, 0.02), residual projections
+        ~ N(0, 0.02/sqrt(2·n_layer)), biases 0, LayerNorm (1, 0).
+        """
+        residual_std = 0.02 / math.sqrt(2 * self.shape.n_layer)
+        for mod_name, module, name, param in _leaf_params(self):
+            qualified = f"{mod_name}.{name}"
+            if isinstance(module, nn.LayerNorm):
+                param.fill_(1.0 if name == "weight" else 0.0)
+                continue
+            if name == "bias":
+                param.zero_()
+                continue
+            std = residual_std if getattr(module, "residual_init", False) else 0.02
+            gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(qualified.encode()))
+            full = torch.empty(_full_shape(module, name)).normal_(0.0, std, generator=gen)
+            shard = module.shard_param(name, full) if hasattr(module, "shard_param") else full
+            param.copy_(shard)
+
+
+def _leaf_params(model: nn.Module):
+    """(module path, module, local name, parameter) for every parameter."""
+    for mod_name, module in model.named_modules():
+        for name, param in module.named_parameters(recurse=False):
+            yield mod_name, module, name, param
+
+
+def _full_shape(module: nn.Module, name: str) -> torch.Size:
+    if hasattr(module, "full_param_shape"):
+        return module.full_param_shape(name)
+    return getattr(module, name).shape

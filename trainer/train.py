@@ -1,0 +1,170 @@
+"""Entry point: ``python -m trainer.train [overrides]`` or, for N ranks,
+``deepspeed --num_gpus N --no_local_rank --module trainer.train [overrides]``.
+
+Order: validate the config and prepare the data (no process group yet, so bad input exits
+cleanly with code 2) -> start the process group -> build the model -> wrap it in the DeepSpeed
+engine -> fit. Everything a run produces lands in its Hydra run directory.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import shutil
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from trainer.config import BadInput, BatchPlan, Config, ConfigError, validate, world_size_from_env
+from trainer.rundir import register_resolvers
+
+register_resolvers()
+ConfigStore.instance().store(name="trainer_schema", node=Config)
+
+EXIT_BAD_INPUT = 2
+
+
+@contextmanager
+def _exclusive(lock_path: Path):
+    """Ranks of one machine prepare the corpus one after another; later ones find the cache."""
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with lock_path.open("w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def prepare_data(cfg: Config):
+    from trainer.data.prepare import prepare
+
+    with _exclusive(Path(cfg.data.cache_dir) / ".prepare.lock"):
+        try:
+            prepared = prepare(cfg.data)
+        except ValueError as err:  # the data pipeline reports unusable corpora this way
+            raise BadInput(f"data error: {err}") from None
+    if prepared.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(
+            "model.vocab_size", cfg.model.vocab_size,
+            f"the tokenizer has {prepared.vocab_size} tokens; raise model.vocab_size or lower data.tokenizer.vocab_size",
+        )
+    return prepared
+
+
+def build_model(cfg: Config, device: torch.device):
+    from trainer.model import GPT, GPTShape, analytic_param_count
+
+    m = cfg.model
+    shape = GPTShape(m.n_layer, m.n_embd, m.n_head, m.seq_len, m.vocab_size, m.dropout)
+    model = GPT(shape, seed=cfg.train.seed).to(device)
+    analytic = analytic_param_count(m.n_layer, m.n_embd, m.vocab_size, m.seq_len)
+    return model, model.num_params(), analytic
+
+
+def write_run_files(run_dir: Path, cfg_node: DictConfig, ds_dict: dict) -> None:
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg_node, resolve=True))
+    (run_dir / "ds_config.json").write_text(json.dumps(ds_dict, indent=2) + "\n")
+
+
+def check_same_run_dir(run_dir: Path) -> None:
+    """All ranks must write into one directory; refuse to train if they disagree."""
+    import torch.distributed as dist
+
+    dirs = [None] * dist.get_world_size()
+    dist.all_gather_object(dirs, str(run_dir))
+    if len(set(dirs)) > 1:
+        raise RuntimeError(
+            f"ranks disagree on the run directory ({sorted(set(dirs))}); "
+            "set TRAINER_LAUNCH_ID to the same value on every node"
+        )
+
+
+def run(cfg: Config, cfg_node: DictConfig, plan: BatchPlan, run_dir: Path) -> None:
+    from trainer import checkpoint
+    from trainer.data.stream import SampleStream, TokenFile, eval_batches
+    from trainer.ds_config import ds_config
+    from trainer.engine import build_engine, init_distributed, resolve_device
+    from trainer.loop import Trainer
+    from trainer.metrics import Console, MetricsLog
+    from trainer.schedule import scheduler_factory
+    from trainer.tracking import start_run
+
+    prepared = prepare_data(cfg)
+    device = resolve_device(cfg.train.device)
+    rank, world = init_distributed(device)
+    check_same_run_dir(run_dir)
+    is_writer = rank == 0
+    torch.manual_seed(cfg.train.seed + rank)  # dropout differs per rank; weights do not (seeded by name)
+
+    model, n_params, analytic = build_model(cfg, device)
+    ds_dict = ds_config(cfg, plan)
+    console = Console(is_writer, cfg.train.steps, cfg.logging.progress)
+    console.print(
+        f"model {cfg.model.name}: {n_params:,} parameters (analytic 12lh²(1+13/12h+(V+s)/12lh) = {analytic:,}, "
+        f"+2h final LayerNorm) | world {world}, dp {plan.dp}, zero {cfg.parallel.zero_stage}, "
+        f"micro {plan.micro_batch} x accum {plan.grad_accum} = global {plan.global_batch} | run dir {run_dir}"
+    )
+    if is_writer:
+        write_run_files(run_dir, cfg_node, ds_dict)
+    engine = build_engine(model, ds_dict, cfg.optim.weight_decay, scheduler_factory(cfg.optim, cfg.train.steps))
+
+    dp_rank, dp_size = rank, world  # pure data parallelism: every rank is a data-parallel rank
+    stream = SampleStream(TokenFile(prepared.train_path, prepared.dtype), cfg.model.seq_len, plan.micro_batch,
+                          plan.grad_accum, dp_rank, dp_size, cfg.train.seed)
+    val = list(eval_batches(TokenFile(prepared.val_path, prepared.dtype), cfg.model.seq_len, plan.micro_batch,
+                            dp_rank, dp_size, cfg.train.eval_batches))
+    wandb_run = start_run(cfg.logging.wandb, run_dir, OmegaConf.to_container(cfg_node, resolve=True),
+                          run_dir.name) if is_writer else None
+    metrics = MetricsLog(run_dir, is_writer, wandb_run)
+
+    def save(step: int) -> None:
+        path = checkpoint.save(engine, run_dir, step, {"stream": stream.state_dict(), "tokens": step * plan.tokens_per_step})
+        console.print(f"checkpoint {path}")
+
+    trainer = Trainer(engine, stream, val, cfg.train, plan, device, None, metrics, console, save)
+    try:
+        result = trainer.fit()
+    finally:
+        console.close()
+        metrics.close()
+    summary = {"first_loss": result.first_loss, "last_loss": result.last_loss, "val_loss": result.val_loss,
+               "val_ppl": result.val_ppl, "steps": result.steps, "run_dir": str(run_dir)}
+    if is_writer:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    console.print(
+        f"done: loss {result.first_loss:.4f} -> {result.last_loss:.4f}, val_loss {result.val_loss:.4f}, "
+        f"val_ppl {result.val_ppl:.2f}\nresults in {run_dir} (metrics.jsonl, summary.json, config.yaml, "
+        f"ds_config.json, checkpoints/)"
+    )
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def main(cfg_node: DictConfig) -> None:
+    try:
+        cfg: Config = OmegaConf.to_object(cfg_node)
+        plan = validate(cfg, world_size_from_env())
+        run_dir = Path(HydraConfig.get().runtime.output_dir)
+        run(cfg, cfg_node, plan, run_dir)
+    except BadInput as err:
+        prefix = "config error: " if isinstance(err, ConfigError) else ""
+        print(f"{prefix}{err}", file=sys.stderr)
+        _discard_unused_run_dir(Path(HydraConfig.get().runtime.output_dir))
+        sys.exit(EXIT_BAD_INPUT)
+
+
+def _discard_unused_run_dir(run_dir: Path) -> None:
+    """A run refused at start leaves no directory behind (Hydra made it before we could check)."""
+    leftovers = {".hydra", "train.log"}
+    if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= leftovers:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
