@@ -71,7 +71,7 @@ class DataConfig:
     hub_split: str = "train"
     text_field: str = "text"  # the column holding text, for jsonl and hub sources
     max_documents: int = -1  # -1 = all; otherwise only the first N documents (hub streams are unbounded)
-    val_fraction: float = 0.05  # share of documents (from the end, never shuffled in) held out
+    val_fraction: float = 0.05  # every k-th document is held out, k = round(1/val_fraction), in corpus order
     cache_dir: str = "data/cache"  # prepared token files live here, keyed by a hash of their inputs
     num_proc: int = 1  # worker processes for tokenization (1 is fastest on 2 cores)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)

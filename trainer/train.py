@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import os
 import shutil
 import sys
 from contextlib import contextmanager
@@ -58,6 +59,20 @@ def prepare_data(cfg: Config):
     return prepared
 
 
+def build_streams(cfg: Config, plan: BatchPlan, prepared, dp_rank: int, dp_size: int):
+    """This rank's training stream and validation batches; a corpus too small for them is bad input."""
+    from trainer.data.stream import SampleStream, TokenFile, eval_batches
+
+    try:
+        stream = SampleStream(TokenFile(prepared.train_path, prepared.dtype), cfg.model.seq_len, plan.micro_batch,
+                              plan.grad_accum, dp_rank, dp_size, cfg.train.seed)
+        val = list(eval_batches(TokenFile(prepared.val_path, prepared.dtype), cfg.model.seq_len,
+                                plan.micro_batch, dp_rank, dp_size, cfg.train.eval_batches))
+    except ValueError as err:
+        raise BadInput(str(err)) from None
+    return stream, val
+
+
 def build_model(cfg: Config, device: torch.device):
     from trainer.model import GPT, GPTShape, analytic_param_count
 
@@ -88,7 +103,6 @@ def check_same_run_dir(run_dir: Path) -> None:
 
 def run(cfg: Config, cfg_node: DictConfig, plan: BatchPlan, run_dir: Path) -> None:
     from trainer import checkpoint
-    from trainer.data.stream import SampleStream, TokenFile, eval_batches
     from trainer.ds_config import ds_config
     from trainer.engine import build_engine, init_distributed, resolve_device
     from trainer.loop import Trainer
@@ -97,6 +111,9 @@ def run(cfg: Config, cfg_node: DictConfig, plan: BatchPlan, run_dir: Path) -> No
     from trainer.tracking import start_run
 
     prepared = prepare_data(cfg)
+    rank = int(os.environ.get("RANK", "0"))
+    dp_rank, dp_size = rank, plan.dp  # pure data parallelism: every rank is a data-parallel rank
+    stream, val = build_streams(cfg, plan, prepared, dp_rank, dp_size)
     device = resolve_device(cfg.train.device)
     rank, world = init_distributed(device)
     check_same_run_dir(run_dir)
@@ -115,11 +132,6 @@ def run(cfg: Config, cfg_node: DictConfig, plan: BatchPlan, run_dir: Path) -> No
         write_run_files(run_dir, cfg_node, ds_dict)
     engine = build_engine(model, ds_dict, cfg.optim.weight_decay, scheduler_factory(cfg.optim, cfg.train.steps))
 
-    dp_rank, dp_size = rank, world  # pure data parallelism: every rank is a data-parallel rank
-    stream = SampleStream(TokenFile(prepared.train_path, prepared.dtype), cfg.model.seq_len, plan.micro_batch,
-                          plan.grad_accum, dp_rank, dp_size, cfg.train.seed)
-    val = list(eval_batches(TokenFile(prepared.val_path, prepared.dtype), cfg.model.seq_len, plan.micro_batch,
-                            dp_rank, dp_size, cfg.train.eval_batches))
     wandb_run = start_run(cfg.logging.wandb, run_dir, OmegaConf.to_container(cfg_node, resolve=True),
                           run_dir.name) if is_writer else None
     metrics = MetricsLog(run_dir, is_writer, wandb_run)

@@ -43,6 +43,10 @@ def analytic_param_count(l: int, h: int, V: int, s: int) -> int:
 class CausalSelfAttention(nn.Module):
     def __init__(self, shape: GPTShape, layers: LayerProvider):
         super().__init__()
+        if shape.n_head % layers.tp_size:
+            raise ValueError(
+                f"n_head={shape.n_head} must be divisible by the tensor-parallel size {layers.tp_size}"
+            )
         self.n_head = shape.n_head // layers.tp_size  # heads on this rank
         self.head_dim = shape.n_embd // shape.n_head
         # Fused QKV, laid out per head as [h0: q k v | h1: q k v | ...] so that a split of the

@@ -1,0 +1,82 @@
+"""Byte-level BPE tokenizer: train it on a corpus, save it for HF tools, load it back.
+
+Byte-level means the 256 byte values are the base alphabet, so every string is encodable without
+an unknown token and ``decode(encode(text)) == text`` holds exactly (no normalizer, no prefix space).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+EOT = "<|endoftext|>"  # the one special token; it separates documents in the token stream
+TOKENIZER_FILE = "tokenizer.json"
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
+    """Fit a byte-level BPE on ``texts`` (one document each).
+
+    ``vocab_size`` counts the 256 byte tokens, EOT and the learned merges; a small corpus may stop
+    short of it, so read the real size from ``tok.get_vocab_size()``.
+    """
+    if vocab_size <= 256:
+        raise ValueError(f"data.tokenizer.vocab_size={vocab_size}: must be > 256 (256 bytes + EOT)")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOT],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return tok
+
+
+def eot_id(tok: Tokenizer) -> int:
+    """Id of ``<|endoftext|>``; a tokenizer without it cannot mark document boundaries."""
+    token_id = tok.token_to_id(EOT)
+    if token_id is None:
+        raise ValueError(
+            f"data.tokenizer.source: the tokenizer has no {EOT} token; use one that has it or 'train'"
+        )
+    return token_id
+
+
+def save_tokenizer(tok: Tokenizer, directory: str | Path) -> Path:
+    """Write ``tokenizer.json`` and ``tokenizer_config.json`` into ``directory``.
+
+    The result loads with ``load_tokenizer(directory)`` and, offline, with
+    ``transformers.AutoTokenizer.from_pretrained(directory)`` (same ids, EOT as eos/bos/unk).
+    """
+    # transformers is slow to import and only needed here.
+    from transformers import PreTrainedTokenizerFast
+
+    eot = tok.id_to_token(eot_id(tok))
+    wrapped = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token=eot,
+        bos_token=eot,
+        unk_token=eot,
+        # The default clean-up rewrites " ." to "." on decode, which breaks the exact round trip.
+        clean_up_tokenization_spaces=False,
+    )
+    directory = Path(directory)
+    wrapped.save_pretrained(directory)
+    return directory
+
+
+def load_tokenizer(source: str | Path) -> Tokenizer:
+    """Load a ``tokenizer.json`` file, or the one inside an HF tokenizer directory."""
+    path = Path(source)
+    if path.is_dir():
+        path = path / TOKENIZER_FILE
+    if not path.is_file():
+        raise ValueError(
+            f"data.tokenizer.source={str(source)!r}: no {TOKENIZER_FILE} there; "
+            "use 'train', a tokenizer.json file or a directory holding one"
+        )
+    return Tokenizer.from_file(str(path))
