@@ -66,11 +66,19 @@ def test_invalid_configs_name_the_key(overrides, world, key):
 
 
 def _cli(*overrides: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "trainer.train", *overrides], cwd=ROOT, env=child_env(),
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "trainer.train", *overrides],
+        cwd=ROOT,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
-@pytest.mark.parametrize("override,key", [("parallel.tp=2", "parallel.tp"), ("parallel.zero_stage=9", "parallel.zero_stage")])
+@pytest.mark.parametrize(
+    "override,key", [("parallel.tp=2", "parallel.tp"), ("parallel.zero_stage=9", "parallel.zero_stage")]
+)
 def test_invalid_override_on_the_cli_is_one_line_and_exit_2(override, key, tmp_path):
     proc = _cli(override, f"hydra.run.dir={tmp_path / 'run'}")
     assert proc.returncode == 2
@@ -88,12 +96,23 @@ def test_type_error_on_the_cli_fails_without_traceback():
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_ds_config_is_derived_from_the_config(stage):
-    cfg, _ = compose_config([f"parallel.zero_stage={stage}", "parallel.micro_batch=2", "parallel.global_batch=16",
-                             "parallel.precision=bf16", "optim.grad_clip=0.5"])
+    cfg, _ = compose_config(
+        [
+            f"parallel.zero_stage={stage}",
+            "parallel.micro_batch=2",
+            "parallel.global_batch=16",
+            "parallel.precision=bf16",
+            "optim.grad_clip=0.5",
+        ]
+    )
     plan = validate(cfg, world_size=4)
     ds = ds_config(cfg, plan)
     assert ds["zero_optimization"]["stage"] == stage
-    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (16, 2, 2)
+    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (
+        16,
+        2,
+        2,
+    )
     assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
     assert ds["gradient_clipping"] == 0.5
     assert ds["optimizer"]["params"]["lr"] == cfg.optim.lr

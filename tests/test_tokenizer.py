@@ -15,7 +15,8 @@ AWKWARD_TEXTS = [
     " ",
     "  leading spaces and trailing   ",
     "def f(x):\n\tif x:\n\t\treturn  x\r\n\n\n    pass\n",
-    "\u00fcn\u00efc\u00f6d\u00e9 \u65e5\u672c\u8a9e \U0001f600\U0001f469\u200d\U0001f4bb e\u0301 \u05e9\u05dc\u05d5\u05dd",
+    "\u00fcn\u00efc\u00f6d\u00e9 \u65e5\u672c\u8a9e \U0001f600\U0001f469\u200d\U0001f4bb"
+    " e\u0301 \u05e9\u05dc\u05d5\u05dd",
     "nul\x00byte \x7f and \ufffd replacement",
     "a" * 5000,
     "word.   , ; x=  1",

@@ -189,9 +189,7 @@ def validate(cfg: Config, world_size: int) -> BatchPlan:
     if p.precision not in PRECISIONS:
         raise ConfigError("parallel.precision", p.precision, f"must be one of {', '.join(PRECISIONS)}")
     if world_size % (p.tp * p.pp):
-        raise ConfigError(
-            "parallel.tp", p.tp, f"tp*pp={p.tp * p.pp} must divide the world size {world_size}"
-        )
+        raise ConfigError("parallel.tp", p.tp, f"tp*pp={p.tp * p.pp} must divide the world size {world_size}")
     if t.device not in ("auto", "cpu", "cuda"):
         raise ConfigError("train.device", t.device, "must be auto, cpu or cuda")
     _positive("train.steps", t.steps)
@@ -225,7 +223,9 @@ def _validate_data(cfg: Config) -> None:
             if not os.path.exists(path):
                 raise ConfigError("data.paths", path, "no such file or directory")
     if d.source == "hub" and not d.hub_name:
-        raise ConfigError("data.hub_name", d.hub_name, "name the hub data set, e.g. data.hub_name=roneneldan/TinyStories")
+        raise ConfigError(
+            "data.hub_name", d.hub_name, "name the hub data set, e.g. data.hub_name=roneneldan/TinyStories"
+        )
     if not 0.0 < d.val_fraction < 0.5:
         raise ConfigError("data.val_fraction", d.val_fraction, "must be in (0, 0.5)")
     _positive("data.num_proc", d.num_proc)

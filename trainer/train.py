@@ -53,8 +53,10 @@ def prepare_data(cfg: Config):
             raise BadInput(f"data error: {err}") from None
     if prepared.vocab_size > cfg.model.vocab_size:
         raise ConfigError(
-            "model.vocab_size", cfg.model.vocab_size,
-            f"the tokenizer has {prepared.vocab_size} tokens; raise model.vocab_size or lower data.tokenizer.vocab_size",
+            "model.vocab_size",
+            cfg.model.vocab_size,
+            f"the tokenizer has {prepared.vocab_size} tokens; "
+            "raise model.vocab_size or lower data.tokenizer.vocab_size",
         )
     return prepared
 
@@ -64,10 +66,25 @@ def build_streams(cfg: Config, plan: BatchPlan, prepared, dp_rank: int, dp_size:
     from trainer.data.stream import SampleStream, TokenFile, eval_batches
 
     try:
-        stream = SampleStream(TokenFile(prepared.train_path, prepared.dtype), cfg.model.seq_len, plan.micro_batch,
-                              plan.grad_accum, dp_rank, dp_size, cfg.train.seed)
-        val = list(eval_batches(TokenFile(prepared.val_path, prepared.dtype), cfg.model.seq_len,
-                                plan.micro_batch, dp_rank, dp_size, cfg.train.eval_batches))
+        stream = SampleStream(
+            TokenFile(prepared.train_path, prepared.dtype),
+            cfg.model.seq_len,
+            plan.micro_batch,
+            plan.grad_accum,
+            dp_rank,
+            dp_size,
+            cfg.train.seed,
+        )
+        val = list(
+            eval_batches(
+                TokenFile(prepared.val_path, prepared.dtype),
+                cfg.model.seq_len,
+                plan.micro_batch,
+                dp_rank,
+                dp_size,
+                cfg.train.eval_batches,
+            )
+        )
     except ValueError as err:
         raise BadInput(str(err)) from None
     return stream, val
@@ -132,12 +149,17 @@ def run(cfg: Config, cfg_node: DictConfig, plan: BatchPlan, run_dir: Path) -> No
         write_run_files(run_dir, cfg_node, ds_dict)
     engine = build_engine(model, ds_dict, cfg.optim.weight_decay, scheduler_factory(cfg.optim, cfg.train.steps))
 
-    wandb_run = start_run(cfg.logging.wandb, run_dir, OmegaConf.to_container(cfg_node, resolve=True),
-                          run_dir.name) if is_writer else None
+    wandb_run = (
+        start_run(cfg.logging.wandb, run_dir, OmegaConf.to_container(cfg_node, resolve=True), run_dir.name)
+        if is_writer
+        else None
+    )
     metrics = MetricsLog(run_dir, is_writer, wandb_run)
 
     def save(step: int) -> None:
-        path = checkpoint.save(engine, run_dir, step, {"stream": stream.state_dict(), "tokens": step * plan.tokens_per_step})
+        path = checkpoint.save(
+            engine, run_dir, step, {"stream": stream.state_dict(), "tokens": step * plan.tokens_per_step}
+        )
         console.print(f"checkpoint {path}")
 
     trainer = Trainer(engine, stream, val, cfg.train, plan, device, None, metrics, console, save)
@@ -146,8 +168,14 @@ def run(cfg: Config, cfg_node: DictConfig, plan: BatchPlan, run_dir: Path) -> No
     finally:
         console.close()
         metrics.close()
-    summary = {"first_loss": result.first_loss, "last_loss": result.last_loss, "val_loss": result.val_loss,
-               "val_ppl": result.val_ppl, "steps": result.steps, "run_dir": str(run_dir)}
+    summary = {
+        "first_loss": result.first_loss,
+        "last_loss": result.last_loss,
+        "val_loss": result.val_loss,
+        "val_ppl": result.val_ppl,
+        "steps": result.steps,
+        "run_dir": str(run_dir),
+    }
     if is_writer:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     console.print(
