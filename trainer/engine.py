@@ -16,7 +16,16 @@ def resolve_device(requested: str) -> torch.device:
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
+    _share_cores()
     return torch.device("cpu")
+
+
+def _share_cores() -> None:
+    """CPU ranks on one machine split its cores; oversubscribed threads slow every rank down."""
+    if "OMP_NUM_THREADS" in os.environ:  # the user decided
+        return
+    local_ranks = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_ranks))
 
 
 def _free_port() -> int:

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import sys
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -26,6 +27,8 @@ from trainer.config import BadInput, BatchPlan, Config, ConfigError, validate, w
 from trainer.rundir import register_resolvers
 
 register_resolvers()
+# ZeRO calls a torch collective under its deprecated name; the warning repeats every step.
+warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated")
 ConfigStore.instance().store(name="trainer_schema", node=Config)
 
 EXIT_BAD_INPUT = 2
