@@ -67,8 +67,17 @@ def run_train(run_dir: Path, overrides: list[str], ranks: int = 0, timeout: int 
     """Run ``trainer.train``: in-process world of one (ranks=0) or through the deepspeed launcher."""
     args = [*overrides, f"hydra.run.dir={run_dir}"]
     if ranks:
-        cmd = ["deepspeed", "--num_gpus", str(ranks), "--no_local_rank",
-               "--master_port", str(free_port()), "--module", "trainer.train", *args]
+        cmd = [
+            "deepspeed",
+            "--num_gpus",
+            str(ranks),
+            "--no_local_rank",
+            "--master_port",
+            str(free_port()),
+            "--module",
+            "trainer.train",
+            *args,
+        ]
     else:
         cmd = [sys.executable, "-m", "trainer.train", *args]
     return subprocess.run(cmd, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=timeout)

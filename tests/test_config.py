@@ -40,7 +40,10 @@ def test_experiment_overrides_groups_and_fields():
 @pytest.mark.parametrize(
     "overrides,world,key",
     [
-        (["parallel.tp=2"], 2, "parallel.tp"),
+        (["parallel.tp=3"], 6, "parallel.tp"),  # does not divide 4 heads
+        (["parallel.tp=4"], 2, "parallel.tp"),  # more tp ranks than the world
+        (["parallel.sequence_parallel=true"], 2, "parallel.sequence_parallel"),  # needs tp > 1
+        (["parallel.tp=2", "parallel.sequence_parallel=true", "model.seq_len=255"], 2, "parallel.sequence_parallel"),
         (["parallel.pp=2"], 2, "parallel.pp"),
         (["parallel.zero_stage=4"], 1, "parallel.zero_stage"),
         (["parallel.precision=fp8"], 1, "parallel.precision"),

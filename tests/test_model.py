@@ -11,8 +11,17 @@ from conftest import ROOT, compose_config
 from trainer.model import GPT, GPTShape, analytic_param_count
 
 MODELS = sorted(p.stem for p in (ROOT / "conf" / "model").glob("*.yaml"))
-PUBLISHED = {"gpt2-small": 124e6, "gpt2-medium": 355e6, "gpt2-large": 774e6, "gpt2-xl": 1.5e9,
-             "gpt3-1.3b": 1.3e9, "gpt3-2.7b": 2.7e9, "gpt3-6.7b": 6.7e9, "gpt3-13b": 13e9, "gpt3-175b": 175e9}
+PUBLISHED = {
+    "gpt2-small": 124e6,
+    "gpt2-medium": 355e6,
+    "gpt2-large": 774e6,
+    "gpt2-xl": 1.5e9,
+    "gpt3-1.3b": 1.3e9,
+    "gpt3-2.7b": 2.7e9,
+    "gpt3-6.7b": 6.7e9,
+    "gpt3-13b": 13e9,
+    "gpt3-175b": 175e9,
+}
 
 
 def _shape(m) -> GPTShape:
@@ -25,8 +34,11 @@ def test_param_count_equals_the_analytic_formula(name):
     with torch.device("meta"):  # no memory, even for 175B
         model = GPT(_shape(m))
     counted = sum(p.numel() for p in model.parameters())
-    formula = 12 * m.n_layer * m.n_embd**2 * (
-        1 + 13 / (12 * m.n_embd) + (m.vocab_size + m.seq_len) / (12 * m.n_layer * m.n_embd)
+    formula = (
+        12
+        * m.n_layer
+        * m.n_embd**2
+        * (1 + 13 / (12 * m.n_embd) + (m.vocab_size + m.seq_len) / (12 * m.n_layer * m.n_embd))
     )
     assert counted == model.num_params()
     assert counted == analytic_param_count(m.n_layer, m.n_embd, m.vocab_size, m.seq_len) + 2 * m.n_embd

@@ -116,10 +116,7 @@ def test_inputs_that_change_the_result_change_the_directory(tmp_path, text_corpu
     cfg = cfg_for(tmp_path, [text_corpus])
     base = prep.cache_directory(cfg)
     assert prep.cache_directory(cfg) == base
-    assert (
-        prep.cache_directory(cfg_for(tmp_path, [text_corpus], tokenizer=TokenizerConfig(vocab_size=500)))
-        != base
-    )
+    assert prep.cache_directory(cfg_for(tmp_path, [text_corpus], tokenizer=TokenizerConfig(vocab_size=500))) != base
     assert prep.cache_directory(cfg_for(tmp_path, [text_corpus], val_fraction=0.1)) != base
     (text_corpus / "a.txt").write_text("edited\n\nagain")
     assert prep.cache_directory(cfg) != base

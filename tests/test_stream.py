@@ -37,9 +37,7 @@ def test_token_file_samples(tokens):
     assert len(tokens) == NUM_SAMPLES * SEQ + 1
     assert tokens.num_samples(SEQ) == NUM_SAMPLES
     last = tokens.sample(NUM_SAMPLES - 1, SEQ)
-    assert last.dtype == np.int64 and last.tolist() == list(
-        range((NUM_SAMPLES - 1) * SEQ, NUM_SAMPLES * SEQ + 1)
-    )
+    assert last.dtype == np.int64 and last.tolist() == list(range((NUM_SAMPLES - 1) * SEQ, NUM_SAMPLES * SEQ + 1))
     with pytest.raises(IndexError):
         tokens.sample(NUM_SAMPLES, SEQ)
 

@@ -36,40 +36,19 @@ def test_single_process_run_writes_everything(tmp_path, data_cache):
 @pytest.mark.slow
 def test_multirun_sweeps_zero_stages(tmp_path, data_cache):
     sweep = tmp_path / "sweep"
-    cmd = [sys.executable, "-m", "trainer.train", "-m", "parallel.zero_stage=1,2,3", "train.steps=2",
-           *_smoke(data_cache), f"hydra.sweep.dir={sweep}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "trainer.train",
+        "-m",
+        "parallel.zero_stage=1,2,3",
+        "train.steps=2",
+        *_smoke(data_cache),
+        f"hydra.sweep.dir={sweep}",
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for job, stage in enumerate((1, 2, 3)):
         ds = json.loads((sweep / str(job) / "ds_config.json").read_text())
         assert ds["zero_optimization"]["stage"] == stage
         assert len([r for r in read_metrics(sweep / str(job)) if "loss" in r]) == 2
-
-
-PARITY_STEPS = 5
-
-
-@pytest.fixture(scope="module")
-def reference_losses(tmp_path_factory, data_cache):
-    """One process, global batch 8 as 2 micro-batches of 4 (gradient accumulation)."""
-    run_dir = tmp_path_factory.mktemp("reference")
-    proc = run_train(run_dir, _smoke(data_cache, f"train.steps={PARITY_STEPS}", "parallel.micro_batch=4",
-                                     "parallel.global_batch=8"))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return [r["loss"] for r in read_metrics(run_dir) if "loss" in r]
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("stage", [0, 1, 2, 3])
-def test_two_ranks_match_one_rank_at_every_zero_stage(stage, tmp_path, data_cache, reference_losses):
-    """2 ranks x micro 4 (no accumulation) == 1 rank x micro 4 x 2 accumulation steps, within 1e-5 (fp32)."""
-    run_dir = tmp_path / "run"
-    proc = run_train(run_dir, _smoke(data_cache, f"train.steps={PARITY_STEPS}", f"parallel.zero_stage={stage}",
-                                     "parallel.micro_batch=4", "parallel.global_batch=8"), ranks=2)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    losses = [r["loss"] for r in read_metrics(run_dir) if "loss" in r]
-    assert len(losses) == len(reference_losses) == PARITY_STEPS
-    deviation = max(abs(a - b) / abs(b) for a, b in zip(losses, reference_losses))
-    print(f"zero {stage}: losses {losses}, max relative deviation {deviation:.2e}")
-    assert deviation < 1e-5
-    assert losses[-1] < losses[0]  # it learns

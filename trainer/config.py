@@ -178,12 +178,9 @@ def validate(cfg: Config, world_size: int) -> BatchPlan:
         raise ConfigError("model.dropout", m.dropout, "must be in [0, 1)")
     for key in ("tp", "pp", "micro_batch", "global_batch"):
         _positive(f"parallel.{key}", getattr(p, key))
-    if p.tp > 1:
-        raise ConfigError("parallel.tp", p.tp, "tensor parallelism is not available yet; set parallel.tp=1")
+    _validate_tensor_parallel(cfg)
     if p.pp > 1:
         raise ConfigError("parallel.pp", p.pp, "pipeline parallelism is not available yet; set parallel.pp=1")
-    if p.sequence_parallel and p.tp == 1:
-        raise ConfigError("parallel.sequence_parallel", True, "needs parallel.tp > 1; set it to false")
     if p.zero_stage not in (0, 1, 2, 3):
         raise ConfigError("parallel.zero_stage", p.zero_stage, "must be 0, 1, 2 or 3")
     if p.precision not in PRECISIONS:
@@ -210,6 +207,18 @@ def validate(cfg: Config, world_size: int) -> BatchPlan:
     _validate_data(cfg)
     _validate_logging(cfg)
     return batch_plan(cfg, world_size)
+
+
+def _validate_tensor_parallel(cfg: Config) -> None:
+    m, p = cfg.model, cfg.parallel
+    if m.n_head % p.tp:
+        raise ConfigError("parallel.tp", p.tp, f"must divide model.n_head={m.n_head} (heads are split across tp ranks)")
+    if p.sequence_parallel and p.tp == 1:
+        raise ConfigError("parallel.sequence_parallel", True, "needs parallel.tp > 1; set it to false")
+    if p.sequence_parallel and m.seq_len % p.tp:
+        raise ConfigError(
+            "parallel.sequence_parallel", True, f"needs model.seq_len={m.seq_len} divisible by parallel.tp={p.tp}"
+        )
 
 
 def _validate_data(cfg: Config) -> None:

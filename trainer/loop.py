@@ -12,10 +12,12 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 
 from trainer.config import BatchPlan, TrainConfig
 from trainer.metrics import Console, MetricsLog
+from trainer.parallel import CommStats, Mesh
+from trainer.parallel.grad_norm import global_grad_norm
+from trainer.parallel.mappings import all_reduce
 
 
 @dataclass
@@ -31,21 +33,30 @@ class FitResult:
         return None if self.val_loss is None else math.exp(min(self.val_loss, 50.0))
 
 
-def dp_mean(value: torch.Tensor, group) -> float:
+def dp_mean(value: torch.Tensor, mesh: Mesh, stats: CommStats) -> float:
     """Mean of a scalar over the data-parallel group (one host sync)."""
-    value = value.detach().float().clone()
-    if dist.is_initialized() and dist.get_world_size(group) > 1:
-        dist.all_reduce(value, group=group)
-        value /= dist.get_world_size(group)
-    return value.item()
+    total = all_reduce(value.detach().float().clone(), mesh.dp_group, stats)
+    return total.item() / mesh.dims.dp
 
 
 class Trainer:
-    def __init__(self, engine, stream, eval_batches, train: TrainConfig, plan: BatchPlan,
-                 device: torch.device, dp_group, metrics: MetricsLog, console: Console, save):
+    def __init__(
+        self,
+        engine,
+        stream,
+        eval_batches,
+        train: TrainConfig,
+        plan: BatchPlan,
+        device: torch.device,
+        mesh: Mesh,
+        metrics: MetricsLog,
+        console: Console,
+        save,
+    ):
         self.engine, self.stream, self.eval_data = engine, stream, eval_batches
-        self.cfg, self.plan, self.device, self.dp_group = train, plan, device, dp_group
+        self.cfg, self.plan, self.device, self.mesh = train, plan, device, mesh
         self.metrics, self.console, self.save = metrics, console, save
+        self.comm = CommStats()  # the loop's own reductions (loss, gradient norm)
 
     def train_step(self) -> tuple[torch.Tensor, float | None]:
         """Forward/backward over grad_accum micro-batches, then the optimizer step.
@@ -72,10 +83,7 @@ class Trainer:
         """Without ZeRO the engine clips but does not keep the norm; compute it once here."""
         if self.engine.zero_optimization_stage() > 0:
             return None
-        from deepspeed.runtime.utils import get_flattened_grad_norm
-
-        params = [p for p in self.engine.module.parameters() if p.grad is not None]
-        return float(get_flattened_grad_norm(params, mpu=self.engine.mpu))
+        return global_grad_norm(self.engine.module.parameters(), self.mesh, self.comm)
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -84,7 +92,7 @@ class Trainer:
         for x, y in self.eval_data:
             total += self.engine(x.to(self.device), y.to(self.device)).float()
         self.engine.train()
-        return dp_mean(total / len(self.eval_data), self.dp_group)
+        return dp_mean(total / len(self.eval_data), self.mesh, self.comm)
 
     def fit(self, start_step: int = 0) -> FitResult:
         result = FitResult(steps=self.cfg.steps)
@@ -94,7 +102,7 @@ class Trainer:
             t0 = time.perf_counter()
             loss, grad_norm = self.train_step()
             if (step + 1) % self.cfg.log_interval == 0 or step == start_step or step + 1 == self.cfg.steps:
-                self._log_step(step, dp_mean(loss, self.dp_group), lr, grad_norm, t0, result)
+                self._log_step(step, dp_mean(loss, self.mesh, self.comm), lr, grad_norm, t0, result)
             self._maybe_evaluate(step, result)
             self._maybe_save(step)
             self.console.advance(step + 1, f"loss {result.last_loss:.4f}" if result.last_loss else "")

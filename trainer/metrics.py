@@ -44,7 +44,9 @@ class Console:
             from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
             self._bar = Progress(
-                TextColumn("step {task.completed}/{task.total}"), BarColumn(), TimeRemainingColumn(),
+                TextColumn("step {task.completed}/{task.total}"),
+                BarColumn(),
+                TimeRemainingColumn(),
                 TextColumn("{task.fields[status]}"),
             )
             self._task = self._bar.add_task("train", total=total_steps, status="")

@@ -93,16 +93,6 @@ def build_streams(cfg: Config, plan: BatchPlan, prepared, dp_rank: int, dp_size:
     return stream, val
 
 
-def build_model(cfg: Config, device: torch.device):
-    from trainer.model import GPT, GPTShape, analytic_param_count
-
-    m = cfg.model
-    shape = GPTShape(m.n_layer, m.n_embd, m.n_head, m.seq_len, m.vocab_size, m.dropout)
-    model = GPT(shape, seed=cfg.train.seed).to(device)
-    analytic = analytic_param_count(m.n_layer, m.n_embd, m.vocab_size, m.seq_len)
-    return model, model.num_params(), analytic
-
-
 def write_run_files(run_dir: Path, cfg_node: DictConfig, ds_dict: dict) -> None:
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg_node, resolve=True))
     (run_dir / "ds_config.json").write_text(json.dumps(ds_dict, indent=2) + "\n")
@@ -127,30 +117,39 @@ def run(cfg: Config, cfg_node: DictConfig, plan: BatchPlan, run_dir: Path) -> No
     from trainer.engine import build_engine, init_distributed, resolve_device
     from trainer.loop import Trainer
     from trainer.metrics import Console, MetricsLog
+    from trainer.parallel import ParallelDims, build_mesh
+    from trainer.parallelize import build_parallel_model
     from trainer.schedule import scheduler_factory
     from trainer.tracking import start_run
 
     prepared = prepare_data(cfg)
-    rank = int(os.environ.get("RANK", "0"))
-    dp_rank, dp_size = rank, plan.dp  # pure data parallelism: every rank is a data-parallel rank
-    stream, val = build_streams(cfg, plan, prepared, dp_rank, dp_size)
+    dims = ParallelDims(world_size_from_env(), cfg.parallel.tp, cfg.parallel.pp)
+    coords = dims.coords(int(os.environ.get("RANK", "0")))  # known before any process group exists
+    stream, val = build_streams(cfg, plan, prepared, coords.dp, dims.dp)
     device = resolve_device(cfg.train.device)
     rank, world = init_distributed(device)
     check_same_run_dir(run_dir)
+    mesh = build_mesh(dims)
     is_writer = rank == 0
-    torch.manual_seed(cfg.train.seed + rank)  # dropout differs per rank; weights do not (seeded by name)
+    # Dropout masks differ between data-parallel replicas but agree across the tp ranks of one
+    # replica, whose replicated activations must stay identical. Weights are seeded by name.
+    torch.manual_seed(cfg.train.seed + 1000 * coords.pp + coords.dp)
 
-    model, n_params, analytic = build_model(cfg, device)
+    built = build_parallel_model(cfg, mesh, device)
+    model, n_params, analytic = built.model, built.num_params, built.analytic_params
     ds_dict = ds_config(cfg, plan)
     console = Console(is_writer, cfg.train.steps, cfg.logging.progress)
     console.print(
         f"model {cfg.model.name}: {n_params:,} parameters (analytic 12lh²(1+13/12h+(V+s)/12lh) = {analytic:,}, "
-        f"+2h final LayerNorm) | world {world}, dp {plan.dp}, zero {cfg.parallel.zero_stage}, "
+        f"+2h final LayerNorm) | world {world} = tp {dims.tp} x pp {dims.pp} x dp {dims.dp}, "
+        f"zero {cfg.parallel.zero_stage}, sp {cfg.parallel.sequence_parallel}, "
         f"micro {plan.micro_batch} x accum {plan.grad_accum} = global {plan.global_batch} | run dir {run_dir}"
     )
     if is_writer:
         write_run_files(run_dir, cfg_node, ds_dict)
-    engine = build_engine(model, ds_dict, cfg.optim.weight_decay, scheduler_factory(cfg.optim, cfg.train.steps))
+    engine = build_engine(
+        model, ds_dict, cfg.optim.weight_decay, scheduler_factory(cfg.optim, cfg.train.steps), mpu=mesh
+    )
 
     wandb_run = (
         start_run(cfg.logging.wandb, run_dir, OmegaConf.to_container(cfg_node, resolve=True), run_dir.name)
@@ -165,7 +164,7 @@ def run(cfg: Config, cfg_node: DictConfig, plan: BatchPlan, run_dir: Path) -> No
         )
         console.print(f"checkpoint {path}")
 
-    trainer = Trainer(engine, stream, val, cfg.train, plan, device, None, metrics, console, save)
+    trainer = Trainer(engine, stream, val, cfg.train, plan, device, mesh, metrics, console, save)
     try:
         result = trainer.fit()
     finally:

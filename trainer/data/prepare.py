@@ -250,9 +250,7 @@ def _collect(cfg: DataConfig, log: Log) -> tuple[list[str], list[str]]:
     docs = list(iter_documents(cfg))
     where = {"pystdlib": "the standard library", "files": cfg.paths, "hub": cfg.hub_name}[cfg.source]
     if not docs:
-        raise ValueError(
-            f"data.source={cfg.source!r}: no documents found in {where}; check data.paths / data.hub_name"
-        )
+        raise ValueError(f"data.source={cfg.source!r}: no documents found in {where}; check data.paths / data.hub_name")
     nonempty = [doc for doc in docs if doc]
     if not nonempty:
         raise ValueError(
@@ -275,9 +273,7 @@ def _tokenizer(cfg: DataConfig, train_docs: list[str], log: Log) -> Tokenizer:
         return load_tokenizer(cfg.tokenizer.source)
     started = time.perf_counter()
     tok = train_bpe(train_docs, cfg.tokenizer.vocab_size)
-    log(
-        f"data: trained byte-level BPE, vocab {tok.get_vocab_size():,} in {time.perf_counter() - started:.1f}s"
-    )
+    log(f"data: trained byte-level BPE, vocab {tok.get_vocab_size():,} in {time.perf_counter() - started:.1f}s")
     return tok
 
 
@@ -303,9 +299,7 @@ def _write(directory: Path, tok: Tokenizer, splits: dict[str, list[str]], key: d
     return meta
 
 
-def _write_split(
-    directory: Path, split: str, tok: Tokenizer, docs: list[str], dtype: str, num_proc: int
-) -> int:
+def _write_split(directory: Path, split: str, tok: Tokenizer, docs: list[str], dtype: str, num_proc: int) -> int:
     """Tokenize ``docs`` (EOT after each) into ``<split>.bin`` and ``<split>.idx``; return the token count."""
     from datasets import Dataset, Features, List, Value
 

@@ -40,9 +40,7 @@ def eot_id(tok: Tokenizer) -> int:
     """Id of ``<|endoftext|>``; a tokenizer without it cannot mark document boundaries."""
     token_id = tok.token_to_id(EOT)
     if token_id is None:
-        raise ValueError(
-            f"data.tokenizer.source: the tokenizer has no {EOT} token; use one that has it or 'train'"
-        )
+        raise ValueError(f"data.tokenizer.source: the tokenizer has no {EOT} token; use one that has it or 'train'")
     return token_id
 
 

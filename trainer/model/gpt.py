@@ -44,9 +44,7 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, shape: GPTShape, layers: LayerProvider):
         super().__init__()
         if shape.n_head % layers.tp_size:
-            raise ValueError(
-                f"n_head={shape.n_head} must be divisible by the tensor-parallel size {layers.tp_size}"
-            )
+            raise ValueError(f"n_head={shape.n_head} must be divisible by the tensor-parallel size {layers.tp_size}")
         self.n_head = shape.n_head // layers.tp_size  # heads on this rank
         self.head_dim = shape.n_embd // shape.n_head
         # Fused QKV, laid out per head as [h0: q k v | h1: q k v | ...] so that a split of the
@@ -63,9 +61,7 @@ class CausalSelfAttention(nn.Module):
         q, k, v = qkv.view(B, T, self.n_head, 3, self.head_dim).unbind(dim=3)  # each (B, T, nh, hd)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hd)
         # Flash / memory-efficient kernels on GPU, the math kernel on CPU.
-        y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
-        )
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, nh*hd)
         return self.resid_drop(self.proj(y))
 

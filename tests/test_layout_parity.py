@@ -1,0 +1,59 @@
+"""Every parallel layout trains like one process: the launcher's per-step losses over the first
+steps equal the single-process run with the same global batch, within 1e-5 relative (fp32).
+
+The reference runs one process with the global batch of 8 as 2 accumulated micro-batches of 4;
+each layout splits the same 8 samples per step across its data-parallel ranks, and tensor
+parallelism splits every layer across its tp ranks.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import read_metrics, run_train, tiny_corpus_overrides
+
+STEPS = 10
+TOLERANCE = 1e-5
+BATCH = ["parallel.micro_batch=4", "parallel.global_batch=8"]
+
+# name -> (ranks, overrides)
+LAYOUTS = {
+    "dp2": (2, ["parallel=dp"]),
+    "zero1-dp2": (2, ["parallel=zero1"]),
+    "zero2-dp2": (2, ["parallel=zero2"]),
+    "zero3-dp2": (2, ["parallel=zero3"]),
+    "tp2": (2, ["parallel=tp2"]),
+    "tp2-sp": (2, ["parallel=tp2-sp"]),
+    "tp2-dp2-zero1": (4, ["parallel=tp2-zero1"]),
+}
+
+
+def _overrides(data_cache, *extra: str) -> list[str]:
+    return ["debug=smoke", *tiny_corpus_overrides(data_cache), f"train.steps={STEPS}", *extra, *BATCH]
+
+
+def _losses(run_dir) -> list[float]:
+    return [r["loss"] for r in read_metrics(run_dir) if "loss" in r]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, data_cache) -> list[float]:
+    run_dir = tmp_path_factory.mktemp("single")
+    proc = run_train(run_dir, _overrides(data_cache))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return _losses(run_dir)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_layout_matches_single_process(layout, tmp_path, data_cache, reference):
+    ranks, extra = LAYOUTS[layout]
+    run_dir = tmp_path / layout
+    proc = run_train(run_dir, _overrides(data_cache, *extra), ranks=ranks)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    losses = _losses(run_dir)
+    assert len(losses) == len(reference) == STEPS
+    deviation = max(abs(a - b) / abs(b) for a, b in zip(losses, reference))
+    print(f"\n{layout:>14}  world {ranks}  final loss {losses[-1]:.6f}  max rel deviation {deviation:.2e}")
+    assert deviation < TOLERANCE, (losses, reference)
+    assert losses[-1] < losses[0]  # and it learns
