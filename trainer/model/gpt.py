@@ -122,29 +122,33 @@ class GPT(nn.Module):
         """Parameters of the full model (shards counted at their full size)."""
         return sum(_full_shape(module, name).numel() for _, module, name, _ in _leaf_params(self))
 
-    @torch.no_grad()
     def init_weights(self, seed: int) -> None:
-        """GPT-2 initialisation, independent of the parallel layout.
+        init_weights(self, seed, self.shape.n_layer)
 
-        Every parameter is drawn at its full size from a generator seeded by (seed, its name) and
-        then cut to this rank's shard, so the gathered weights are the same at any tp or pp and
-        however the modules were constructed. Weights ~ N(0, 0.02), residual projections
-        ~ N(0, 0.02/sqrt(2·n_layer)), biases 0, LayerNorm (1, 0).
-        """
-        residual_std = 0.02 / math.sqrt(2 * self.shape.n_layer)
-        for mod_name, module, name, param in _leaf_params(self):
-            qualified = f"{mod_name}.{name}"
-            if isinstance(module, nn.LayerNorm):
-                param.fill_(1.0 if name == "weight" else 0.0)
-                continue
-            if name == "bias":
-                param.zero_()
-                continue
-            std = residual_std if getattr(module, "residual_init", False) else 0.02
-            gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(qualified.encode()))
-            full = torch.empty(_full_shape(module, name)).normal_(0.0, std, generator=gen)
-            shard = module.shard_param(name, full) if hasattr(module, "shard_param") else full
-            param.copy_(shard)
+
+@torch.no_grad()
+def init_weights(module: nn.Module, seed: int, n_layer: int, prefix: str = "") -> None:
+    """GPT-2 initialisation of ``module``'s parameters, independent of the parallel layout.
+
+    Every parameter is drawn at its full size from a generator seeded by (seed, its name in the
+    whole GPT) and then cut to this rank's shard, so the gathered weights are the same at any tp
+    or pp and however the modules were constructed. ``prefix`` is ``module``'s path inside the
+    GPT (a pipeline stage holding block 3 passes "blocks.3"). Weights ~ N(0, 0.02), residual
+    projections ~ N(0, 0.02/sqrt(2·n_layer)), biases 0, LayerNorm (1, 0).
+    """
+    residual_std = 0.02 / math.sqrt(2 * n_layer)
+    for mod_name, sub, name, param in _leaf_params(module):
+        qualified = ".".join(part for part in (prefix, mod_name, name) if part)
+        if isinstance(sub, nn.LayerNorm):
+            param.fill_(1.0 if name == "weight" else 0.0)
+            continue
+        if name == "bias":
+            param.zero_()
+            continue
+        std = residual_std if getattr(sub, "residual_init", False) else 0.02
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(qualified.encode()))
+        full = torch.empty(_full_shape(sub, name)).normal_(0.0, std, generator=gen)
+        param.copy_(sub.shard_param(name, full) if hasattr(sub, "shard_param") else full)
 
 
 def _leaf_params(model: nn.Module):
