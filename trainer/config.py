@@ -99,7 +99,9 @@ class TrainConfig:
     eval_interval: int = 200  # steps between validation passes; 0 = only at the end
     eval_batches: int = 20  # micro-batches per rank per validation pass
     save_interval: int = 0  # steps between checkpoints; 0 = only at the end, -1 = never
-    compile: bool = False  # torch.compile the model (GPU runs)
+    # Seconds a collective may wait for its peers; a dead rank then stops the others instead of
+    # hanging them (the launcher exits non-zero).
+    collective_timeout_s: int = 600
 
 
 @dataclass
@@ -192,6 +194,7 @@ def validate(cfg: Config, world_size: int) -> BatchPlan:
     _positive("train.steps", t.steps)
     _positive("train.log_interval", t.log_interval)
     _positive("train.eval_batches", t.eval_batches)
+    _positive("train.collective_timeout_s", t.collective_timeout_s)
     if t.eval_interval < 0:
         raise ConfigError("train.eval_interval", t.eval_interval, "must be >= 0 (0 = only at the end)")
     if t.save_interval < -1:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -35,7 +36,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed(device: torch.device) -> tuple[int, int]:
+def init_distributed(device: torch.device, timeout_s: int) -> tuple[int, int]:
     """Start the default process group (nccl on GPU, gloo on CPU); return (rank, world size).
 
     ``python -m trainer.train`` without a launcher is a world of one: the rendezvous variables a
@@ -50,7 +51,9 @@ def init_distributed(device: torch.device) -> tuple[int, int]:
     # instead of a shared cache that every other environment invalidates.
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
     backend = "nccl" if device.type == "cuda" else "gloo"
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+    deepspeed.init_distributed(
+        dist_backend=backend, auto_mpi_discovery=False, verbose=False, timeout=timedelta(seconds=timeout_s)
+    )
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
 
 

@@ -127,7 +127,7 @@ def run(cfg: Config, cfg_node: DictConfig, plan: BatchPlan, run_dir: Path) -> No
     coords = dims.coords(int(os.environ.get("RANK", "0")))  # known before any process group exists
     stream, val = build_streams(cfg, plan, prepared, coords.dp, dims.dp)
     device = resolve_device(cfg.train.device)
-    rank, world = init_distributed(device)
+    rank, world = init_distributed(device, cfg.train.collective_timeout_s)
     check_same_run_dir(run_dir)
     mesh = build_mesh(dims)
     is_writer = rank == 0
