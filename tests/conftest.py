@@ -13,8 +13,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from trainer.cli import register
 from trainer.config import Config
-from trainer.rundir import register_resolvers
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
@@ -26,9 +26,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 def compose_config(overrides: list[str] = ()) -> tuple[Config, object]:
     """The typed config (and its node) exactly as ``trainer.train`` would compose it."""
-    import trainer.train  # noqa: F401  (registers the schema and resolvers)
-
-    register_resolvers()
+    register()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         node = compose(config_name="config", overrides=list(overrides))
     return OmegaConf.to_object(node), node

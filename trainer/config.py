@@ -207,9 +207,24 @@ def validate(cfg: Config, world_size: int) -> BatchPlan:
         raise ConfigError(f"optim.{bad}", getattr(o, bad), "must be >= 0")
     if not all(0 <= b < 1 for b in o.betas):
         raise ConfigError("optim.betas", list(o.betas), "each beta must be in [0, 1)")
+    _validate_device(cfg)
     _validate_data(cfg)
     _validate_logging(cfg)
     return batch_plan(cfg, world_size)
+
+
+def _validate_device(cfg: Config) -> None:
+    import torch
+
+    device, precision = cfg.train.device, cfg.parallel.precision
+    has_cuda = torch.cuda.is_available()
+    if device == "cuda" and not has_cuda:
+        raise ConfigError("train.device", device, "no CUDA device is visible; use train.device=auto or cpu")
+    on_gpu = has_cuda and device != "cpu"
+    if precision == "fp16" and not on_gpu:
+        raise ConfigError("parallel.precision", precision, "fp16 needs a GPU; use bf16 or fp32 on CPU")
+    if precision == "bf16" and on_gpu and not torch.cuda.is_bf16_supported():
+        raise ConfigError("parallel.precision", precision, "this GPU has no bf16; use fp16 or fp32")
 
 
 def _validate_tensor_parallel(cfg: Config) -> None:

@@ -10,8 +10,9 @@ import sys
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from trainer.cli import EXIT_BAD_INPUT, preflight
 from trainer.config import BadInput, Config
-from trainer.train import EXIT_BAD_INPUT, prepare_data
+from trainer.train import prepare_data
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
@@ -30,5 +31,6 @@ def main(cfg_node: DictConfig) -> None:
 
 if __name__ == "__main__":
     # Preparing is not a run: no run directory, no Hydra log files.
+    preflight(sys.argv[1:])
     sys.argv += ["hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=disabled"]
     main()

@@ -19,19 +19,15 @@ from pathlib import Path
 
 import hydra
 import torch
-from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from trainer.cli import EXIT_BAD_INPUT, preflight, register
 from trainer.config import BadInput, BatchPlan, Config, ConfigError, validate, world_size_from_env
-from trainer.rundir import register_resolvers
 
-register_resolvers()
+register()
 # ZeRO calls a torch collective under its deprecated name; the warning repeats every step.
 warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated")
-ConfigStore.instance().store(name="trainer_schema", node=Config)
-
-EXIT_BAD_INPUT = 2
 
 
 @contextmanager
@@ -209,4 +205,5 @@ def _discard_unused_run_dir(run_dir: Path) -> None:
 
 
 if __name__ == "__main__":
+    preflight(sys.argv[1:])
     main()

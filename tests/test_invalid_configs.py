@@ -1,0 +1,152 @@
+"""Bad input fails fast: one line naming the key, exit code 2, no traceback, nothing written.
+
+The table runs through ``trainer.cli.preflight`` in-process (what every entry point calls before
+Hydra starts); a sample of it runs through the real command line as well.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT, child_env
+from trainer.cli import preflight
+
+# (command-line overrides, world size, the key the message must name)
+INVALID = [
+    (["model=gpt5"], 1, "model"),
+    (["parallel=tp8"], 1, "parallel"),
+    (["data=wikipedia"], 1, "data"),
+    (["optim=sgd"], 1, "optim"),
+    (["experiment=nothing"], 1, "experiment"),
+    (["parallel.micro_batch=abc"], 1, "parallel.micro_batch"),
+    (["train.steps=1.5"], 1, "train.steps"),
+    (["parallel.foo=1"], 1, "parallel.foo"),
+    (["model.n_layer=0"], 1, "model.n_layer"),
+    (["model.n_embd=-64"], 1, "model.n_embd"),
+    (["model.n_head=5"], 1, "model.n_head"),
+    (["model.seq_len=0"], 1, "model.seq_len"),
+    (["model.vocab_size=0"], 1, "model.vocab_size"),
+    (["model.dropout=1.5"], 1, "model.dropout"),
+    (["parallel.tp=3"], 3, "parallel.tp"),  # 4 heads do not split in 3
+    (["parallel.tp=4"], 2, "parallel.tp"),  # more tp ranks than the world
+    (["parallel.tp=2"], 3, "parallel.tp"),  # tp does not divide the world
+    (["parallel.sequence_parallel=true"], 1, "parallel.sequence_parallel"),
+    (["parallel.tp=2", "parallel.sequence_parallel=true", "model.seq_len=255"], 2, "parallel.sequence_parallel"),
+    (["parallel.pp=0"], 1, "parallel.pp"),
+    (["parallel.zero_stage=4"], 1, "parallel.zero_stage"),
+    (["parallel.zero_stage=-1"], 1, "parallel.zero_stage"),
+    (["parallel.precision=fp8"], 1, "parallel.precision"),
+    (["parallel.precision=fp16"], 1, "parallel.precision"),  # no GPU here
+    (["train.device=cuda"], 1, "train.device"),  # no GPU here
+    (["parallel.micro_batch=0"], 1, "parallel.micro_batch"),
+    (["parallel.global_batch=6"], 4, "parallel.global_batch"),  # not a multiple of micro 4 x dp 4
+    (["parallel.global_batch=-8"], 1, "parallel.global_batch"),
+    (["optim.lr=0"], 1, "optim.lr"),
+    (["optim.min_lr=1.0"], 1, "optim.min_lr"),
+    (["optim.warmup_steps=-1"], 1, "optim.warmup_steps"),
+    (["optim.weight_decay=-0.1"], 1, "optim.weight_decay"),
+    (["optim.grad_clip=-1"], 1, "optim.grad_clip"),
+    (["optim.betas=[0.9,1.5]"], 1, "optim.betas"),
+    (["train.steps=0"], 1, "train.steps"),
+    (["train.log_interval=0"], 1, "train.log_interval"),
+    (["train.eval_interval=-5"], 1, "train.eval_interval"),
+    (["train.save_interval=-2"], 1, "train.save_interval"),
+    (["train.collective_timeout_s=0"], 1, "train.collective_timeout_s"),
+    (["train.device=tpu"], 1, "train.device"),
+    (["data.source=web"], 1, "data.source"),
+    (["data=files"], 1, "data.paths"),
+    (["data=files", "data.paths=[/no/such/corpus]"], 1, "data.paths"),
+    (["data=hub-stream", "data.hub_name="], 1, "data.hub_name"),
+    (["data.val_fraction=0"], 1, "data.val_fraction"),
+    (["data.num_proc=0"], 1, "data.num_proc"),
+    (["data.tokenizer.vocab_size=100"], 1, "data.tokenizer.vocab_size"),
+    (["data.tokenizer.vocab_size=100000"], 1, "data.tokenizer.vocab_size"),
+    (["data.tokenizer.source=/no/such/tokenizer.json"], 1, "data.tokenizer.source"),
+    (["logging.wandb.mode=sometimes"], 1, "logging.wandb.mode"),
+    (["-m", "parallel.zero_stage=1,2,7"], 1, "parallel.zero_stage"),  # one bad value in a sweep
+]
+
+
+@pytest.mark.parametrize("overrides,world,key", INVALID, ids=[" ".join(o) for o, _, _ in INVALID])
+def test_invalid_config_is_one_line_naming_the_key(overrides, world, key, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    with pytest.raises(SystemExit) as exit_info:
+        preflight(overrides)
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert key in lines[0] and "Traceback" not in lines[0]
+
+
+def test_the_table_is_large_enough():
+    assert len(INVALID) >= 30
+
+
+def test_valid_command_line_passes_preflight(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    preflight(["-m", "parallel=tp2-zero1", "parallel.zero_stage=0,1", "model=gpt2-small"])  # returns
+
+
+@pytest.mark.parametrize(
+    "overrides,key",
+    [
+        (["model=gpt5"], "model"),
+        (["parallel.micro_batch=abc"], "parallel.micro_batch"),
+        (["parallel.zero_stage=9"], "parallel.zero_stage"),
+        (["-m", "optim.lr=1e-3,-1"], "optim.lr"),
+    ],
+)
+def test_command_line_exits_2_fast_and_writes_nothing(overrides, key, tmp_path):
+    started = time.monotonic()
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "trainer.train",
+            *overrides,
+            f"hydra.run.dir={tmp_path}/run",
+            f"hydra.sweep.dir={tmp_path}/sweep",
+        ],
+        cwd=ROOT,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert time.monotonic() - started < 20
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and key in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_empty_corpus_is_refused_before_any_process_group(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "empty.txt").write_text("\n\n")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "trainer.train",
+            "debug=smoke",
+            "data=files",
+            f"data.paths=[{corpus}]",
+            f"data.cache_dir={tmp_path}/cache",
+            "data.tokenizer.vocab_size=300",
+            f"hydra.run.dir={tmp_path}/run",
+        ],
+        cwd=ROOT,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    assert "data" in proc.stderr.strip().splitlines()[-1] and "Traceback" not in proc.stderr
+    assert not (tmp_path / "run").exists()

@@ -1,0 +1,100 @@
+"""Check a command line before Hydra runs it: every job it asks for must compose and validate.
+
+Hydra reports an unknown option or a mistyped value with several lines and exit code 1, after
+creating a run directory. The entry points call ``preflight`` first, so every bad input ends the
+same way: one line naming the key, the value and the fix, exit code 2, nothing written.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from trainer.config import BadInput, Config, ConfigError, validate, world_size_from_env
+from trainer.rundir import register_resolvers
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+EXIT_BAD_INPUT = 2
+
+
+def register() -> None:
+    """Make the typed schema and the resolvers known to Hydra (before composing anything)."""
+    from hydra.core.config_store import ConfigStore
+
+    register_resolvers()
+    ConfigStore.instance().store(name="trainer_schema", node=Config)
+
+
+def _overrides(argv: list[str]):
+    """The config overrides on a command line (flags like -m and Hydra's own keys left out)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    args = [a for a in argv if not a.startswith("-")]
+    try:
+        parsed = OverridesParser.create().parse_overrides(args)
+    except Exception as err:  # Hydra's parser error names the offending override
+        raise BadInput(f"config error: cannot parse the command line: {_one_line(err)}") from None
+    return [o for o in parsed if not o.is_hydra_override()]
+
+
+def _jobs(overrides) -> list[list[str]]:
+    """One override list per job to check: every value of every sweep appears in at least one."""
+    fixed = [o.input_line for o in overrides if not o.is_sweep_override()]
+    sweeps = [(o.get_key_element(), list(o.sweep_string_iterator())) for o in overrides if o.is_sweep_override()]
+    firsts = [f"{key}={values[0]}" for key, values in sweeps]
+    jobs = [fixed + firsts]
+    for i, (key, values) in enumerate(sweeps):
+        for value in values[1:]:
+            jobs.append(fixed + firsts[:i] + [f"{key}={value}"] + firsts[i + 1 :])
+    return jobs
+
+
+def _check_group_choice(override: str) -> None:
+    key, _, value = override.partition("=")
+    group = key.lstrip("+~")
+    if "." in group or not (CONF_DIR / group).is_dir() or value in ("null", ""):
+        return
+    if not (CONF_DIR / group / f"{value}.yaml").is_file():
+        options = ", ".join(sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml")))
+        raise ConfigError(group, value, f"no such option; choose one of: {options}")
+
+
+def _one_line(err: BaseException) -> str:
+    """The message of ``err`` and of its causes (Hydra puts the useful part there) on one line."""
+    parts: list[str] = []
+    while err is not None:
+        lines = [line.strip().rstrip(".") for line in str(err).splitlines() if line.strip()]
+        parts += [line for line in lines if not line.startswith(("reference_type", "object_type", "full_key"))]
+        err = err.__cause__
+    return "; ".join(dict.fromkeys(parts)) or "invalid configuration"
+
+
+def _compose(job: list[str]):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            node = compose(config_name="config", overrides=job)
+        return OmegaConf.to_object(node)
+    except Exception as err:  # composition errors: unknown keys, wrong types, missing values
+        raise BadInput(f"config error: {_one_line(err)}") from None
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def preflight(argv: list[str]) -> None:
+    """Exit with code 2 and one line on stderr if any job of this command line is invalid."""
+    register()
+    try:
+        jobs = _jobs(_overrides(argv))
+        for job in jobs:
+            for override in job:
+                _check_group_choice(override)
+            validate(_compose(job), world_size_from_env())
+    except BadInput as err:
+        prefix = "config error: " if isinstance(err, ConfigError) else ""
+        print(f"{prefix}{err}", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
