@@ -50,6 +50,10 @@ class ParallelConfig:
     micro_batch: int = 4  # samples per rank per forward/backward
     global_batch: int = 8  # samples per optimizer step over all data-parallel ranks
     precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16 uses dynamic loss scaling)
+    # Pipeline only: how layers are spread over stages -- "parameters" balances parameter counts
+    # (embedding and head weigh in), "uniform" gives every stage the same number of layers.
+    pipeline_partition: str = "parameters"
+    activation_checkpoint_interval: int = 0  # pipeline: recompute activations every k layers; 0 = off
 
 
 @dataclass
@@ -181,8 +185,7 @@ def validate(cfg: Config, world_size: int) -> BatchPlan:
     for key in ("tp", "pp", "micro_batch", "global_batch"):
         _positive(f"parallel.{key}", getattr(p, key))
     _validate_tensor_parallel(cfg)
-    if p.pp > 1:
-        raise ConfigError("parallel.pp", p.pp, "pipeline parallelism is not available yet; set parallel.pp=1")
+    _validate_pipeline(cfg)
     if p.zero_stage not in (0, 1, 2, 3):
         raise ConfigError("parallel.zero_stage", p.zero_stage, "must be 0, 1, 2 or 3")
     if p.precision not in PRECISIONS:
@@ -211,6 +214,22 @@ def validate(cfg: Config, world_size: int) -> BatchPlan:
     _validate_data(cfg)
     _validate_logging(cfg)
     return batch_plan(cfg, world_size)
+
+
+def _validate_pipeline(cfg: Config) -> None:
+    m, p = cfg.model, cfg.parallel
+    if p.pp > 1:
+        raise ConfigError("parallel.pp", p.pp, "pipeline parallelism is not available yet; set parallel.pp=1")
+    if p.pp > m.n_layer:
+        raise ConfigError("parallel.pp", p.pp, f"more stages than model.n_layer={m.n_layer}; use pp <= n_layer")
+    if p.pp > 1 and p.zero_stage > 1:
+        raise ConfigError(
+            "parallel.zero_stage", p.zero_stage, "DeepSpeed's pipeline engine supports ZeRO 0 or 1; use zero_stage<=1"
+        )
+    if p.pipeline_partition not in ("parameters", "uniform"):
+        raise ConfigError("parallel.pipeline_partition", p.pipeline_partition, "must be parameters or uniform")
+    if p.activation_checkpoint_interval < 0:
+        raise ConfigError("parallel.activation_checkpoint_interval", p.activation_checkpoint_interval, "must be >= 0")
 
 
 def _validate_device(cfg: Config) -> None:
