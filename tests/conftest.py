@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import socket
@@ -18,6 +19,7 @@ from trainer.config import Config
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
+SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 VENV_BIN = Path(sys.executable).parent
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -51,11 +53,37 @@ def child_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def english_text() -> str:
+    """Tiny Shakespeare (1.1 MB of real English) from ../shared/data, checked against its sha256."""
+    data = SHAKESPEARE.read_bytes()
+    assert hashlib.sha256(data).hexdigest() == SHAKESPEARE_SHA256, "damaged copy of tinyshakespeare.txt"
+    return data.decode("utf-8")
+
+
+def small_corpus(directory: Path) -> Path:
+    """A small real corpus file: Tiny Shakespeare where the checkout has ../shared/data beside it,
+    else the first ~1 MB of this Python's standard-library sources (present everywhere)."""
+    if SHAKESPEARE.is_file():
+        return SHAKESPEARE
+    path = directory / "stdlib-sample.txt"
+    if not path.is_file():
+        from trainer.data.prepare import stdlib_files
+
+        texts, size = [], 0
+        for file in stdlib_files():
+            texts.append(file.read_text(encoding="utf-8", errors="replace"))
+            size += len(texts[-1])
+            if size > 1_000_000:
+                break
+        path.write_text("\n\n".join(texts))
+    return path
+
+
 def tiny_corpus_overrides(cache_dir: Path) -> list[str]:
-    """A small real corpus (Tiny Shakespeare) with a small tokenizer: fast to prepare."""
+    """A small real corpus with a small tokenizer: fast to prepare."""
     return [
-        "data=shakespeare",
-        f"data.paths=[{SHAKESPEARE}]",
+        "data=files",
+        f"data.paths=[{small_corpus(cache_dir)}]",
         f"data.cache_dir={cache_dir}",
         "data.tokenizer.vocab_size=512",
     ]

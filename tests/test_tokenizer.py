@@ -1,13 +1,9 @@
-import hashlib
-from pathlib import Path
-
 import pytest
 
+from conftest import SHAKESPEARE, english_text, small_corpus
 from trainer.data.prepare import stdlib_files
 from trainer.data.tokenizer import EOT, eot_id, load_tokenizer, save_tokenizer, train_bpe
 
-SHAKESPEARE = Path(__file__).parents[2] / "shared/data/tinyshakespeare.txt"
-SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 VOCAB = 2048
 
 AWKWARD_TEXTS = [
@@ -24,12 +20,9 @@ AWKWARD_TEXTS = [
 
 
 @pytest.fixture(scope="module")
-def shakespeare() -> str:
-    if not SHAKESPEARE.is_file():
-        pytest.skip(f"{SHAKESPEARE} is missing")
-    data = SHAKESPEARE.read_bytes()
-    assert hashlib.sha256(data).hexdigest() == SHAKESPEARE_SHA256, "damaged copy of tinyshakespeare.txt"
-    return data.decode("utf-8")
+def shakespeare(tmp_path_factory) -> str:
+    """Real English text; the standard-library sample where ../shared/data is not beside the checkout."""
+    return english_text() if SHAKESPEARE.is_file() else small_corpus(tmp_path_factory.mktemp("corpus")).read_text()
 
 
 @pytest.fixture(scope="module")
