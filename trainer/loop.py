@@ -14,10 +14,20 @@ from dataclasses import dataclass, field
 import torch
 
 from trainer.config import BatchPlan, TrainConfig
+from trainer.hardware import peak_memory_bytes
 from trainer.metrics import Console, MetricsLog
 from trainer.parallel import CommStats, Mesh
 from trainer.parallel.grad_norm import global_grad_norm
 from trainer.parallel.mappings import all_reduce
+
+
+@dataclass(frozen=True)
+class Throughput:
+    """What turns tokens/s into achieved FLOP/s and MFU."""
+
+    flops_per_token: float  # model FLOPs per trained token (trainer.analytic.flops_per_token)
+    peak_flops_per_rank: float  # the device's peak FLOP/s (trainer.hardware.peak_flops)
+    world_size: int
 
 
 @dataclass
@@ -49,6 +59,7 @@ class Trainer:
         plan: BatchPlan,
         device: torch.device,
         mesh: Mesh,
+        throughput: Throughput,
         metrics: MetricsLog,
         console: Console,
         save,
@@ -56,6 +67,7 @@ class Trainer:
         self.engine, self.stream, self.eval_data = engine, stream, eval_batches
         self.cfg, self.plan, self.device, self.mesh = train, plan, device, mesh
         self.metrics, self.console, self.save = metrics, console, save
+        self.throughput = throughput
         self.comm = CommStats()  # the loop's own reductions (loss, gradient norm)
 
     def train_step(self) -> tuple[torch.Tensor, float | None]:
@@ -110,13 +122,19 @@ class Trainer:
 
     def _log_step(self, step, loss, lr, grad_norm, t0, result: FitResult) -> None:
         step_time = time.perf_counter() - t0  # includes the loss all-reduce: an honest wall time
+        tokens_per_s = self.plan.tokens_per_step / step_time
+        tp = self.throughput
+        flops_per_rank = tokens_per_s * tp.flops_per_token / tp.world_size
         record = {
             "step": step + 1,
             "loss": loss,
             "lr": lr,
             "grad_norm": grad_norm,
             "step_time_s": step_time,
-            "tokens_per_s": self.plan.tokens_per_step / step_time,
+            "tokens_per_s": tokens_per_s,
+            "tflops_per_rank": flops_per_rank / 1e12,
+            "mfu": flops_per_rank / tp.peak_flops_per_rank,
+            "peak_mem_mb": peak_memory_bytes(self.device) / 2**20,  # this rank (rank 0 writes)
         }
         self.metrics.log(record)
         result.losses.append(loss)
@@ -125,7 +143,7 @@ class Trainer:
         norm = f"{grad_norm:.3f}" if grad_norm is not None else "n/a"
         self.console.print(
             f"step {step + 1:>6}/{self.cfg.steps}  loss {loss:.4f}  lr {lr:.2e}  grad_norm {norm}  "
-            f"{record['tokens_per_s']:,.0f} tok/s"
+            f"{tokens_per_s:,.0f} tok/s  mfu {record['mfu']:.1%}"
         )
 
     def _maybe_evaluate(self, step: int, result: FitResult) -> None:

@@ -109,9 +109,11 @@ def check_same_run_dir(run_dir: Path) -> None:
 
 def run(cfg: Config, cfg_node: DictConfig, plan: BatchPlan, run_dir: Path) -> None:
     from trainer import checkpoint
+    from trainer.analytic import flops_per_token
     from trainer.ds_config import ds_config
     from trainer.engine import build_engine, init_distributed, resolve_device
-    from trainer.loop import Trainer
+    from trainer.hardware import peak_flops
+    from trainer.loop import Throughput, Trainer
     from trainer.metrics import Console, MetricsLog
     from trainer.parallel import ParallelDims, build_mesh
     from trainer.parallelize import build_parallel_model
@@ -160,7 +162,14 @@ def run(cfg: Config, cfg_node: DictConfig, plan: BatchPlan, run_dir: Path) -> No
         )
         console.print(f"checkpoint {path}")
 
-    trainer = Trainer(engine, stream, val, cfg.train, plan, device, mesh, metrics, console, save)
+    shape = built.model.shape
+    throughput = Throughput(
+        flops_per_token(shape.n_layer, shape.n_embd, shape.seq_len, shape.vocab_size),
+        peak_flops(device, cfg.parallel.precision),
+        world,
+    )
+    console.print(f"peak {throughput.peak_flops_per_rank / 1e9:,.0f} GFLOP/s per rank ({device.type})")
+    trainer = Trainer(engine, stream, val, cfg.train, plan, device, mesh, throughput, metrics, console, save)
     try:
         result = trainer.fit()
     finally:

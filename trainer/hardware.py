@@ -1,0 +1,56 @@
+"""What the device can do: peak FLOP/s (for MFU) and peak memory of this process."""
+
+from __future__ import annotations
+
+import resource
+import time
+
+import torch
+
+# Dense peak FLOP/s per GPU from the vendors' data sheets (no sparsity).
+GPU_PEAK = {
+    "H200": {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12},
+    "H100": {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12},  # SXM
+    "A100": {"bf16": 312e12, "fp16": 312e12, "fp32": 19.5e12},
+}
+
+
+def measured_matmul_peak(dtype: torch.dtype = torch.float32, size: int = 1024, seconds: float = 0.5) -> float:
+    """FLOP/s of a square matmul on the CPU with this process's threads: the CPU's practical peak."""
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    torch.mm(a, b)  # warm-up
+    runs, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        torch.mm(a, b)
+        runs += 1
+    return 2 * size**3 * runs / (time.perf_counter() - started)
+
+
+def peak_flops(device: torch.device, precision: str) -> float:
+    """Peak FLOP/s of one rank's device: the data sheet for known GPUs, a measurement otherwise."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for model, peaks in GPU_PEAK.items():
+            if model in name:
+                return peaks[precision]
+        return measured_on_gpu(device, precision)
+    return measured_matmul_peak(torch.bfloat16 if precision == "bf16" else torch.float32)
+
+
+def measured_on_gpu(device: torch.device, precision: str, size: int = 8192) -> float:
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    torch.mm(a, a)
+    torch.cuda.synchronize(device)
+    started, runs = time.perf_counter(), 10
+    for _ in range(runs):
+        torch.mm(a, a)
+    torch.cuda.synchronize(device)
+    return 2 * size**3 * runs / (time.perf_counter() - started)
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak memory of this rank: the CUDA allocator's high-water mark, or the process's peak RSS."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
