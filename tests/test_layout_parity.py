@@ -15,6 +15,7 @@ from conftest import read_metrics, run_train, tiny_corpus_overrides
 STEPS = 10
 TOLERANCE = 1e-5
 BATCH = ["parallel.micro_batch=4", "parallel.global_batch=8"]
+LAYERS = ["model.n_layer=4"]  # enough blocks for 4 pipeline stages
 
 # name -> (ranks, overrides)
 LAYOUTS = {
@@ -25,11 +26,20 @@ LAYOUTS = {
     "tp2": (2, ["parallel=tp2"]),
     "tp2-sp": (2, ["parallel=tp2-sp"]),
     "tp2-dp2-zero1": (4, ["parallel=tp2-zero1"]),
+    "pp2": (2, ["parallel=pp2"]),
+    "pp4": (4, ["parallel=pp4"]),
+    "tp2-pp2": (4, ["parallel=tp2-pp2"]),
+    "pp2-dp2": (4, ["parallel=pp2"]),
+    "pp2-dp2-zero1": (4, ["parallel=pp2-zero1"]),
+    "pp2-uniform-ckpt": (
+        2,
+        ["parallel=pp2", "parallel.pipeline_partition=uniform", "parallel.activation_checkpoint_interval=1"],
+    ),
 }
 
 
 def _overrides(data_cache, *extra: str) -> list[str]:
-    return ["debug=smoke", *tiny_corpus_overrides(data_cache), f"train.steps={STEPS}", *extra, *BATCH]
+    return ["debug=smoke", *tiny_corpus_overrides(data_cache), f"train.steps={STEPS}", *LAYERS, *extra, *BATCH]
 
 
 def _losses(run_dir) -> list[float]:
@@ -54,6 +64,8 @@ def test_layout_matches_single_process(layout, tmp_path, data_cache, reference):
     losses = _losses(run_dir)
     assert len(losses) == len(reference) == STEPS
     deviation = max(abs(a - b) / abs(b) for a, b in zip(losses, reference))
-    print(f"\n{layout:>14}  world {ranks}  final loss {losses[-1]:.6f}  max rel deviation {deviation:.2e}")
+    tokens_per_s = sum(r["tokens_per_s"] for r in read_metrics(run_dir) if "loss" in r) / STEPS
+    print(f"\n| {layout} | {ranks} | {losses[-1]:.6f} | {deviation:.2e} | {tokens_per_s:,.0f} |")
     assert deviation < TOLERANCE, (losses, reference)
     assert losses[-1] < losses[0]  # and it learns
+    assert (run_dir / "checkpoints" / f"step_{STEPS}").is_dir()

@@ -103,6 +103,9 @@ class TrainConfig:
     eval_interval: int = 200  # steps between validation passes; 0 = only at the end
     eval_batches: int = 20  # micro-batches per rank per validation pass
     save_interval: int = 0  # steps between checkpoints; 0 = only at the end, -1 = never
+    # "" = start fresh; "auto" = continue from the newest checkpoint of this run directory (fresh
+    # if there is none); or a path to a checkpoints directory or one of its step_<n> directories.
+    resume: str = ""
     # Seconds a collective may wait for its peers; a dead rank then stops the others instead of
     # hanging them (the launcher exits non-zero).
     collective_timeout_s: int = 600
@@ -200,6 +203,8 @@ def validate(cfg: Config, world_size: int) -> BatchPlan:
     _positive("train.collective_timeout_s", t.collective_timeout_s)
     if t.eval_interval < 0:
         raise ConfigError("train.eval_interval", t.eval_interval, "must be >= 0 (0 = only at the end)")
+    if t.resume not in ("", "auto") and not os.path.isdir(t.resume):
+        raise ConfigError("train.resume", t.resume, "no such checkpoint directory; use auto, a path, or ''")
     if t.save_interval < -1:
         raise ConfigError("train.save_interval", t.save_interval, "must be >= -1 (-1 = never)")
     _positive("optim.lr", o.lr)
@@ -218,8 +223,6 @@ def validate(cfg: Config, world_size: int) -> BatchPlan:
 
 def _validate_pipeline(cfg: Config) -> None:
     m, p = cfg.model, cfg.parallel
-    if p.pp > 1:
-        raise ConfigError("parallel.pp", p.pp, "pipeline parallelism is not available yet; set parallel.pp=1")
     if p.pp > m.n_layer:
         raise ConfigError("parallel.pp", p.pp, f"more stages than model.n_layer={m.n_layer}; use pp <= n_layer")
     if p.pp > 1 and p.zero_stage > 1:

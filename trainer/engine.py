@@ -69,6 +69,9 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 def build_engine(model: nn.Module, ds_dict: dict[str, Any], weight_decay: float, lr_scheduler, mpu=None):
     """``deepspeed.initialize`` with the generated config; returns the engine."""
     import deepspeed
+    from deepspeed.runtime.pipe.engine import PipelineEngine
+
+    from trainer.parallel.pipeline import install_pipeline_clipping
 
     engine, *_ = deepspeed.initialize(
         model=model,
@@ -78,4 +81,7 @@ def build_engine(model: nn.Module, ds_dict: dict[str, Any], weight_decay: float,
         mpu=mpu,
         dist_init_required=False,
     )
+    if isinstance(engine, PipelineEngine):
+        # DeepSpeed's clipping at ZeRO-0 ignores replicated parameters of later stages.
+        install_pipeline_clipping(engine)
     return engine

@@ -17,6 +17,7 @@ from trainer.config import BatchPlan, TrainConfig
 from trainer.hardware import peak_memory_bytes
 from trainer.metrics import Console, MetricsLog
 from trainer.parallel import CommStats, Mesh
+from trainer.parallel.bubble import BubbleMeter, analytic_bubble, analytic_idle_fraction, gather_stages
 from trainer.parallel.grad_norm import global_grad_norm
 from trainer.parallel.mappings import all_reduce
 
@@ -69,6 +70,8 @@ class Trainer:
         self.metrics, self.console, self.save = metrics, console, save
         self.throughput = throughput
         self.comm = CommStats()  # the loop's own reductions (loss, gradient norm)
+        self.pipelined = mesh.dims.pp > 1
+        self.bubble = BubbleMeter(engine) if self.pipelined else None
 
     def train_step(self) -> tuple[torch.Tensor, float | None]:
         """Forward/backward over grad_accum micro-batches, then the optimizer step.
@@ -76,6 +79,8 @@ class Trainer:
         Returns this rank's mean micro-batch loss (a device tensor) and the gradient norm
         before clipping (None if the engine does not report it).
         """
+        if self.pipelined:
+            return self._pipeline_step()
         total = torch.zeros((), device=self.device)
         grad_norm = None
         for _ in range(self.plan.grad_accum):
@@ -91,6 +96,16 @@ class Trainer:
             grad_norm = float(reported)
         return total / self.plan.grad_accum, grad_norm
 
+    def _pipeline_step(self) -> tuple[torch.Tensor, float | None]:
+        """DeepSpeed's 1F1B schedule over grad_accum micro-batches. Every stage draws them from its
+        stream (only the first and last stage read them) so all streams stay at the same position."""
+        micro_batches = [self.stream.next_micro_batch() for _ in range(self.plan.grad_accum)]
+        self.bubble.start_step()
+        loss = self.engine.train_batch(iter(micro_batches))  # the dp-mean, on every stage
+        self.last_bubble = self.bubble.end_step()
+        norm = self.engine.get_global_grad_norm()
+        return loss.detach().float(), None if norm is None else float(norm)
+
     def _grad_norm_without_zero(self) -> float | None:
         """Without ZeRO the engine clips but does not keep the norm; compute it once here."""
         if self.engine.zero_optimization_stage() > 0:
@@ -99,6 +114,9 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float:
+        if self.pipelined:
+            loss = self.engine.eval_batch(iter(self.eval_data), num_micro_batches=len(self.eval_data))
+            return dp_mean(loss, self.mesh, self.comm)
         self.engine.eval()
         total = torch.zeros((), device=self.device)
         for x, y in self.eval_data:
@@ -136,6 +154,8 @@ class Trainer:
             "mfu": flops_per_rank / tp.peak_flops_per_rank,
             "peak_mem_mb": peak_memory_bytes(self.device) / 2**20,  # this rank (rank 0 writes)
         }
+        if self.pipelined:
+            record.update(self._bubble_record())
         self.metrics.log(record)
         result.losses.append(loss)
         result.first_loss = loss if result.first_loss is None else result.first_loss
@@ -145,6 +165,17 @@ class Trainer:
             f"step {step + 1:>6}/{self.cfg.steps}  loss {loss:.4f}  lr {lr:.2e}  grad_norm {norm}  "
             f"{tokens_per_s:,.0f} tok/s  mfu {record['mfu']:.1%}"
         )
+
+    def _bubble_record(self) -> dict:
+        """Each stage's idle share of the last step beside the 1F1B prediction (collective over pp)."""
+        stages = gather_stages(self.last_bubble, self.mesh.pp_group)
+        p, m = self.mesh.dims.pp, self.plan.grad_accum
+        return {
+            "pipe_idle_fraction": [round(r.idle_fraction, 4) for r in stages],  # idle / step
+            "pipe_idle_fraction_analytic": analytic_idle_fraction(p, m),  # (p-1)/(m+p-1)
+            "pipe_bubble_ratio": [round(r.bubble_ratio, 4) for r in stages],  # idle / compute
+            "pipe_bubble_ratio_analytic": analytic_bubble(p, m),  # (p-1)/m
+        }
 
     def _maybe_evaluate(self, step: int, result: FitResult) -> None:
         last = step + 1 == self.cfg.steps

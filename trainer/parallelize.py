@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from trainer.config import Config
 from trainer.model import GPT, DenseLayers, GPTShape, analytic_param_count
@@ -24,6 +25,7 @@ from trainer.parallel import (
     padded_vocab_size,
     register_sequence_parallel_grad_hooks,
 )
+from trainer.parallel.pipeline import build_pipeline_module, pipeline_config
 
 
 def model_shape(cfg: Config) -> GPTShape:
@@ -35,19 +37,35 @@ def model_shape(cfg: Config) -> GPTShape:
 
 @dataclass
 class ParallelModel:
-    model: GPT
+    model: nn.Module  # the GPT, or at pp>1 this rank's stage of it (a PipelineModule)
+    shape: GPTShape
     comm: CommStats  # the tensor-parallel collectives, counted by the layers themselves
     num_params: int  # full (gathered) size, padding included
     analytic_params: int  # Narayanan et al.'s count for the same shape
 
 
 def build_parallel_model(cfg: Config, mesh: Mesh, device: torch.device) -> ParallelModel:
+    p = cfg.parallel
     shape = model_shape(cfg)
     comm = CommStats()
-    tp = cfg.parallel.tp
-    layers = DenseLayers() if tp == 1 else TensorParallelLayers(mesh.tp_group, comm, cfg.parallel.sequence_parallel)
-    model = GPT(shape, layers, seed=cfg.train.seed).to(device)
-    if cfg.parallel.sequence_parallel:
+    layers = DenseLayers() if p.tp == 1 else TensorParallelLayers(mesh.tp_group, comm, p.sequence_parallel)
+    if p.pp == 1:
+        model = GPT(shape, layers, seed=cfg.train.seed).to(device)
+        num_params = model.num_params()
+    else:
+        model = build_pipeline_module(
+            shape, layers, mesh.dims, cfg.train.seed, p.pipeline_partition, p.activation_checkpoint_interval
+        )
+        with torch.device("meta"):  # the full model's size, without building it
+            num_params = GPT(shape).num_params()
+    if p.sequence_parallel:
         register_sequence_parallel_grad_hooks(model, mesh.tp_group, comm)
     analytic = analytic_param_count(shape.n_layer, shape.n_embd, shape.vocab_size, shape.seq_len)
-    return ParallelModel(model, comm, model.num_params(), analytic)
+    return ParallelModel(model, shape, comm, num_params, analytic)
+
+
+def engine_extras(cfg: Config, mesh: Mesh, ds_dict: dict) -> tuple[dict, Mesh | None]:
+    """The DeepSpeed dict and ``mpu`` for this layout: pipelines bring their own grid (mpu=None)."""
+    if cfg.parallel.pp == 1:
+        return ds_dict, mesh
+    return {**ds_dict, "pipeline": pipeline_config(mesh.dims, cfg.parallel.sequence_parallel)}, None

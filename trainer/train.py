@@ -116,7 +116,7 @@ def run(cfg: Config, cfg_node: DictConfig, plan: BatchPlan, run_dir: Path) -> No
     from trainer.loop import Throughput, Trainer
     from trainer.metrics import Console, MetricsLog
     from trainer.parallel import ParallelDims, build_mesh
-    from trainer.parallelize import build_parallel_model
+    from trainer.parallelize import build_parallel_model, engine_extras
     from trainer.schedule import scheduler_factory
     from trainer.tracking import start_run
 
@@ -135,7 +135,7 @@ def run(cfg: Config, cfg_node: DictConfig, plan: BatchPlan, run_dir: Path) -> No
 
     built = build_parallel_model(cfg, mesh, device)
     model, n_params, analytic = built.model, built.num_params, built.analytic_params
-    ds_dict = ds_config(cfg, plan)
+    ds_dict, mpu = engine_extras(cfg, mesh, ds_config(cfg, plan))
     console = Console(is_writer, cfg.train.steps, cfg.logging.progress)
     console.print(
         f"model {cfg.model.name}: {n_params:,} parameters (analytic 12lh²(1+13/12h+(V+s)/12lh) = {analytic:,}, "
@@ -145,9 +145,7 @@ def run(cfg: Config, cfg_node: DictConfig, plan: BatchPlan, run_dir: Path) -> No
     )
     if is_writer:
         write_run_files(run_dir, cfg_node, ds_dict)
-    engine = build_engine(
-        model, ds_dict, cfg.optim.weight_decay, scheduler_factory(cfg.optim, cfg.train.steps), mpu=mesh
-    )
+    engine = build_engine(model, ds_dict, cfg.optim.weight_decay, scheduler_factory(cfg.optim, cfg.train.steps), mpu)
 
     wandb_run = (
         start_run(cfg.logging.wandb, run_dir, OmegaConf.to_container(cfg_node, resolve=True), run_dir.name)
@@ -162,7 +160,7 @@ def run(cfg: Config, cfg_node: DictConfig, plan: BatchPlan, run_dir: Path) -> No
         )
         console.print(f"checkpoint {path}")
 
-    shape = built.model.shape
+    shape = built.shape
     throughput = Throughput(
         flops_per_token(shape.n_layer, shape.n_embd, shape.seq_len, shape.vocab_size),
         peak_flops(device, cfg.parallel.precision),
@@ -170,8 +168,15 @@ def run(cfg: Config, cfg_node: DictConfig, plan: BatchPlan, run_dir: Path) -> No
     )
     console.print(f"peak {throughput.peak_flops_per_rank / 1e9:,.0f} GFLOP/s per rank ({device.type})")
     trainer = Trainer(engine, stream, val, cfg.train, plan, device, mesh, throughput, metrics, console, save)
+    start_step = 0
+    where = checkpoint.locate(cfg.train.resume, run_dir)
+    if where is not None:
+        client = checkpoint.load(engine, where)
+        stream.load_state_dict(client["stream"])
+        start_step = client["step"]
+        console.print(f"resumed from {where[0] / where[1]} at step {start_step}")
     try:
-        result = trainer.fit()
+        result = trainer.fit(start_step)
     finally:
         console.close()
         metrics.close()
@@ -186,10 +191,14 @@ def run(cfg: Config, cfg_node: DictConfig, plan: BatchPlan, run_dir: Path) -> No
     if is_writer:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     console.print(
-        f"done: loss {result.first_loss:.4f} -> {result.last_loss:.4f}, val_loss {result.val_loss:.4f}, "
-        f"val_ppl {result.val_ppl:.2f}\nresults in {run_dir} (metrics.jsonl, summary.json, config.yaml, "
+        f"done: loss {_fmt(result.first_loss)} -> {_fmt(result.last_loss)}, val_loss {_fmt(result.val_loss)}, "
+        f"val_ppl {_fmt(result.val_ppl, 2)}\nresults in {run_dir} (metrics.jsonl, summary.json, config.yaml, "
         f"ds_config.json, checkpoints/)"
     )
+
+
+def _fmt(value: float | None, digits: int = 4) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
