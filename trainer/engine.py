@@ -51,9 +51,14 @@ def init_distributed(device: torch.device, timeout_s: int) -> tuple[int, int]:
     # instead of a shared cache that every other environment invalidates.
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
     backend = "nccl" if device.type == "cuda" else "gloo"
-    deepspeed.init_distributed(
-        dist_backend=backend, auto_mpi_discovery=False, verbose=False, timeout=timedelta(seconds=timeout_s)
-    )
+    timeout = timedelta(seconds=timeout_s)
+    # The timeout given here covers the default group only: every later new_group (the mesh's in
+    # trainer/parallel, DeepSpeed's own) takes torch's module default (30 min gloo, 10 min nccl), so a
+    # hung peer would stall those collectives that long. Make the default ours.
+    import torch.distributed.distributed_c10d as c10d
+
+    c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = timeout
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False, timeout=timeout)
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
 
 

@@ -23,7 +23,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from trainer.cli import EXIT_BAD_INPUT, preflight, register
-from trainer.config import BadInput, BatchPlan, Config, ConfigError, validate, world_size_from_env
+from trainer.config import BadInput, BatchPlan, Config, ConfigError, adopt_mpi_env, validate, world_size_from_env
 
 register()
 # ZeRO calls a torch collective under its deprecated name; the warning repeats every step.
@@ -223,5 +223,6 @@ def _discard_unused_run_dir(run_dir: Path) -> None:
 
 
 if __name__ == "__main__":
+    adopt_mpi_env()  # before anything reads RANK or WORLD_SIZE
     preflight(sys.argv[1:])
     main()
