@@ -12,6 +12,7 @@ import fcntl
 import json
 import os
 import shutil
+import socket
 import sys
 import warnings
 from contextlib import contextmanager
@@ -129,6 +130,12 @@ def run(cfg: Config, cfg_node: DictConfig, plan: BatchPlan, run_dir: Path) -> No
     check_same_run_dir(run_dir)
     mesh = build_mesh(dims)
     is_writer = rank == 0
+    # One line per rank, once: where it runs and its place in the mesh (multi-node debugging).
+    print(
+        f"rank {rank}/{world} on {socket.gethostname()} local_rank {os.environ.get('LOCAL_RANK', '0')}: "
+        f"tp {coords.tp} pp {coords.pp} dp {coords.dp}",
+        flush=True,
+    )
     # Dropout masks differ between data-parallel replicas but agree across the tp ranks of one
     # replica, whose replicated activations must stay identical. Weights are seeded by name.
     torch.manual_seed(cfg.train.seed + 1000 * coords.pp + coords.dp)
