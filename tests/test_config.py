@@ -17,7 +17,8 @@ def test_every_option_composes_and_validates(group, option):
     if option in ("files", "shakespeare"):  # corpora outside the repository: point at a file that exists
         overrides.append(f"data.paths=[{ROOT / 'pyproject.toml'}]")
     cfg, _ = compose_config(overrides)
-    plan = validate(cfg, world_size=2)
+    world = 2 * cfg.parallel.tp * cfg.parallel.pp  # room for data parallelism beside the model-parallel degrees
+    plan = validate(cfg, world_size=world)
     assert getattr(cfg, group).name == option
     assert plan.global_batch == plan.micro_batch * plan.grad_accum * plan.dp
 
