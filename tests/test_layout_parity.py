@@ -69,3 +69,6 @@ def test_layout_matches_single_process(layout, tmp_path, data_cache, reference):
     assert deviation < TOLERANCE, (losses, reference)
     assert losses[-1] < losses[0]  # and it learns
     assert (run_dir / "checkpoints" / f"step_{STEPS}").is_dir()
+    if layout == "tp2":  # per micro-batch: 4 all-reduces per layer, embedding, head, 3 in the loss
+        first = next(r for r in read_metrics(run_dir) if "loss" in r)
+        assert first["tp_comm"]["all_reduce"]["count"] == 2 * (4 * 4 + 5)  # 2 micro-batches, 4 layers

@@ -61,6 +61,7 @@ class Trainer:
         device: torch.device,
         mesh: Mesh,
         throughput: Throughput,
+        tp_comm: CommStats,
         metrics: MetricsLog,
         console: Console,
         save,
@@ -69,6 +70,7 @@ class Trainer:
         self.cfg, self.plan, self.device, self.mesh = train, plan, device, mesh
         self.metrics, self.console, self.save = metrics, console, save
         self.throughput = throughput
+        self.tp_comm = tp_comm  # the tensor-parallel layers' collectives, reset every step
         self.comm = CommStats()  # the loop's own reductions (loss, gradient norm)
         self.pipelined = mesh.dims.pp > 1
         self.bubble = BubbleMeter(engine) if self.pipelined else None
@@ -130,6 +132,7 @@ class Trainer:
         for step in range(start_step, self.cfg.steps):
             lr = self.engine.get_lr()[0]  # the rate this step uses (the scheduler moves on in step())
             t0 = time.perf_counter()
+            self.tp_comm.reset()
             loss, grad_norm = self.train_step()
             if (step + 1) % self.cfg.log_interval == 0 or step == start_step or step + 1 == self.cfg.steps:
                 self._log_step(step, dp_mean(loss, self.mesh, self.comm), lr, grad_norm, t0, result)
@@ -154,6 +157,7 @@ class Trainer:
             "mfu": flops_per_rank / tp.peak_flops_per_rank,
             "peak_mem_mb": peak_memory_bytes(self.device) / 2**20,  # this rank (rank 0 writes)
         }
+        record.update(self._tp_comm_record())
         if self.pipelined:
             record.update(self._bubble_record())
         self.metrics.log(record)
@@ -165,6 +169,17 @@ class Trainer:
             f"step {step + 1:>6}/{self.cfg.steps}  loss {loss:.4f}  lr {lr:.2e}  grad_norm {norm}  "
             f"{tokens_per_s:,.0f} tok/s  mfu {record['mfu']:.1%}"
         )
+
+    def _tp_comm_record(self) -> dict:
+        """This step's tensor-parallel collectives on this rank: per kind count, bytes and seconds."""
+        kinds = self.tp_comm.snapshot()
+        return {
+            "tp_comm": {
+                k: {"count": r.count, "bytes": r.bytes, "seconds": round(r.seconds, 6)} for k, r in kinds.items()
+            },
+            "tp_comm_bytes": sum(r.bytes for r in kinds.values()),
+            "tp_comm_s": sum(r.seconds for r in kinds.values()),
+        }
 
     def _bubble_record(self) -> dict:
         """Each stage's idle share of the last step beside the 1F1B prediction (collective over pp)."""

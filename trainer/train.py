@@ -174,7 +174,9 @@ def run(cfg: Config, cfg_node: DictConfig, plan: BatchPlan, run_dir: Path) -> No
         world,
     )
     console.print(f"peak {throughput.peak_flops_per_rank / 1e9:,.0f} GFLOP/s per rank ({device.type})")
-    trainer = Trainer(engine, stream, val, cfg.train, plan, device, mesh, throughput, metrics, console, save)
+    trainer = Trainer(
+        engine, stream, val, cfg.train, plan, device, mesh, throughput, built.comm, metrics, console, save
+    )
     start_step = 0
     where = checkpoint.locate(cfg.train.resume, run_dir)
     if where is not None:
