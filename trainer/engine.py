@@ -47,9 +47,10 @@ def init_distributed(device: torch.device, timeout_s: int) -> tuple[int, int]:
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    # DeepSpeed JIT-builds a CPU communication op at start-up; keep one build per environment
-    # instead of a shared cache that every other environment invalidates.
+    # Ops DeepSpeed JIT-builds (fused optimizers on GPU) go to one cache per environment instead of
+    # a shared one that every other environment invalidates.
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
+    _skip_shm_comm_op()
     backend = "nccl" if device.type == "cuda" else "gloo"
     timeout = timedelta(seconds=timeout_s)
     # The timeout given here covers the default group only: every later new_group (the mesh's in
@@ -60,6 +61,18 @@ def init_distributed(device: torch.device, timeout_s: int) -> tuple[int, int]:
     c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = timeout
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False, timeout=timeout)
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def _skip_shm_comm_op() -> None:
+    """Keep DeepSpeed from building and starting its CPU shared-memory all-reduce.
+
+    On CPU, DeepSpeed JIT-compiles that op at start-up (a minute per fresh environment) and each rank
+    creates a 66 MB /dev/shm buffer that is never unlinked, so repeated runs fill RAM. Only
+    ``inference_all_reduce`` uses it; training collectives go through torch.distributed either way.
+    """
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
