@@ -89,24 +89,28 @@ def tiny_corpus_overrides(cache_dir: Path) -> list[str]:
     ]
 
 
-def run_train(run_dir: Path, overrides: list[str], ranks: int = 0, timeout: int = 300):
-    """Run ``trainer.train``: in-process world of one (ranks=0) or through the deepspeed launcher."""
+def train_command(run_dir: Path, overrides: list[str], ranks: int = 0) -> list[str]:
+    """``trainer.train`` as one process (ranks=0) or through the deepspeed launcher."""
     args = [*overrides, f"hydra.run.dir={run_dir}"]
-    if ranks:
-        cmd = [
-            "deepspeed",
-            "--num_gpus",
-            str(ranks),
-            "--no_local_rank",
-            "--master_port",
-            str(free_port()),
-            "--module",
-            "trainer.train",
-            *args,
-        ]
-    else:
-        cmd = [sys.executable, "-m", "trainer.train", *args]
+    if not ranks:
+        return [sys.executable, "-m", "trainer.train", *args]
+    launcher = ["deepspeed", "--num_gpus", str(ranks), "--no_local_rank", "--master_port", str(free_port())]
+    return [*launcher, "--module", "trainer.train", *args]
+
+
+def run_train(run_dir: Path, overrides: list[str], ranks: int = 0, timeout: int = 300):
+    """Run ``trainer.train`` to the end; the completed process (stdout, stderr as text)."""
+    cmd = train_command(run_dir, overrides, ranks)
     return subprocess.run(cmd, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def start_train(run_dir: Path, overrides: list[str], ranks: int = 0) -> subprocess.Popen:
+    """Start ``trainer.train`` in its own process group (so a test can kill all of it at once)."""
+    cmd = train_command(run_dir, overrides, ranks)
+    out = (run_dir.parent / f"{run_dir.name}.out").open("w")
+    return subprocess.Popen(
+        cmd, cwd=ROOT, env=child_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+    )
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

@@ -1,32 +1,60 @@
-"""A run resumed from a checkpoint continues exactly: same samples, learning rates and losses."""
+"""A run killed after a checkpoint and resumed with ``train.resume=auto`` continues exactly:
+the same samples, learning rates and random numbers, so the same per-step losses (bitwise, fp32 on CPU)."""
 
 from __future__ import annotations
 
+import os
+import signal
+import time
+
 import pytest
 
-from conftest import read_metrics, run_train, tiny_corpus_overrides
+from conftest import read_metrics, run_train, start_train, tiny_corpus_overrides
 
+STEPS, KILL_AFTER = 20, 10
 # name -> (ranks, overrides)
 LAYOUTS = {"single": (0, []), "pp2": (2, ["parallel=pp2"]), "tp2-pp2": (4, ["parallel=tp2-pp2", "model.n_layer=4"])}
 
 
-def _losses(run_dir) -> dict[int, float]:
+def losses(run_dir) -> dict[int, float]:
+    """Step -> loss; a step logged twice (before a kill, then after the resume) keeps its last value."""
     return {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}
+
+
+def latest_tag(run_dir) -> str:
+    latest = run_dir / "checkpoints" / "latest"
+    return latest.read_text().strip() if latest.is_file() else ""
+
+
+def kill_after_checkpoint(run_dir, overrides: list[str], ranks: int, tag: str, timeout: float = 240) -> None:
+    """Start a run and SIGKILL the launcher and every rank once ``tag`` is published."""
+    proc = start_train(run_dir, overrides, ranks)
+    deadline = time.monotonic() + timeout
+    try:
+        while latest_tag(run_dir) != tag:
+            assert proc.poll() is None, f"the run ended before {tag} was saved"
+            assert time.monotonic() < deadline, f"{tag} not saved within {timeout} s"
+            time.sleep(0.05)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_resume_continues_the_same_run(layout, tmp_path, data_cache):
+def test_killed_run_resumes_exactly(layout, tmp_path, data_cache):
     ranks, extra = LAYOUTS[layout]
-    common = ["debug=smoke", *tiny_corpus_overrides(data_cache), "train.steps=6", *extra]
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    proc = run_train(straight, [*common, "train.save_interval=3"], ranks=ranks)
+    common = ["debug=smoke", *tiny_corpus_overrides(data_cache), f"train.steps={STEPS}", *extra]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    proc = run_train(straight, common, ranks=ranks)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert (straight / "checkpoints" / "step_3").is_dir()
-    proc = run_train(resumed, [*common, f"train.resume={straight / 'checkpoints' / 'step_3'}"], ranks=ranks)
+
+    kill_after_checkpoint(killed, [*common, f"train.save_interval={KILL_AFTER}"], ranks, f"step_{KILL_AFTER}")
+    proc = run_train(killed, [*common, f"train.save_interval={KILL_AFTER}", "train.resume=auto"], ranks=ranks)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "resumed from" in proc.stdout
-    before, after = _losses(straight), _losses(resumed)
-    assert sorted(after) == [4, 5, 6]
-    for step in (4, 5, 6):
+    assert f"at step {KILL_AFTER} (same layout, exact)" in proc.stdout, proc.stdout[-2000:]
+    before, after = losses(straight), losses(killed)
+    for step in range(KILL_AFTER + 1, STEPS + 1):
         assert after[step] == before[step], (step, before, after)  # bitwise (fp32, CPU)

@@ -106,6 +106,10 @@ class TrainConfig:
     # "" = start fresh; "auto" = continue from the newest checkpoint of this run directory (fresh
     # if there is none); or a path to a checkpoints directory or one of its step_<n> directories.
     resume: str = ""
+    keep_last: int = 0  # published checkpoints to keep (the newest); 0 = all
+    # Weights to start from when there is nothing to resume: a checkpoint step directory of any
+    # layout, or one written by ``python -m trainer.import_hf`` (fresh optimizer and schedule).
+    init_from: str = ""
     # Seconds a collective may wait for its peers; a dead rank then stops the others instead of
     # hanging them (the launcher exits non-zero).
     collective_timeout_s: int = 600
@@ -220,6 +224,12 @@ def validate(cfg: Config, world_size: int) -> BatchPlan:
         raise ConfigError("train.eval_interval", t.eval_interval, "must be >= 0 (0 = only at the end)")
     if t.resume not in ("", "auto") and not os.path.isdir(t.resume):
         raise ConfigError("train.resume", t.resume, "no such checkpoint directory; use auto, a path, or ''")
+    if t.init_from and not os.path.isfile(os.path.join(t.init_from, "meta.json")):
+        raise ConfigError(
+            "train.init_from", t.init_from, "not a checkpoint step directory (no meta.json); give a step_<n> directory"
+        )
+    if t.keep_last < 0:
+        raise ConfigError("train.keep_last", t.keep_last, "must be >= 0 (0 = keep every checkpoint)")
     if t.save_interval < -1:
         raise ConfigError("train.save_interval", t.save_interval, "must be >= -1 (-1 = never)")
     _positive("optim.lr", o.lr)

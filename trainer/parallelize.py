@@ -25,7 +25,7 @@ from trainer.parallel import (
     padded_vocab_size,
     register_sequence_parallel_grad_hooks,
 )
-from trainer.parallel.pipeline import build_pipeline_module, pipeline_config
+from trainer.parallel.pipeline import build_pipeline_module, dense_named_parameters, pipeline_config
 
 
 def model_shape(cfg: Config) -> GPTShape:
@@ -42,6 +42,12 @@ class ParallelModel:
     comm: CommStats  # the tensor-parallel collectives, counted by the layers themselves
     num_params: int  # full (gathered) size, padding included
     analytic_params: int  # Narayanan et al.'s count for the same shape
+
+    def dense_named_parameters(self):
+        """(name in the dense GPT, parameter or its shard) for every parameter this rank holds."""
+        if isinstance(self.model, GPT):
+            return self.model.named_parameters()
+        return dense_named_parameters(self.model, self.shape.n_layer)
 
 
 def build_parallel_model(cfg: Config, mesh: Mesh, device: torch.device) -> ParallelModel:

@@ -23,6 +23,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from trainer import checkpoint
 from trainer.cli import EXIT_BAD_INPUT, preflight, register
 from trainer.config import BadInput, BatchPlan, Config, ConfigError, adopt_mpi_env, validate, world_size_from_env
 
@@ -109,7 +110,6 @@ def check_same_run_dir(run_dir: Path) -> None:
 
 
 def run(cfg: Config, cfg_node: DictConfig, plan: BatchPlan, run_dir: Path) -> None:
-    from trainer import checkpoint
     from trainer.analytic import flops_per_token
     from trainer.ds_config import ds_config
     from trainer.engine import build_engine, init_distributed, resolve_device
@@ -121,10 +121,17 @@ def run(cfg: Config, cfg_node: DictConfig, plan: BatchPlan, run_dir: Path) -> No
     from trainer.schedule import scheduler_factory
     from trainer.tracking import start_run
 
+    # Everything that can be refused is checked before the process group starts.
     prepared = prepare_data(cfg)
     dims = ParallelDims(world_size_from_env(), cfg.parallel.tp, cfg.parallel.pp)
     coords = dims.coords(int(os.environ.get("RANK", "0")))  # known before any process group exists
     stream, val = build_streams(cfg, plan, prepared, coords.dp, dims.dp)
+    found = checkpoint.find(cfg.train.resume, run_dir)
+    start_from = checkpoint.find(cfg.train.init_from, run_dir) if found is None else None
+    for where in (found, start_from):
+        if where is not None:
+            check_model_matches(cfg, where.step_dir)
+
     device = resolve_device(cfg.train.device)
     rank, world = init_distributed(device, cfg.train.collective_timeout_s)
     check_same_run_dir(run_dir)
@@ -141,18 +148,24 @@ def run(cfg: Config, cfg_node: DictConfig, plan: BatchPlan, run_dir: Path) -> No
     torch.manual_seed(cfg.train.seed + 1000 * coords.pp + coords.dp)
 
     built = build_parallel_model(cfg, mesh, device)
-    model, n_params, analytic = built.model, built.num_params, built.analytic_params
     ds_dict, mpu = engine_extras(cfg, mesh, ds_config(cfg, plan))
     console = Console(is_writer, cfg.train.steps, cfg.logging.progress)
-    console.print(
-        f"model {cfg.model.name}: {n_params:,} parameters (analytic 12lh²(1+13/12h+(V+s)/12lh) = {analytic:,}, "
-        f"+2h final LayerNorm) | world {world} = tp {dims.tp} x pp {dims.pp} x dp {dims.dp}, "
-        f"zero {cfg.parallel.zero_stage}, sp {cfg.parallel.sequence_parallel}, "
-        f"micro {plan.micro_batch} x accum {plan.grad_accum} = global {plan.global_batch} | run dir {run_dir}"
-    )
+    console.print(describe(cfg, plan, built, dims, world, run_dir))
     if is_writer:
         write_run_files(run_dir, cfg_node, ds_dict)
-    engine = build_engine(model, ds_dict, cfg.optim.weight_decay, scheduler_factory(cfg.optim, cfg.train.steps), mpu)
+    engine = build_engine(
+        built.model, ds_dict, cfg.optim.weight_decay, scheduler_factory(cfg.optim, cfg.train.steps), mpu
+    )
+    saver = checkpoint.Saver(
+        engine,
+        mesh,
+        built.dense_named_parameters,
+        run_dir,
+        {"model": model_meta(cfg), "layout": layout_of(cfg, dims)},
+        prepared.tokenizer_dir,
+        cfg.train.keep_last,
+    )
+    start_step = restore(engine, saver, found, start_from, stream, console)
 
     wandb_run = (
         start_run(cfg.logging.wandb, run_dir, OmegaConf.to_container(cfg_node, resolve=True), run_dir.name)
@@ -162,9 +175,7 @@ def run(cfg: Config, cfg_node: DictConfig, plan: BatchPlan, run_dir: Path) -> No
     metrics = MetricsLog(run_dir, is_writer, wandb_run)
 
     def save(step: int) -> None:
-        path = checkpoint.save(
-            engine, run_dir, step, {"stream": stream.state_dict(), "tokens": step * plan.tokens_per_step}
-        )
+        path = saver.save(step, {"step": step, "stream": stream.state_dict(), "tokens": step * plan.tokens_per_step})
         console.print(f"checkpoint {path}")
 
     shape = built.shape
@@ -177,18 +188,74 @@ def run(cfg: Config, cfg_node: DictConfig, plan: BatchPlan, run_dir: Path) -> No
     trainer = Trainer(
         engine, stream, val, cfg.train, plan, device, mesh, throughput, built.comm, metrics, console, save
     )
-    start_step = 0
-    where = checkpoint.locate(cfg.train.resume, run_dir)
-    if where is not None:
-        client = checkpoint.load(engine, where)
-        stream.load_state_dict(client["stream"])
-        start_step = client["step"]
-        console.print(f"resumed from {where[0] / where[1]} at step {start_step}")
     try:
         result = trainer.fit(start_step)
     finally:
         console.close()
         metrics.close()
+    finish(result, run_dir, is_writer, console)
+
+
+def model_meta(cfg: Config) -> dict:
+    m = cfg.model
+    return {
+        "n_layer": m.n_layer,
+        "n_embd": m.n_embd,
+        "n_head": m.n_head,
+        "seq_len": m.seq_len,
+        "vocab_size": m.vocab_size,
+    }
+
+
+def layout_of(cfg: Config, dims) -> dict:
+    return {"tp": dims.tp, "pp": dims.pp, "dp": dims.dp, "zero_stage": cfg.parallel.zero_stage}
+
+
+def check_model_matches(cfg: Config, step_dir: Path) -> None:
+    """A checkpoint of another model shape is bad input, found before any process group starts."""
+    from trainer.consolidate import read_meta
+
+    try:
+        saved = read_meta(step_dir)["model"]
+    except (OSError, ValueError, KeyError) as err:
+        raise BadInput(f"checkpoint {step_dir}: unreadable meta.json ({err})") from None
+    ours = model_meta(cfg)
+    for key in ("n_layer", "n_embd", "n_head", "seq_len"):
+        if saved.get(key) != ours[key]:
+            raise ConfigError(
+                f"model.{key}",
+                ours[key],
+                f"the checkpoint {step_dir} has {key}={saved.get(key)}; use the same model shape to load it",
+            )
+
+
+def restore(engine, saver, found, start_from, stream, console) -> int:
+    """Resume (same layout: exact; other layout: resharded) or start from given weights; the start step."""
+    if found is None:
+        if start_from is not None:
+            checkpoint.init_weights_from(engine, start_from.step_dir, saver.mesh, saver.named_params)
+            console.print(f"initialised weights from {start_from.step_dir}")
+        return 0
+    for why in found.skipped:
+        console.print(f"warning: skipping damaged checkpoint {why}")
+    resumed = checkpoint.load(engine, found, saver.mesh, saver.named_params, saver.meta["layout"])
+    if resumed.stream is not None:
+        stream.load_state_dict(resumed.stream)
+    console.print(f"resumed from {found.step_dir} at step {resumed.step} ({resumed.how})")
+    return resumed.step
+
+
+def describe(cfg: Config, plan: BatchPlan, built, dims, world: int, run_dir: Path) -> str:
+    return (
+        f"model {cfg.model.name}: {built.num_params:,} parameters "
+        f"(analytic 12lh²(1+13/12h+(V+s)/12lh) = {built.analytic_params:,}, "
+        f"+2h final LayerNorm) | world {world} = tp {dims.tp} x pp {dims.pp} x dp {dims.dp}, "
+        f"zero {cfg.parallel.zero_stage}, sp {cfg.parallel.sequence_parallel}, "
+        f"micro {plan.micro_batch} x accum {plan.grad_accum} = global {plan.global_batch} | run dir {run_dir}"
+    )
+
+
+def finish(result, run_dir: Path, is_writer: bool, console) -> None:
     summary = {
         "first_loss": result.first_loss,
         "last_loss": result.last_loss,
