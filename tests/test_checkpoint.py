@@ -1,0 +1,133 @@
+"""Checkpoint files: a damaged newest checkpoint is detected and passed over, pruning keeps the
+newest, and a checkpoint of one parallel layout continues at another (resharding)."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from conftest import read_metrics, run_train, tiny_corpus_overrides
+
+# --- damaged checkpoints (one process, fast) --------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def saved_run(tmp_path_factory, data_cache):
+    """A run that saved step_2 and step_4."""
+    run_dir = tmp_path_factory.mktemp("saved") / "run"
+    proc = run_train(run_dir, _smoke(data_cache, "train.steps=4", "train.save_interval=2"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir
+
+
+def _smoke(data_cache, *extra: str) -> list[str]:
+    return ["debug=smoke", *tiny_corpus_overrides(data_cache), *extra]
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _garbage(path):
+    size = path.stat().st_size
+    path.write_bytes(bytes(range(256)) * (size // 256) + b"\0" * (size % 256))
+
+
+DAMAGE = {
+    "truncated weights": ("model-pp00.safetensors", _truncate),
+    "deleted deepspeed shard": ("mp_rank_00_model_states.pt", lambda p: p.unlink()),
+    "garbage moments": ("optimizer-pp00.safetensors", _garbage),
+    "no manifest (crashed save)": ("manifest.json", lambda p: p.unlink()),
+}
+
+
+def _copy(run_dir, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    return copy
+
+
+@pytest.mark.parametrize("kind", list(DAMAGE))
+def test_damaged_newest_checkpoint_falls_back_to_the_previous(kind, saved_run, tmp_path, data_cache):
+    run_dir = _copy(saved_run, tmp_path)
+    name, spoil = DAMAGE[kind]
+    spoil(run_dir / "checkpoints" / "step_4" / name)
+    proc = run_train(run_dir, _smoke(data_cache, "train.steps=5", "train.resume=auto"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "warning: skipping damaged checkpoint step_4" in proc.stdout
+    assert "at step 2 (same layout, exact)" in proc.stdout
+    assert [r["step"] for r in read_metrics(run_dir) if "loss" in r][-3:] == [3, 4, 5]
+
+
+def test_no_usable_checkpoint_is_one_line_and_exit_2(saved_run, tmp_path, data_cache):
+    run_dir = _copy(saved_run, tmp_path)
+    for tag in ("step_2", "step_4"):
+        _truncate(run_dir / "checkpoints" / tag / "model-pp00.safetensors")
+    proc = run_train(run_dir, _smoke(data_cache, "train.steps=5", "train.resume=auto"))
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "no usable checkpoint" in lines[0] and "Traceback" not in proc.stderr
+    assert (run_dir / "checkpoints" / "step_4").is_dir()  # nothing written before is lost
+
+
+def test_keep_last_prunes_older_checkpoints(tmp_path, data_cache):
+    run_dir = tmp_path / "run"
+    proc = run_train(run_dir, _smoke(data_cache, "train.steps=6", "train.save_interval=2", "train.keep_last=2"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    tags = sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.name.startswith("step_"))
+    assert tags == ["step_4", "step_6"]
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_6"
+
+
+# --- resharding (launcher, slow) ----------------------------------------------------------------------
+
+STEPS, SAVE_AT = 8, 4
+TOLERANCE = 1e-5  # relative, as for layout parity: layouts sum in different orders
+BASE = ["parallel.micro_batch=4", "parallel.global_batch=8", "model.n_layer=4", f"train.steps={STEPS}"]
+# name -> (ranks, overrides)
+LAYOUTS = {
+    "tp1-pp1": (0, []),
+    "tp1-pp2": (2, ["parallel=pp2"]),
+    "tp2-pp1": (2, ["parallel=tp2"]),
+    "tp2-pp2": (4, ["parallel=tp2-pp2"]),
+    "zero1-dp2": (2, ["parallel=zero1"]),
+}
+RESHARDS = [("tp2-pp2", "tp1-pp1"), ("tp2-pp2", "tp1-pp2"), ("tp2-pp2", "tp2-pp1"), ("tp1-pp1", "tp2-pp2")]
+RESHARDS += [("tp2-pp2", "zero1-dp2")]
+
+
+def _run(run_dir, layout: str, data_cache, *extra: str):
+    ranks, overrides = LAYOUTS[layout]
+    proc = run_train(run_dir, _smoke(data_cache, *BASE, *overrides, f"train.eval_interval={SAVE_AT}", *extra), ranks)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory, data_cache):
+    """Uninterrupted source runs that checkpoint at step SAVE_AT, by layout."""
+    runs = {}
+    for layout in {source for source, _ in RESHARDS}:
+        runs[layout] = tmp_path_factory.mktemp(layout) / "run"
+        _run(runs[layout], layout, data_cache, f"train.save_interval={SAVE_AT}")
+    return runs
+
+
+def _close(a: float, b: float) -> bool:
+    return abs(a - b) <= TOLERANCE * abs(b)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("source", "target"), RESHARDS, ids=[f"{s}-to-{t}" for s, t in RESHARDS])
+def test_resharded_run_continues_like_the_source(source, target, sources, tmp_path, data_cache):
+    step_dir = sources[source] / "checkpoints" / f"step_{SAVE_AT}"
+    proc = _run(tmp_path / "run", target, data_cache, f"train.resume={step_dir}")
+    assert f"at step {SAVE_AT} (resharded from" in proc.stdout and "Adam moments resharded" in proc.stdout
+    before, after = read_metrics(sources[source]), read_metrics(tmp_path / "run")
+    for key in ("loss", "val_loss"):
+        want = {r["step"]: r[key] for r in before if key in r and r["step"] > SAVE_AT}
+        got = {r["step"]: r[key] for r in after if key in r}
+        assert sorted(got) == sorted(want), key
+        for step in want:
+            assert _close(got[step], want[step]), (key, step, got[step], want[step])
