@@ -8,6 +8,7 @@ import shutil
 import pytest
 
 from conftest import read_metrics, run_train, tiny_corpus_overrides
+from trainer.checkpoint import damage
 
 # --- damaged checkpoints (one process, fast) --------------------------------------------------------
 
@@ -131,3 +132,30 @@ def test_resharded_run_continues_like_the_source(source, target, sources, tmp_pa
         assert sorted(got) == sorted(want), key
         for step in want:
             assert _close(got[step], want[step]), (key, step, got[step], want[step])
+
+
+# --- a checkpoint directory that cannot be written -------------------------------------------------------
+
+
+def test_unwritable_checkpoint_directory_is_refused_before_training(tmp_path, data_cache):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "checkpoints").write_text("a file where the directory should be")
+    proc = run_train(run_dir, _smoke(data_cache, "train.steps=2"))
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "not writable" in lines[0] and "train.save_interval=-1" in lines[0]
+    assert not (run_dir / "metrics.jsonl").exists()
+
+
+def test_failed_save_stops_the_run_and_keeps_the_previous_checkpoint(saved_run, tmp_path, data_cache):
+    run_dir = _copy(saved_run, tmp_path)
+    staging = run_dir / "checkpoints" / ".staging"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.write_text("in the way")  # the next save cannot stage its files
+    proc = run_train(run_dir, _smoke(data_cache, "train.steps=6", "train.save_interval=2", "train.resume=auto"))
+    assert proc.returncode == 1
+    assert "checkpoint error: checkpoint step_6 could not be written" in proc.stderr
+    assert "newest: step_4" in proc.stderr and "Traceback" not in proc.stderr
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_4"
+    assert damage(run_dir / "checkpoints" / "step_4") is None

@@ -143,6 +143,25 @@ def find(spec: str, run_dir: Path) -> Found | None:
 # --- saving -----------------------------------------------------------------------------------------
 
 
+class SaveError(RuntimeError):
+    """A checkpoint could not be written (disk full, permissions); nothing was published."""
+
+
+def check_writable(run_dir: Path) -> None:
+    """Refuse, before any process group starts, a run whose checkpoints could not be written."""
+    root = run_dir / CHECKPOINTS
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe = root / f".probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise BadInput(
+            f"checkpoint directory {root} is not writable ({err.strerror}); "
+            "fix it, choose another hydra.run.dir, or set train.save_interval=-1"
+        ) from None
+
+
 @dataclass
 class Saver:
     """Writes checkpoints of one run; every rank calls ``save`` at the same step."""
@@ -160,6 +179,18 @@ class Saver:
         return self.run_dir / CHECKPOINTS
 
     def save(self, step: int, client_state: dict[str, Any]) -> Path:
+        """Write and publish ``step_<step>``; a failed write raises SaveError and publishes nothing."""
+        try:
+            return self._save(step, client_state)
+        except OSError as err:
+            latest = self.root / LATEST
+            newest = latest.read_text().strip() if latest.is_file() else "none"
+            raise SaveError(
+                f"checkpoint step_{step} could not be written ({err}); published checkpoints are untouched "
+                f"(newest: {newest}); free space or fix permissions, then continue with train.resume=auto"
+            ) from None
+
+    def _save(self, step: int, client_state: dict[str, Any]) -> Path:
         import torch.distributed as dist
 
         tag, staging = f"step_{step}", self.root / STAGING

@@ -131,6 +131,8 @@ def run(cfg: Config, cfg_node: DictConfig, plan: BatchPlan, run_dir: Path) -> No
     for where in (found, start_from):
         if where is not None:
             check_model_matches(cfg, where.step_dir)
+    if cfg.train.save_interval != -1:
+        checkpoint.check_writable(run_dir)
 
     device = resolve_device(cfg.train.device)
     rank, world = init_distributed(device, cfg.train.collective_timeout_s)
@@ -289,6 +291,9 @@ def main(cfg_node: DictConfig) -> None:
         print(f"{prefix}{err}", file=sys.stderr)
         _discard_unused_run_dir(Path(HydraConfig.get().runtime.output_dir))
         sys.exit(EXIT_BAD_INPUT)
+    except checkpoint.SaveError as err:  # the launcher then stops the other ranks
+        print(f"checkpoint error: {err}", file=sys.stderr, flush=True)
+        sys.exit(1)
 
 
 def _discard_unused_run_dir(run_dir: Path) -> None:
