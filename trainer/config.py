@@ -113,6 +113,10 @@ class TrainConfig:
     # Seconds a collective may wait for its peers; a dead rank then stops the others instead of
     # hanging them (the launcher exits non-zero).
     collective_timeout_s: int = 600
+    # Consecutive steps with a non-finite loss or gradient (each skipped) before the run stops; 0 = never.
+    max_skipped_steps: int = 10
+    # Fault injection for tests: optimizer steps (1-based) whose activations are made NaN.
+    inject_nan_steps: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -228,6 +232,10 @@ def validate(cfg: Config, world_size: int) -> BatchPlan:
         raise ConfigError(
             "train.init_from", t.init_from, "not a checkpoint step directory (no meta.json); give a step_<n> directory"
         )
+    if t.max_skipped_steps < 0:
+        raise ConfigError("train.max_skipped_steps", t.max_skipped_steps, "must be >= 0 (0 = never stop)")
+    if any(step < 1 for step in t.inject_nan_steps):
+        raise ConfigError("train.inject_nan_steps", t.inject_nan_steps, "steps are counted from 1")
     if t.keep_last < 0:
         raise ConfigError("train.keep_last", t.keep_last, "must be >= 0 (0 = keep every checkpoint)")
     if t.save_interval < -1:

@@ -1,0 +1,93 @@
+"""Non-finite steps: skip the update, count it, and stop after too many in a row.
+
+DeepSpeed already skips a step whose gradients are not finite in its fp16 optimizer (dynamic loss
+scaling), in ZeRO-1/2 (the gradient norm comes out inf/NaN; with bf16 only when
+``bf16.check_grad_overflow`` is on) and counts it in ``engine.skipped_steps`` without moving the
+learning-rate schedule. At ZeRO-0 in fp32/bf16 it applies whatever it has; ``install_nonfinite_skip``
+gives that path the same behaviour. ``SkipCounter`` turns the count into a clean stop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+class TooManySkips(RuntimeError):
+    """Raised after ``train.max_skipped_steps`` consecutive non-finite steps."""
+
+
+def install_nonfinite_skip(engine) -> bool:
+    """Make a ZeRO-0 engine's optimizer step skip when any rank holds a non-finite gradient.
+
+    The flag is reduced over every rank (gradients of other pipeline stages or tp shards may be the
+    bad ones); DeepSpeed reads ``optimizer.overflow`` after the step, counts the skip and holds the
+    schedule. Returns whether it installed (ZeRO-1/2/3 and fp16 have their own check).
+    """
+    if engine.zero_optimization_stage() > 0 or engine.fp16_enabled():
+        return False
+    optimizer = engine.optimizer
+    apply_update = optimizer.step
+
+    def step(closure=None):
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        bad = _any_nonfinite(grads, engine.device)
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        optimizer.overflow = bool(bad.item())  # one host sync per optimizer step
+        if optimizer.overflow:
+            optimizer.zero_grad(set_to_none=True)
+            return None
+        return apply_update(closure)
+
+    optimizer.overflow = False
+    optimizer.step = step
+    return True
+
+
+def _any_nonfinite(tensors: list[torch.Tensor], device) -> torch.Tensor:
+    if not tensors:
+        return torch.zeros((), device=device)
+    finite = torch.stack([torch.isfinite(t).all() for t in tensors]).all()
+    return (~finite).float()
+
+
+class SkipCounter:
+    """Follows ``engine.skipped_steps``; raises TooManySkips after ``limit`` skips in a row (0 = never)."""
+
+    def __init__(self, engine, limit: int):
+        self.engine, self.limit = engine, limit
+        self.seen = engine.skipped_steps
+        self.in_a_row = 0
+
+    def update(self, step: int) -> bool:
+        """Call after optimizer step ``step`` (1-based); returns whether that step was skipped."""
+        skipped = self.engine.skipped_steps > self.seen
+        self.seen = self.engine.skipped_steps
+        self.in_a_row = self.in_a_row + 1 if skipped else 0
+        if self.limit and self.in_a_row >= self.limit:
+            raise TooManySkips(
+                f"step {step}: {self.in_a_row} consecutive steps had a non-finite loss or gradient "
+                f"(train.max_skipped_steps={self.limit}); the last checkpoint is intact; lower optim.lr, "
+                "check the data, or resume from an earlier checkpoint"
+            )
+        return skipped
+
+
+class NaNInjection:
+    """Fault injection for tests: makes the token embedding's output NaN on chosen optimizer steps,
+    so the loss and every gradient of those steps are NaN (whatever the layout)."""
+
+    def __init__(self, steps: Iterable[int]):
+        self.steps = set(steps)
+        self.step = 0  # the optimizer step being computed (1-based); the loop sets it
+
+    def attach(self, model: nn.Module) -> None:
+        for name, module in model.named_modules():
+            if name.endswith("wte") and isinstance(module, nn.Module):
+                module.register_forward_hook(self._poison)
+
+    def _poison(self, module, inputs, output):
+        return output * float("nan") if self.step in self.steps else output
