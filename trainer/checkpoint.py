@@ -2,7 +2,8 @@
 
 ``<run_dir>/checkpoints/step_<n>/`` holds DeepSpeed's files for every rank (they load back only
 into the layout that wrote them), the layout-independent form (``trainer.consolidate``), one RNG
-file per rank, the tokenizer, and ``manifest.json`` (size and SHA-256 of every file).
+file per rank, the tokenizer, the resolved ``config.yaml``, and ``manifest.json`` (size and SHA-256
+of every file).
 
 A save is written under ``checkpoints/.staging/`` and renamed into place only when complete; the
 manifest is written just before that rename and ``checkpoints/latest`` (the newest tag) after it,
@@ -229,6 +230,8 @@ class Saver:
             )
             if self.tokenizer_dir is not None:
                 shutil.copytree(self.tokenizer_dir, step_dir / TOKENIZER_DIR, dirs_exist_ok=True)
+            if (self.run_dir / "config.yaml").is_file():  # the resolved config the weights were trained with
+                shutil.copy2(self.run_dir / "config.yaml", step_dir / "config.yaml")
 
     def _publish(self, staged: Path) -> None:
         write_manifest(staged)
