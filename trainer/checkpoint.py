@@ -307,6 +307,7 @@ def load(engine, found: Found, mesh, named_params, layout: dict[str, Any]) -> Re
         meta["adam_step"],
     )
     _fast_forward(engine.lr_scheduler, meta["lr_last_epoch"])
+    engine.global_steps = meta["step"]  # DeepSpeed's own count, as its files would have restored it
     moments = "Adam moments resharded" if restored else "Adam moments restart from zero (ZeRO-3 target)"
     how = f"resharded from {_layout_str(meta.get('layout'))} to {_layout_str(layout)}: weights and {moments}"
     return Resumed(meta["step"], meta.get("tokens", 0), meta.get("stream"), how)

@@ -77,17 +77,19 @@ class SkipCounter:
 
 
 class NaNInjection:
-    """Fault injection for tests: makes the token embedding's output NaN on chosen optimizer steps,
-    so the loss and every gradient of those steps are NaN (whatever the layout)."""
+    """Fault injection for tests: makes the token embedding's output NaN on chosen optimizer steps
+    (1-based, read from the engine's step counter), so the loss and every gradient of those steps
+    are NaN whatever the layout. Validation passes (eval mode) are left alone."""
 
-    def __init__(self, steps: Iterable[int]):
-        self.steps = set(steps)
-        self.step = 0  # the optimizer step being computed (1-based); the loop sets it
+    def __init__(self, engine, steps: Iterable[int]):
+        self.engine, self.steps = engine, set(steps)
 
     def attach(self, model: nn.Module) -> None:
         for name, module in model.named_modules():
-            if name.endswith("wte") and isinstance(module, nn.Module):
+            if name.split(".")[-1] == "wte":
                 module.register_forward_hook(self._poison)
 
     def _poison(self, module, inputs, output):
-        return output * float("nan") if self.step in self.steps else output
+        if module.training and self.engine.global_steps + 1 in self.steps:
+            return output * float("nan")
+        return output

@@ -113,6 +113,7 @@ def run(cfg: Config, cfg_node: DictConfig, plan: BatchPlan, run_dir: Path) -> No
     from trainer.analytic import flops_per_token
     from trainer.ds_config import ds_config
     from trainer.engine import build_engine, init_distributed, resolve_device
+    from trainer.guard import NaNInjection, install_nonfinite_skip
     from trainer.hardware import peak_flops
     from trainer.loop import Throughput, Trainer
     from trainer.metrics import Console, MetricsLog
@@ -158,6 +159,9 @@ def run(cfg: Config, cfg_node: DictConfig, plan: BatchPlan, run_dir: Path) -> No
     engine = build_engine(
         built.model, ds_dict, cfg.optim.weight_decay, scheduler_factory(cfg.optim, cfg.train.steps), mpu
     )
+    install_nonfinite_skip(engine)
+    if cfg.train.inject_nan_steps:
+        NaNInjection(engine, cfg.train.inject_nan_steps).attach(built.model)
     saver = checkpoint.Saver(
         engine,
         mesh,
