@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -99,9 +100,28 @@ def train_command(run_dir: Path, overrides: list[str], ranks: int = 0) -> list[s
 
 
 def run_train(run_dir: Path, overrides: list[str], ranks: int = 0, timeout: int = 300):
-    """Run ``trainer.train`` to the end; the completed process (stdout, stderr as text)."""
+    """Run ``trainer.train`` to the end; the completed process (stdout, stderr as text).
+
+    On timeout the launcher *and the ranks it started* are killed (they share a new session), so a
+    hung run never outlives its test.
+    """
     cmd = train_command(run_dir, overrides, ranks)
-    return subprocess.run(cmd, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=timeout)
+    with subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=child_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    ) as proc:
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
 def start_train(run_dir: Path, overrides: list[str], ranks: int = 0) -> subprocess.Popen:
