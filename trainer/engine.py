@@ -50,7 +50,7 @@ def init_distributed(device: torch.device, timeout_s: int) -> tuple[int, int]:
     # Ops DeepSpeed JIT-builds (fused optimizers on GPU) go to one cache per environment instead of
     # a shared one that every other environment invalidates.
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
-    _skip_shm_comm_op()
+    skip_shm_comm_op()
     backend = "nccl" if device.type == "cuda" else "gloo"
     timeout = timedelta(seconds=timeout_s)
     # The timeout given here covers the default group only: every later new_group (the mesh's in
@@ -63,7 +63,7 @@ def init_distributed(device: torch.device, timeout_s: int) -> tuple[int, int]:
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
 
 
-def _skip_shm_comm_op() -> None:
+def skip_shm_comm_op() -> None:
     """Keep DeepSpeed from building and starting its CPU shared-memory all-reduce.
 
     On CPU, DeepSpeed JIT-compiles that op at start-up (a minute per fresh environment) and each rank

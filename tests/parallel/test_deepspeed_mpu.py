@@ -8,7 +8,6 @@ sequence-parallel gradient hooks to run before ZeRO-2 consumes gradients during 
 
 from __future__ import annotations
 
-import importlib
 import os
 
 import pytest
@@ -32,10 +31,9 @@ SEED = 3
 def _check_zero2(rank: int, world: int) -> None:
     import deepspeed  # heavy: only in the ranks
 
-    # On CPU, DeepSpeed's comm backend JIT-compiles a shared-memory all-reduce op used only by its
-    # inference path; on a cold torch_extensions cache that costs ~90 s of this test's time.
-    # (``deepspeed.comm.torch`` the attribute is torch itself, hence importlib.)
-    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    from trainer.engine import skip_shm_comm_op
+
+    skip_shm_comm_op()  # as the trainer does: no JIT build, no leaked /dev/shm buffer
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK="0")
     deepspeed.init_distributed(dist_backend="gloo")  # adopts the process group already started
     mesh = build_mesh(ParallelDims(world, tp=2))

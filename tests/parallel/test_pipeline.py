@@ -15,7 +15,6 @@ Every run checks, on every rank:
 from __future__ import annotations
 
 import os
-import sys
 
 import pytest
 import torch
@@ -34,11 +33,13 @@ LR, WEIGHT_DECAY, CLIP = 1e-2, 0.1, 1.0
 
 
 def start_deepspeed(rank: int, world: int):
-    """Adopt the spawned gloo group as DeepSpeed's; reuse the environment's build of its CPU op."""
+    """Adopt the spawned gloo group as DeepSpeed's (without its CPU shared-memory op, as the trainer)."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK="0")
-    os.environ["TORCH_EXTENSIONS_DIR"] = os.path.join(sys.prefix, "torch_extensions")
     import deepspeed  # heavy: only in the ranks
 
+    from trainer.engine import skip_shm_comm_op
+
+    skip_shm_comm_op()
     deepspeed.init_distributed(dist_backend="gloo")
     return deepspeed
 
