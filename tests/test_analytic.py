@@ -9,9 +9,15 @@ from trainer.analytic import (
     dp_comm_bytes_per_step,
     flops_per_token,
     model_state_bytes,
+    params_per_rank,
     pipeline_bubble,
+    pipeline_p2p_bytes,
     ring_bytes,
+    tp_collectives,
+    wire_bytes,
+    zero_collectives,
 )
+from trainer.model import analytic_param_count
 
 
 def test_flops_per_token_is_six_per_parameter_plus_attention():
@@ -48,3 +54,64 @@ def test_communication_volumes():
     assert ring_bytes(100.0, 1, "all_reduce") == 0.0
     assert dp_comm_bytes_per_step(1e6, 2, 3) == pytest.approx(1.5 * dp_comm_bytes_per_step(1e6, 2, 1))
     assert pipeline_bubble(4, 8) == pytest.approx(3 / 8)
+
+
+def test_gpt3_175b_parameter_count_from_the_formula():
+    """Brown et al. 2020: 96 layers, h = 12288, s = 2048, V = 50257 -> 174.6B (published as 175B)."""
+    psi = analytic_param_count(96, 12288, 50257, 2048)
+    assert psi / 1e9 == pytest.approx(174.6, abs=0.05)
+    assert params_per_rank(96, 12288, 50257, 2048) == psi + 2 * 12288  # + the final LayerNorm
+
+
+def test_zero_states_split_into_master_copy_and_moments():
+    mixed = model_state_bytes(1e6, 4, 1, "bf16")
+    assert (mixed.master, mixed.states, mixed.optimizer) == (1e6, 2e6, 3e6)  # K = 12 = 4 + 8, over Nd = 4
+    fp32 = model_state_bytes(1e6, 4, 1, "fp32")
+    assert fp32.master == 0 and fp32.optimizer == 2e6
+    assert model_state_bytes(1e6, 4, 1, "fp32", master_copy=True).optimizer == 3e6  # DeepSpeed's ZeRO-1/2
+    assert model_state_bytes(1e6, 4, 3, "fp32").params == 1e6
+
+
+def test_parameters_per_rank_split_over_stages_and_tensor_ranks():
+    l, h, V, s = 4, 64, 512, 32
+    whole = params_per_rank(l, h, V, s)
+    first, last = params_per_rank(l, h, V, s, positions=range(0, 3)), params_per_rank(l, h, V, s, positions=range(3, 7))
+    assert first + last == whole + V * h  # the last stage holds its own copy of the tied embedding
+    # tp splits the matrices, replicates LayerNorms, row biases and position embeddings
+    assert params_per_rank(l, h, V, s, t=2) == pytest.approx(
+        (whole - l * 6 * h - 2 * h - s * h) / 2 + l * 6 * h + 2 * h + s * h
+    )
+
+
+def test_activation_memory_without_attention_scores_is_the_selective_recomputation_count():
+    args = dict(s=2048, b=1, h=12288, a=96)
+    assert activation_bytes_per_layer(**args, scores=False) == pytest.approx(2048 * 12288 * 34)
+    sp = activation_bytes_per_layer(**args, t=8, sequence_parallel=True, scores=False)
+    assert sp == pytest.approx(2048 * 12288 * 34 / 8)
+
+
+def test_tensor_parallel_collectives_per_micro_batch():
+    l, b, s, h = 4, 4, 32, 64
+    count, nbytes = tp_collectives(l, b, s, h, 2)["all_reduce"]
+    assert count == 4 * l + 5  # 4 per block, embedding, head, 3 in the vocab-parallel loss
+    assert nbytes == 4 * ((4 * l + 2) * b * s * h + 3 * b * s)
+    sp = tp_collectives(l, b, s, h, 2, sequence_parallel=True)
+    assert sp["all_gather"] == (4 * l + 2, (4 * l + 2) * b * s * h * 4)
+    assert sp["reduce_scatter"] == (4 * l, 4 * l * b * s * h * 4)
+    assert sp["all_reduce"][0] == 2 + 3 + 6 * l + 2
+    assert tp_collectives(l, b, s, h, 1) == {}
+
+
+def test_zero_collectives_and_wire_bytes():
+    psi, m = 1e6, 4
+    assert zero_collectives(psi, 4, 0, m) == {"all_reduce": 4e6}
+    assert zero_collectives(psi, 4, 1, m) == {"all_reduce": 4e6, "all_gather": 4e6}
+    assert zero_collectives(psi, 4, 2, m) == {"all_reduce": 16e6, "all_gather": 4e6}
+    assert zero_collectives(psi, 4, 3, m) == {"reduce_scatter": 16e6, "all_gather": 16e6}
+    assert zero_collectives(psi, 1, 2, m) == {}
+    # the paper's 2Ψ: a reduce-scatter plus an all-gather move what one all-reduce moves
+    rs_ag = wire_bytes("reduce_scatter", 4e6, 4) + wire_bytes("all_gather", 4e6, 4)
+    assert rs_ag == wire_bytes("all_reduce", 4e6, 4) == dp_comm_bytes_per_step(psi, 4, 1)
+    assert wire_bytes("send", 10.0, 2) == 10.0 and wire_bytes("recv", 10.0, 2) == 0.0
+    assert pipeline_p2p_bytes(2, 8, 4, stage=0, pp=2, micro_batches=3) == 3 * 2 * 8 * 4 * 4
+    assert pipeline_p2p_bytes(2, 8, 4, stage=1, pp=3, micro_batches=3) == 2 * 3 * 2 * 8 * 4 * 4

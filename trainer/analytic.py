@@ -25,35 +25,56 @@ def flops_per_token(l: int, h: int, s: int, V: int, recompute: bool = False) -> 
 class StateBytes:
     params: float
     grads: float
-    optimizer: float
+    optimizer: float  # the whole K·Ψ term: Adam's two moments plus the fp32 master copy, if any
+    master: float = 0.0  # the part of ``optimizer`` that is the fp32 master copy of the parameters
+
+    @property
+    def states(self) -> float:
+        """Adam's moments alone (exp_avg, exp_avg_sq): 8 bytes per parameter, before partitioning."""
+        return self.optimizer - self.master
 
     @property
     def total(self) -> float:
         return self.params + self.grads + self.optimizer
 
 
-def model_state_bytes(psi: float, dp: int, zero_stage: int, precision: str = "fp32") -> StateBytes:
+def model_state_bytes(
+    psi: float, dp: int, zero_stage: int, precision: str = "fp32", master_copy: bool | None = None
+) -> StateBytes:
     """Parameters, gradients and Adam states per rank (Rajbhandari et al. 2020, section 3.1).
 
     Mixed precision (bf16/fp16): 2Ψ + 2Ψ + KΨ with K = 12 (fp32 master weights, momentum,
     variance). fp32: 4Ψ + 4Ψ + 8Ψ (no master copy). ZeRO-1 divides the optimizer term by the
     data-parallel degree Nd, ZeRO-2 also the gradients, ZeRO-3 also the parameters. ``psi`` is the
     parameter count of this rank's model shard (Ψ / (tp·pp) under model parallelism).
+
+    ``master_copy`` overrides whether an fp32 master copy exists (default: only in mixed precision).
+    DeepSpeed's ZeRO optimizers keep one even when the model is fp32 (they step an fp32 partition and
+    copy it back), so at ZeRO >= 1 in fp32 the optimizer term is 12Ψ/Nd, not 8Ψ/Nd.
     """
     p_bytes = BYTES[precision]
-    k = 8 if precision == "fp32" else 12
-    params, grads, optimizer = p_bytes * psi, p_bytes * psi, k * psi
+    has_master = precision != "fp32" if master_copy is None else master_copy
+    master = 4 * psi if has_master else 0.0
+    params, grads, optimizer = p_bytes * psi, p_bytes * psi, 8 * psi + master
     if zero_stage >= 1:
         optimizer /= dp
+        master /= dp
     if zero_stage >= 2:
         grads /= dp
     if zero_stage >= 3:
         params /= dp
-    return StateBytes(params, grads, optimizer)
+    return StateBytes(params, grads, optimizer, master)
 
 
 def activation_bytes_per_layer(
-    s: int, b: int, h: int, a: int, t: int = 1, sequence_parallel: bool = False, precision: str = "bf16"
+    s: int,
+    b: int,
+    h: int,
+    a: int,
+    t: int = 1,
+    sequence_parallel: bool = False,
+    precision: str = "bf16",
+    scores: bool = True,
 ) -> float:
     """Activations one transformer layer keeps for backward (Korthikanti et al. 2022, eqs. 1-4).
 
@@ -61,11 +82,16 @@ def activation_bytes_per_layer(
     tensor parallelism; s·b·h/t·(34 + 5·a·s/h) with sequence parallelism as well. The constants
     count 2-byte activations (and 1-byte dropout masks); fp32 doubles the 2-byte terms, which we
     approximate by scaling the whole expression by 2.
+
+    ``scores=False`` drops the 5·a·s/h term (the s×s attention scores, softmax output and its dropout
+    mask): fused attention kernels (flash / memory-efficient, and torch's CPU flash kernel) keep only
+    the output and a log-sum-exp per row, which is the paper's "selective recomputation" count.
     """
+    attention = 5 * a * s / h if scores else 0.0
     if sequence_parallel:
-        per_token = (34 + 5 * a * s / h) / t
+        per_token = (34 + attention) / t
     else:
-        per_token = 10 + 24 / t + 5 * a * s / (h * t)
+        per_token = 10 + 24 / t + attention / t
     scale = BYTES[precision] / 2
     return s * b * h * per_token * scale
 
@@ -102,3 +128,179 @@ def pp_comm_bytes_per_micro_batch(b: int, s: int, h: int, pp: int, act_bytes: in
 def pipeline_bubble(pp: int, micro_batches: int) -> float:
     """Bubble time over ideal compute time for 1F1B/GPipe: (p-1)/m (Narayanan et al. 2021)."""
     return (pp - 1) / micro_batches
+
+
+# --- parameters per rank -------------------------------------------------------------------------
+
+
+def block_params(h: int, t: int = 1) -> float:
+    """One transformer block on one tp rank: QKV (3h² + 3h) and fc1 (4h² + 4h) split by columns, the
+    attention projection and fc2 (h² and 4h²) split by rows with their biases (h each) replicated, and
+    two LayerNorms (2h each) replicated: 12h²/t + 7h/t + 6h. At t = 1 this is 12h² + 13h."""
+    return (12 * h * h + 7 * h) / t + 6 * h
+
+
+def params_per_rank(l: int, h: int, V: int, s: int, t: int = 1, positions: range | None = None) -> float:
+    """Parameters one rank holds for the pipeline ``positions`` it runs (default: the whole model).
+
+    Positions as in ``trainer.parallel.pipeline``: 0 the embedding (V·h/t token rows + s·h positions),
+    1..l the blocks, l+1 the final LayerNorm (2h), l+2 the output head tied to the token embedding: a
+    second copy of V·h/t when the head is on another stage than the embedding, nothing extra otherwise.
+    Summed over all positions at t = 1 this is Narayanan et al.'s 12lh²(1 + 13/12h + (V+s)/12lh) + 2h.
+    """
+    positions = range(l + 3) if positions is None else positions
+    total = 0.0
+    for pos in positions:
+        if pos == 0:
+            total += V * h / t + s * h
+        elif pos <= l:
+            total += block_params(h, t)
+        elif pos == l + 1:
+            total += 2 * h
+        elif 0 not in positions:  # the head's own copy of the tied embedding
+            total += V * h / t
+    return total
+
+
+def zero2_gradient_elements(groups: list[list[int]], dp: int, dp_rank: int, align: int = 2) -> int:
+    """Gradient elements DeepSpeed's ZeRO-2 holds on one data-parallel rank between micro-batches.
+
+    The paper's 4Ψ/Nd assumes a rank keeps exactly its 1/Nd slice. DeepSpeed flattens each parameter
+    group (``groups``: the parameters' sizes in order), pads it to a multiple of align·Nd, cuts it into
+    Nd equal partitions, and accumulates the whole gradient of every parameter that overlaps this rank's
+    partition -- a parameter cut by a partition boundary is held whole on both sides. For a model whose
+    largest tensor (the embedding) spans partitions this is well above 4Ψ/Nd.
+    """
+    total = 0
+    for sizes in groups:
+        padded = -(-sum(sizes) // (align * dp)) * align * dp
+        part = padded // dp
+        lo, hi = dp_rank * part, (dp_rank + 1) * part
+        start = 0
+        for n in sizes:
+            if start < hi and start + n > lo:
+                total += n
+            start += n
+    return total
+
+
+# --- communication, counted as the implementation issues it ------------------------------------
+
+# Bytes one rank sends on a ring of n, per byte of the collective's full buffer (nccl-tests' "size").
+_RING_FACTOR = {"all_reduce": 2.0, "all_gather": 1.0, "reduce_scatter": 1.0, "reduce": 1.0, "broadcast": 1.0}
+
+
+def wire_bytes(kind: str, full_bytes: float, n: int) -> float:
+    """Bytes one rank sends for a collective over ``full_bytes`` on ``n`` ranks: (n-1)/n per byte for
+    an all-gather, reduce-scatter, reduce or broadcast (on average over the ranks), twice that for an
+    all-reduce; a point-to-point send moves its message once, a receive sends nothing."""
+    if kind in ("send", "recv"):
+        return full_bytes if kind == "send" else 0.0
+    if kind not in _RING_FACTOR:
+        raise ValueError(f"unknown collective {kind!r}")
+    return _RING_FACTOR[kind] * (n - 1) / n * full_bytes if n > 1 else 0.0
+
+
+def zero_collectives(psi: float, dp: int, zero_stage: int, micro_batches: int, grad_bytes: int = 4) -> dict:
+    """Full-buffer bytes per optimizer step of each collective kind DeepSpeed (0.19) issues over the
+    data-parallel group for ZeRO stage 0-3, with this project's DeepSpeed config (one bucket per step
+    for these model sizes, ``overlap_comm`` off). Ψ = ``psi`` parameters of this rank's shard.
+
+        stage 0   all-reduce of the gradients, once at the accumulation boundary
+        stage 1   the same all-reduce (DeepSpeed reduces ZeRO-1/2 buckets with an all-reduce by default,
+                  ``use_multi_rank_bucket_allreduce``), then an all-gather of the updated parameters
+        stage 2   the all-reduce in every micro-batch's backward (gradients are partitioned as they
+                  are produced), then the all-gather of the parameters
+        stage 3   a reduce-scatter of the gradients per micro-batch, and the parameters all-gathered
+                  once per micro-batch (they stay gathered from forward to backward while the model
+                  is below ``stage3_max_live_parameters``, 1e9 by default)
+
+    The paper's count (``dp_comm_bytes_per_step``) assumes a reduce-scatter where DeepSpeed
+    all-reduces, one micro-batch, and a second gather in backward for stage 3.
+    """
+    if dp <= 1:
+        return {}
+    full = psi * grad_bytes
+    if zero_stage == 0:
+        return {"all_reduce": full}
+    if zero_stage == 1:
+        return {"all_reduce": full, "all_gather": full}
+    if zero_stage == 2:
+        return {"all_reduce": micro_batches * full, "all_gather": full}
+    return {"reduce_scatter": micro_batches * full, "all_gather": micro_batches * full}
+
+
+def tp_collectives(
+    l: int,
+    b: int,
+    s: int,
+    h: int,
+    t: int,
+    sequence_parallel: bool = False,
+    act_bytes: int = 4,
+    positions: range | None = None,
+) -> dict[str, tuple[int, float]]:
+    """(count, full-buffer bytes) per kind of the tensor-parallel collectives of one micro-batch
+    (forward and backward) on a rank holding pipeline ``positions`` (default: the whole model).
+
+    Without sequence parallelism: 4 all-reduces of b·s·h per block (2 forward after the row-parallel
+    layers, 2 backward before the column-parallel ones), one in the vocab-parallel embedding's
+    forward, one for the head's input gradient, and 3 of b·s in the vocab-parallel loss (max,
+    target logit, sum of exponentials). With it each block's 4 all-reduces become 4 all-gathers and
+    4 reduce-scatters of b·s·h, entering and leaving the block layout add one all-gather each, and
+    every backward all-reduces the h-element gradients of the replicated parameters that saw 1/t of
+    the tokens (2 per LayerNorm, 1 per row-parallel bias: 6 per block, 2 for the final LayerNorm).
+    """
+    if t <= 1:
+        return {}
+    positions = range(l + 3) if positions is None else positions
+    blocks = sum(1 for pos in positions if 1 <= pos <= l)
+    bsh, bs = b * s * h * act_bytes, b * s * act_bytes
+    first, norm, head = 0 in positions, l + 1 in positions, l + 2 in positions
+    reduces = (int(first) + int(head)) * [bsh] + 3 * int(head) * [bs]
+    if not sequence_parallel:
+        reduces += 4 * blocks * [bsh]
+        return {"all_reduce": (len(reduces), float(sum(reduces)))}
+    reduces += (6 * blocks + 2 * int(norm)) * [h * act_bytes]
+    gathers = 4 * blocks + int(first) + int(norm)
+    out = {"all_reduce": (len(reduces), float(sum(reduces))), "all_gather": (gathers, float(gathers * bsh))}
+    out["reduce_scatter"] = (4 * blocks, float(4 * blocks * bsh))
+    return {kind: value for kind, value in out.items() if value[0]}
+
+
+def pipeline_p2p_bytes(
+    b: int,
+    s: int,
+    h: int,
+    stage: int,
+    pp: int,
+    micro_batches: int,
+    act_bytes: int = 4,
+    t: int = 1,
+    partitioned: bool = False,
+) -> float:
+    """Bytes one stage sends per step through the pipeline: every micro-batch's activation to the next
+    stage (all but the last) and its gradient back to the previous one (all but the first).
+
+    ``partitioned`` (DeepSpeed's ``pipe_partitioned``/``grad_partitioned``, used at tp > 1 without
+    sequence parallelism): each tp rank sends 1/t of the tensor, and the full tensor is all-gathered
+    over the tp group where it is needed -- on arrival (activations and gradients) and, on the sending
+    stage, to restore its own partitioned output before backward: per micro-batch one gather on the
+    first stage for the received gradient plus one for the restore, one on the last stage for the
+    received activation, three on a stage in between.
+    """
+    if pp <= 1:
+        return 0.0
+    first, last = stage == 0, stage == pp - 1
+    message = b * s * h * act_bytes
+    sends = int(not last) + int(not first)
+    if not partitioned or t <= 1:
+        return sends * micro_batches * message
+    gathers = 2 * int(not last) + int(not first)
+    return micro_batches * (sends * message / t + gathers * wire_bytes("all_gather", message, t))
+
+
+def head_activation_bytes(s: int, b: int, h: int, V: int, t: int = 1, precision: str = "fp32") -> float:
+    """Activations the output layer keeps: the final LayerNorm's input and output (s·b·h each, the head's
+    input) and one (s, b, V/t) tensor of log-probabilities for the cross-entropy backward (fp32)."""
+    return s * b * (2 * h * BYTES[precision] + V / t * 4)

@@ -54,3 +54,30 @@ def peak_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def current_rss_bytes() -> int:
+    """Resident memory of this process now (peak_memory_bytes gives the high-water mark on CPU)."""
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+def machine_description() -> str:
+    """One line for reports: CPU model and cores (or GPUs), memory, torch and DeepSpeed versions."""
+    import platform
+
+    import deepspeed
+    import psutil
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as handle:
+            cpu = next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    device = f"{cpu}, {psutil.cpu_count()} cores"
+    if torch.cuda.is_available():
+        device += f", {torch.cuda.device_count()}× {torch.cuda.get_device_name(0)}"
+    memory = psutil.virtual_memory().total / 2**30
+    return f"{device}, {memory:.0f} GiB RAM, torch {torch.__version__}, DeepSpeed {deepspeed.__version__}"

@@ -2,20 +2,27 @@
 
 One optimizer step = ``grad_accum`` micro-batches per data-parallel rank. DeepSpeed's engine
 counts micro-steps itself and only reduces gradients and steps the optimizer at the boundary.
-Host syncs (``.item()``) happen only on logged steps so the loop does not stall the device.
+
+Logged steps are measured steps: they time each phase (waiting for the device between phases),
+turn on DeepSpeed's communication logger, count tensor memory by kind and saved activations, and
+gather every rank's numbers to rank 0. Every other step runs bare: no host syncs (``.item()``),
+no gradient norm of our own, no hooks -- so the throughput of unlogged steps is the engine's own.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 
+from trainer.analytic import wire_bytes
 from trainer.config import BatchPlan, TrainConfig
-from trainer.hardware import peak_memory_bytes
-from trainer.metrics import Console, MetricsLog
+from trainer.hardware import current_rss_bytes, peak_memory_bytes
+from trainer.metrics import ActivationMeter, Console, DeepSpeedComms, MetricsLog, PhaseClock, TensorCensus, cpu_seconds
 from trainer.parallel import CommStats, Mesh
 from trainer.parallel.bubble import BubbleMeter, analytic_bubble, analytic_idle_fraction, gather_stages
 from trainer.parallel.grad_norm import global_grad_norm
@@ -39,6 +46,11 @@ class FitResult:
     val_loss: float | None = None
     losses: list[float] = field(default_factory=list)  # every logged step's loss
 
+    def record(self, loss: float) -> None:
+        self.losses.append(loss)
+        self.first_loss = loss if self.first_loss is None else self.first_loss
+        self.last_loss = loss
+
     @property
     def val_ppl(self) -> float | None:
         return None if self.val_loss is None else math.exp(min(self.val_loss, 50.0))
@@ -48,6 +60,16 @@ def dp_mean(value: torch.Tensor, mesh: Mesh, stats: CommStats) -> float:
     """Mean of a scalar over the data-parallel group (one host sync)."""
     total = all_reduce(value.detach().float().clone(), mesh.dp_group, stats)
     return total.item() / mesh.dims.dp
+
+
+# Pipeline instructions (deepspeed.runtime.pipe.schedule) -> the phase they are timed as; the rest
+# (sends, receives, gradient reductions) are communication, waiting for the neighbour included.
+PIPE_PHASES = {
+    "ForwardPass": "forward",
+    "BackwardPass": "backward",
+    "OptimizerStep": "optimizer",
+    "LoadMicroBatch": "data",
+}
 
 
 class Trainer:
@@ -74,42 +96,91 @@ class Trainer:
         self.comm = CommStats()  # the loop's own reductions (loss, gradient norm)
         self.pipelined = mesh.dims.pp > 1
         self.bubble = BubbleMeter(engine) if self.pipelined else None
+        self.measuring = False
+        self.ds_comms = DeepSpeedComms()
+        self.clock = PhaseClock(device, self._comm_seconds)
+        self.census = TensorCensus(engine.module, engine.optimizer)
+        self.activations = ActivationMeter(engine.module)
+        if self.pipelined:
+            self._tap_pipeline_instructions()
+
+    def _comm_seconds(self) -> float:
+        return self.ds_comms.seconds() + sum(self.tp_comm[k].seconds for k in self.tp_comm.kinds())
 
     def train_step(self) -> tuple[torch.Tensor, float | None]:
         """Forward/backward over grad_accum micro-batches, then the optimizer step.
 
-        Returns this rank's mean micro-batch loss (a device tensor) and the gradient norm
-        before clipping (None if the engine does not report it).
+        Returns this rank's mean micro-batch loss (a device tensor) and, on measured steps, the
+        gradient norm before clipping (None otherwise, or if the engine does not report it).
         """
         if self.pipelined:
             return self._pipeline_step()
         total = torch.zeros((), device=self.device)
         grad_norm = None
+        clock = self.clock
         for _ in range(self.plan.grad_accum):
-            x, y = (t.to(self.device, non_blocking=True) for t in self.stream.next_micro_batch())
-            loss = self.engine(x, y)
-            self.engine.backward(loss)
+            with clock.phase("data"):
+                x, y = (t.to(self.device, non_blocking=True) for t in self.stream.next_micro_batch())
+            with clock.phase("forward"), self._saving():
+                loss = self.engine(x, y)
+            with clock.phase("backward"):
+                self.engine.backward(loss)
             total += loss.detach().float()
-            if self.engine.is_gradient_accumulation_boundary():
-                grad_norm = self._grad_norm_without_zero()
-            self.engine.step()
+            if self.measuring:
+                self.census.sample()  # gradients are largest here
+                if self.engine.is_gradient_accumulation_boundary():
+                    grad_norm = self._grad_norm_without_zero()
+            with clock.phase("optimizer"):
+                self.engine.step()
+        return total / self.plan.grad_accum, self._reported_grad_norm(grad_norm)
+
+    def _saving(self):
+        return self.activations.track() if self.measuring else nullcontext()
+
+    def _reported_grad_norm(self, fallback: float | None) -> float | None:
+        if not self.measuring:
+            return None
+        self.census.sample()  # after the step: optimizer states exist
         reported = self.engine.get_global_grad_norm()
-        if reported is not None:
-            grad_norm = float(reported)
-        return total / self.plan.grad_accum, grad_norm
+        return fallback if reported is None else float(reported)
 
     def _pipeline_step(self) -> tuple[torch.Tensor, float | None]:
         """DeepSpeed's 1F1B schedule over grad_accum micro-batches. Every stage draws them from its
         stream (only the first and last stage read them) so all streams stay at the same position."""
-        micro_batches = [self.stream.next_micro_batch() for _ in range(self.plan.grad_accum)]
+        with self.clock.phase("data"):
+            micro_batches = [self.stream.next_micro_batch() for _ in range(self.plan.grad_accum)]
         self.bubble.start_step()
-        loss = self.engine.train_batch(iter(micro_batches))  # the dp-mean, on every stage
+        with self._saving():
+            loss = self.engine.train_batch(iter(micro_batches))  # the dp-mean, on every stage
         self.last_bubble = self.bubble.end_step()
-        norm = self.engine.get_global_grad_norm()
-        return loss.detach().float(), None if norm is None else float(norm)
+        return loss.detach().float(), self._reported_grad_norm(None)
+
+    def _tap_pipeline_instructions(self) -> None:
+        """Time the pipeline's instructions by phase and sample memory around backward and the
+        optimizer step (measured steps only), by wrapping the engine's instruction handlers as
+        ``BubbleMeter`` does."""
+        clock, census = self.clock, self.census
+
+        def tap(name, handler):
+            phase = PIPE_PHASES.get(name, "pipe_comm")
+
+            def run(engine, **kwargs):
+                if not self.measuring:
+                    return handler(engine, **kwargs)
+                if name == "OptimizerStep":
+                    census.sample()  # the gradients, before the step consumes them
+                with clock.phase(phase):
+                    out = handler(engine, **kwargs)
+                if name in ("BackwardPass", "OptimizerStep"):
+                    census.sample()
+                return out
+
+            return run
+
+        self.engine._INSTRUCTION_MAP = {k: tap(k.__name__, h) for k, h in self.engine._INSTRUCTION_MAP.items()}
 
     def _grad_norm_without_zero(self) -> float | None:
-        """Without ZeRO the engine clips but does not keep the norm; compute it once here."""
+        """Without ZeRO the engine clips but does not keep the norm; compute it (measured steps only)."""
         if self.engine.zero_optimization_stage() > 0:
             return None
         return global_grad_norm(self.engine.module.parameters(), self.mesh, self.comm)
@@ -126,58 +197,91 @@ class Trainer:
         self.engine.train()
         return dp_mean(total / len(self.eval_data), self.mesh, self.comm)
 
+    def _is_logged(self, step: int, start_step: int) -> bool:
+        return (step + 1) % self.cfg.log_interval == 0 or step == start_step or step + 1 == self.cfg.steps
+
     def fit(self, start_step: int = 0) -> FitResult:
         result = FitResult(steps=self.cfg.steps)
         self.engine.train()
+        window = Window()
         for step in range(start_step, self.cfg.steps):
             lr = self.engine.get_lr()[0]  # the rate this step uses (the scheduler moves on in step())
+            self._begin_step(self._is_logged(step, start_step))
             t0 = time.perf_counter()
-            self.tp_comm.reset()
             loss, grad_norm = self.train_step()
-            if (step + 1) % self.cfg.log_interval == 0 or step == start_step or step + 1 == self.cfg.steps:
-                self._log_step(step, dp_mean(loss, self.mesh, self.comm), lr, grad_norm, t0, result)
+            window.steps += 1
+            if self.measuring:
+                self._log_step(step, loss, lr, grad_norm, t0, window, result)
             self._maybe_evaluate(step, result)
             self._maybe_save(step)
+            if self.measuring:
+                self.measuring = False
+                window = Window()
             self.console.advance(step + 1, f"loss {result.last_loss:.4f}" if result.last_loss else "")
         return result
 
-    def _log_step(self, step, loss, lr, grad_norm, t0, result: FitResult) -> None:
-        step_time = time.perf_counter() - t0  # includes the loss all-reduce: an honest wall time
-        tokens_per_s = self.plan.tokens_per_step / step_time
-        tp = self.throughput
-        flops_per_rank = tokens_per_s * tp.flops_per_token / tp.world_size
-        record = {
-            "step": step + 1,
-            "loss": loss,
-            "lr": lr,
-            "grad_norm": grad_norm,
-            "step_time_s": step_time,
-            "tokens_per_s": tokens_per_s,
-            "tflops_per_rank": flops_per_rank / 1e12,
-            "mfu": flops_per_rank / tp.peak_flops_per_rank,
-            "peak_mem_mb": peak_memory_bytes(self.device) / 2**20,  # this rank (rank 0 writes)
-        }
+    def _begin_step(self, measure: bool) -> None:
+        self.measuring = measure
+        self.tp_comm.reset()
+        self.clock.start(measure)
+        if measure:
+            self.ds_comms.start()
+            self.census.reset()
+            self._cpu0 = cpu_seconds()
+
+    def _log_step(self, step, loss, lr, grad_norm, t0, window: Window, result: FitResult) -> None:
+        ds_comm = self.ds_comms.stop()  # before the loop's own reduction of the loss
+        cpu_s = cpu_seconds() - self._cpu0
+        loss = dp_mean(loss, self.mesh, self.comm)
+        now = time.perf_counter()
+        step_time = now - t0  # includes the loss all-reduce: an honest wall time
+        record = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm}
+        record.update(speed_record(self.plan.tokens_per_step, step_time, window, now, self.throughput, self.device))
         record.update(self._tp_comm_record())
+        record.update(_ds_comm_record(ds_comm))
         if self.pipelined:
             record.update(self._bubble_record())
+        record["ranks"] = self._gather_ranks(record, step_time, cpu_s)
         self.metrics.log(record)
-        result.losses.append(loss)
-        result.first_loss = loss if result.first_loss is None else result.first_loss
-        result.last_loss = loss
-        norm = f"{grad_norm:.3f}" if grad_norm is not None else "n/a"
-        self.console.print(
-            f"step {step + 1:>6}/{self.cfg.steps}  loss {loss:.4f}  lr {lr:.2e}  grad_norm {norm}  "
-            f"{tokens_per_s:,.0f} tok/s  mfu {record['mfu']:.1%}"
-        )
+        result.record(loss)
+        self.console.print(step_line(record, self.cfg.steps))
+
+    def _gather_ranks(self, record: dict, step_time: float, cpu_s: float) -> list[dict]:
+        """Every rank's memory, time breakdown, communication and CPU use of this step, in rank order
+        (one all_gather_object over the world, outside the timed step)."""
+        mine = {
+            "rank": dist.get_rank() if dist.is_initialized() else 0,
+            "coords": {"tp": self.mesh.coords.tp, "pp": self.mesh.coords.pp, "dp": self.mesh.coords.dp},
+            "positions": self._pipeline_positions(),
+            **rank_measurements(self.engine.module, self.device, self.census, self.activations, cpu_s, step_time),
+            "time": self.clock.breakdown(step_time),
+            **{k: record[k] for k in ("tp_comm", "tp_comm_bytes", "tp_comm_wire_bytes", "tp_comm_s")},
+            **{k: record[k] for k in ("ds_comm", "ds_comm_bytes", "ds_comm_wire_bytes", "ds_comm_s")},
+        }
+        if not dist.is_initialized() or dist.get_world_size() == 1:
+            return [mine]
+        everyone: list[dict | None] = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, mine)
+        return everyone
+
+    def _pipeline_positions(self) -> list[int]:
+        """[first, stop) of the pipeline positions this rank runs (trainer.parallel.pipeline's table)."""
+        module = self.engine.module
+        if self.pipelined:
+            stage = self.mesh.coords.pp
+            return [int(module.parts[stage]), int(module.parts[stage + 1])]
+        return [0, module.shape.n_layer + 3]  # the whole GPT
 
     def _tp_comm_record(self) -> dict:
         """This step's tensor-parallel collectives on this rank: per kind count, bytes and seconds."""
         kinds = self.tp_comm.snapshot()
+        t = self.mesh.dims.tp
         return {
             "tp_comm": {
                 k: {"count": r.count, "bytes": r.bytes, "seconds": round(r.seconds, 6)} for k, r in kinds.items()
             },
             "tp_comm_bytes": sum(r.bytes for r in kinds.values()),
+            "tp_comm_wire_bytes": sum(wire_bytes(k, r.bytes, t) for k, r in kinds.items()),
             "tp_comm_s": sum(r.seconds for r in kinds.values()),
         }
 
@@ -206,3 +310,62 @@ class Trainer:
         if interval == -1 or not (last or (interval > 0 and (step + 1) % interval == 0)):
             return
         self.save(step + 1)
+
+
+def _ds_comm_record(totals: dict) -> dict:
+    """DeepSpeed's collectives of the step on this rank, per "<kind>@<group size>"."""
+    return {
+        "ds_comm": {k: v.as_dict() for k, v in totals.items()},
+        "ds_comm_bytes": sum(v.bytes for v in totals.values()),
+        "ds_comm_wire_bytes": sum(v.wire_bytes for v in totals.values()),
+        "ds_comm_s": sum(v.seconds for v in totals.values()),
+    }
+
+
+# --- shared with trainer.baseline, so both loops report the same quantities the same way ---------
+
+
+@dataclass
+class Window:
+    """The steps since the last logged one: mostly unmeasured, so their throughput is the loop's own."""
+
+    start: float = field(default_factory=time.perf_counter)
+    cpu: float = field(default_factory=cpu_seconds)  # this process's CPU seconds at the start
+    steps: int = 0
+
+
+def speed_record(tokens: int, step_s: float, window: Window, now: float, tp: Throughput, device) -> dict:
+    """Throughput of one step (``tokens`` trained in ``step_s``) and of the ``window`` of steps since the
+    last logged one, achieved FLOP/s and MFU, and this rank's peak memory."""
+    tokens_per_s = tokens / step_s
+    flops_per_rank = tokens_per_s * tp.flops_per_token / tp.world_size
+    return {
+        "step_time_s": step_s,
+        "tokens_per_s": tokens_per_s,
+        # mostly unmeasured steps: the loop's own speed, without the instruments of logged steps
+        "window_tokens_per_s": window.steps * tokens / (now - window.start),
+        # per CPU second of this process: what other processes on a shared machine change least
+        "window_tokens_per_cpu_s": window.steps * tokens / max(cpu_seconds() - window.cpu, 1e-9),
+        "tflops_per_rank": flops_per_rank / 1e12,
+        "mfu": flops_per_rank / tp.peak_flops_per_rank,
+        "peak_mem_mb": peak_memory_bytes(device) / 2**20,  # this rank (rank 0 writes)
+    }
+
+
+def rank_measurements(module, device, census: TensorCensus, activations: ActivationMeter, cpu_s, step_s) -> dict:
+    """This rank's memory by kind, peak and current memory, CPU use, and the size of its model shard."""
+    return {
+        "shard_params": sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters()),
+        "peak_mem_bytes": peak_memory_bytes(device),
+        "rss_bytes": current_rss_bytes(),
+        "cpu_percent": round(100 * cpu_s / step_s, 1),  # 100 = one core busy for the whole step
+        "mem": {**census.peak, "activations": activations.peak},
+    }
+
+
+def step_line(record: dict, steps: int) -> str:
+    norm = f"{record['grad_norm']:.3f}" if record["grad_norm"] is not None else "n/a"
+    return (
+        f"step {record['step']:>6}/{steps}  loss {record['loss']:.4f}  lr {record['lr']:.2e}  grad_norm {norm}  "
+        f"{record['tokens_per_s']:,.0f} tok/s  mfu {record['mfu']:.1%}"
+    )

@@ -1,0 +1,108 @@
+"""trainer.compare: layout names, bad input, and the report of a real (tiny) comparison.
+
+The comparison test trains the baseline and two layouts at world 2 for a few steps and checks the
+report's schema and the numbers that must agree with the analytic model exactly or closely: parameter,
+gradient and optimizer memory per rank, and the communication volume. It asserts no timings.
+"""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, child_env, tiny_corpus_overrides
+from trainer.compare import auto_layouts, parse_layout
+from trainer.config import BadInput
+from trainer.planner.calibrate import REQUIRED
+from trainer.report import RANK_FIELDS, RESULT_FIELDS
+
+TINY_MODEL = ["model.n_layer=2", "model.n_embd=64", "model.n_head=4", "model.seq_len=32", "model.vocab_size=512"]
+
+
+def test_layout_names_give_degrees():
+    lay = parse_layout("tp2-dp2-zero1", 4)
+    assert (lay.tp, lay.pp, lay.dp, lay.zero, lay.sp, lay.ranks) == (2, 1, 2, 1, False, 4)
+    assert parse_layout("tp4-sp", 4).sp
+    assert parse_layout("pp2", 4).dp == 2  # the data-parallel degree is what the world leaves
+    assert parse_layout("baseline", 4).baseline and parse_layout("single", 4).ranks == 1
+    with pytest.raises(BadInput, match="unknown layout 'fsdp'"):
+        parse_layout("fsdp", 4)
+
+
+def test_auto_layouts_cover_every_family():
+    names = auto_layouts(4)
+    assert names[:2] == ["baseline", "single"]
+    for expected in ("dp4", "zero1-dp4", "zero2-dp4", "zero3-dp4", "tp4", "tp4-sp", "pp4", "tp2-pp2", "pp2-dp2"):
+        assert expected in names
+
+
+def _compare(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "trainer.compare", *args]
+    return subprocess.run(cmd, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["compare.layouts=[dp2,fsdp]"], "unknown layout 'fsdp'"),
+        (["compare.world=0"], "compare.world=0: must be a whole number >= 1"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path):
+    proc = _compare(*args, f"compare.out={tmp_path / 'out'}", timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if line.strip() and "WARNING" not in line]
+    assert len(lines) == 1 and message in lines[0], proc.stderr
+
+
+@pytest.mark.slow
+def test_report_of_a_small_comparison(tmp_path, data_cache):
+    out = tmp_path / "cmp"
+    proc = _compare(
+        "compare.world=2",
+        "compare.layouts=[baseline,dp2,tp2,tp2-pp2]",
+        "compare.warmup_steps=1",
+        "compare.steps=2",
+        "compare.micro_batch=2",
+        "compare.global_batch=8",
+        "compare.wandb_mode=disabled",
+        f"compare.out={out}",
+        *TINY_MODEL,
+        *tiny_corpus_overrides(data_cache),
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "| layout |" in proc.stdout  # the headline table is printed
+    report = (out / "report.md").read_text()
+    for section in ("# Parallel layouts compared", "### baseline", "### dp2", "### tp2", "## How it is measured"):
+        assert section in report
+    assert "tp2-pp2 (" in report and "skipped" in report and "must divide the world size 2" in report
+    for plot in ("throughput", "memory", "communication", "time", "loss"):
+        assert (out / f"{plot}.png").stat().st_size > 0
+    layouts = _read_csv(out / "results.csv")
+    assert list(layouts[0]) == RESULT_FIELDS
+    assert set(REQUIRED) <= set(RESULT_FIELDS)  # what trainer.planner's calibration reads
+    by_name = {row["layout"]: row for row in layouts}
+    assert [by_name[n]["status"] for n in ("baseline", "dp2", "tp2", "tp2-pp2")] == ["ok", "ok", "ok", "skipped"]
+    assert (by_name["tp2"]["tp"], by_name["tp2"]["dp"], by_name["dp2"]["dp"]) == ("2", "1", "2")
+    ranks = _read_csv(out / "ranks.csv")
+    assert list(ranks[0]) == RANK_FIELDS
+    assert [row["layout"] for row in ranks] == ["baseline", "dp2", "dp2", "tp2", "tp2"]
+    for row in ranks:
+        assert int(row["shard_params"]) == round(float(row["predicted_params"]))
+        for kind in ("params", "grads", "master", "optimizer"):
+            measured, predicted = float(row[f"{kind}_bytes"]), float(row[f"predicted_{kind}_bytes"])
+            assert measured == pytest.approx(predicted, rel=0.10, abs=64), (row["layout"], kind)
+        # DeepSpeed's collectives and the TP layers' match the analytic count (a few scalar all-reduces aside)
+        assert float(row["comm_wire_bytes"]) == pytest.approx(float(row["predicted_comm_wire_bytes"]), rel=1e-3)
+        assert row["tp_count"] == row["predicted_tp_count"]
+        assert float(row["tp_bytes"]) == float(row["predicted_tp_bytes"])
+    losses = [float(by_name[n]["final_loss"]) for n in ("baseline", "dp2", "tp2")]
+    assert max(losses) - min(losses) < 1e-3  # same model, same data: same losses
+
+
+def _read_csv(path) -> list[dict]:
+    with path.open() as handle:
+        return list(csv.DictReader(handle))
