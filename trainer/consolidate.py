@@ -100,6 +100,7 @@ def gather_full(engine, named: Iterable[tuple[str, nn.Parameter]], mesh) -> tupl
     """
     weights: dict[str, torch.Tensor] = {}
     moments: dict[str, torch.Tensor] = {}
+    _relink_zero_moments(engine)
     for name, param in named:
         weights[name] = _gather_tp(_full_over_dp(engine, param, None), param, mesh.tp_group)
         for key in MOMENTS:
@@ -108,6 +109,19 @@ def gather_full(engine, named: Iterable[tuple[str, nn.Parameter]], mesh) -> tupl
                 local = value.float().reshape(_full_shape(param))
                 moments[f"{key}.{name}"] = _gather_tp(local, param, mesh.tp_group)
     return weights, moments
+
+
+def _relink_zero_moments(engine) -> None:
+    """Point ZeRO-1/2's per-parameter views at the optimizer's current state.
+
+    DeepSpeed 0.19.8 builds those views once; after a skipped (non-finite) step they can miss the
+    moments, and ``safe_get_full_optimizer_state`` fails with "exp_avg not found".
+    """
+    zero = engine.optimizer
+    if _zero_stage(engine) in (1, 2) and hasattr(zero, "_lazy_init_hp_params_optimizer_state"):
+        if any(zero.optimizer.state.get(flat) for flat in zero.single_partition_of_fp32_groups):
+            zero._hp_optimizer_states_linked = False
+            zero._lazy_init_hp_params_optimizer_state()
 
 
 def adam_step(engine) -> int:

@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from trainer.analytic import wire_bytes
 from trainer.config import BatchPlan, TrainConfig
+from trainer.guard import SkipCounter
 from trainer.hardware import current_rss_bytes, peak_memory_bytes
 from trainer.metrics import ActivationMeter, Console, DeepSpeedComms, MetricsLog, PhaseClock, TensorCensus, cpu_seconds
 from trainer.parallel import CommStats, Mesh
@@ -96,6 +97,7 @@ class Trainer:
         self.comm = CommStats()  # the loop's own reductions (loss, gradient norm)
         self.pipelined = mesh.dims.pp > 1
         self.bubble = BubbleMeter(engine) if self.pipelined else None
+        self.skips = SkipCounter(engine, train.max_skipped_steps)  # non-finite steps (trainer.guard)
         self.measuring = False
         self.ds_comms = DeepSpeedComms()
         self.clock = PhaseClock(device, self._comm_seconds)
@@ -212,6 +214,10 @@ class Trainer:
             window.steps += 1
             if self.measuring:
                 self._log_step(step, loss, lr, grad_norm, t0, window, result)
+            if self.skips.update(step + 1):  # raises TooManySkips before this step could be saved
+                self.console.print(
+                    f"step {step + 1}: non-finite loss or gradient, update skipped ({self.skips.in_a_row} in a row)"
+                )
             self._maybe_evaluate(step, result)
             self._maybe_save(step)
             if self.measuring:
@@ -236,6 +242,7 @@ class Trainer:
         now = time.perf_counter()
         step_time = now - t0  # includes the loss all-reduce: an honest wall time
         record = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm}
+        record["skipped_steps"] = self.engine.skipped_steps  # non-finite steps so far, not applied
         record.update(speed_record(self.plan.tokens_per_step, step_time, window, now, self.throughput, self.device))
         record.update(self._tp_comm_record())
         record.update(_ds_comm_record(ds_comm))

@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from trainer import checkpoint
 from trainer.cli import EXIT_BAD_INPUT, preflight, register
 from trainer.config import BadInput, BatchPlan, Config, ConfigError, adopt_mpi_env, validate, world_size_from_env
+from trainer.guard import TooManySkips
 
 register()
 # ZeRO calls a torch collective under its deprecated name; the warning repeats every step.
@@ -297,6 +298,9 @@ def main(cfg_node: DictConfig) -> None:
         sys.exit(EXIT_BAD_INPUT)
     except checkpoint.SaveError as err:  # the launcher then stops the other ranks
         print(f"checkpoint error: {err}", file=sys.stderr, flush=True)
+        sys.exit(1)
+    except TooManySkips as err:  # every rank sees the same count and stops at the same step
+        print(f"stopped: {err}", file=sys.stderr, flush=True)
         sys.exit(1)
 
 
