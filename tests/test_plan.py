@@ -214,7 +214,7 @@ def _fabricate(tmp_path: Path, efficiency: float, columns=REQUIRED + ("micro_bat
                 "sequence_parallel": str(lay.sequence_parallel).lower(),
                 "micro_batch": lay.micro_batch,
                 "tokens_per_s": p.tokens_per_s,
-                "peak_mem_mb": (p.memory.total - 0.5e9 + 0.4e9) / 1e6,
+                "peak_mem_mb": (p.memory.total - 0.5e9 + 0.4e9) / 2**20,
             }
         )
     with (tmp_path / "results.csv").open("w", newline="") as handle:

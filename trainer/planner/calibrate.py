@@ -27,7 +27,7 @@ from trainer.planner.predict import Prediction, predict
 from trainer.planner.shape import ModelShape
 
 REQUIRED = ("tp", "pp", "dp", "zero_stage", "sequence_parallel", "tokens_per_s", "peak_mem_mb")
-MB = 1e6
+MB = 2**20  # results.csv and metrics.jsonl give peak_mem_mb in MiB
 EFFICIENCY_RANGE, COMM_RANGE = (0.005, 1.0), (0.05, 20.0)  # searched on a log grid
 
 
