@@ -22,7 +22,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from trainer.cli import EXIT_BAD_INPUT, preflight, register
+from trainer.cli import exit_bad_input, preflight, register
 from trainer.config import BadInput, Config, ConfigError, validate
 
 register()
@@ -176,9 +176,7 @@ def main(cfg_node: DictConfig) -> None:
             raise ConfigError("parallel.precision", cfg.parallel.precision, "the baseline trains in fp32 only")
         run(cfg, cfg_node, Path(HydraConfig.get().runtime.output_dir))
     except BadInput as err:
-        prefix = "config error: " if isinstance(err, ConfigError) else ""
-        print(f"{prefix}{err}", file=sys.stderr)
-        sys.exit(EXIT_BAD_INPUT)
+        exit_bad_input(err)
 
 
 if __name__ == "__main__":

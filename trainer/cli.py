@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from trainer.config import BadInput, Config, ConfigError, validate, world_size_from_env
 from trainer.rundir import register_resolvers
@@ -95,6 +96,15 @@ def preflight(argv: list[str]) -> None:
                 _check_group_choice(override)
             validate(_compose(job), world_size_from_env())
     except BadInput as err:
-        prefix = "config error: " if isinstance(err, ConfigError) else ""
-        print(f"{prefix}{err}", file=sys.stderr)
-        sys.exit(EXIT_BAD_INPUT)
+        exit_bad_input(err)
+
+
+def print_bad_input(err: BadInput) -> None:
+    """The one stderr line every entry point gives for bad input ("config error: " names a config key)."""
+    prefix = "config error: " if isinstance(err, ConfigError) else ""
+    print(f"{prefix}{err}", file=sys.stderr)
+
+
+def exit_bad_input(err: BadInput) -> NoReturn:
+    print_bad_input(err)
+    sys.exit(EXIT_BAD_INPUT)

@@ -31,7 +31,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from trainer.cli import CONF_DIR, EXIT_BAD_INPUT, register
+from trainer.cli import CONF_DIR, EXIT_BAD_INPUT, print_bad_input, register
 from trainer.config import BadInput, BatchPlan, Config, ConfigError, validate
 
 register()
@@ -329,8 +329,7 @@ def main(cfg_node: DictConfig) -> None:
         outcomes = compare(settings, layouts)
         table = write_report(outcomes, settings, time.perf_counter() - started)
     except BadInput as err:
-        prefix = "config error: " if isinstance(err, ConfigError) else ""
-        print(f"{prefix}{err}", file=sys.stderr)
+        print_bad_input(err)
         _discard_unused(Path(HydraConfig.get().runtime.output_dir))
         sys.exit(EXIT_BAD_INPUT)
     print(table)

@@ -15,7 +15,14 @@ import sys
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from trainer.cli import CONF_DIR, EXIT_BAD_INPUT, _check_group_choice, _jobs, _one_line, _overrides
+from trainer.cli import (
+    CONF_DIR,
+    _check_group_choice,
+    _jobs,
+    _one_line,
+    _overrides,
+    exit_bad_input,
+)
 from trainer.config import BadInput, ConfigError
 from trainer.planner.config import PlanConfig, global_batch, precision, validate_plan
 
@@ -84,9 +91,7 @@ def preflight(argv: list[str]) -> None:
                 _check_group_choice(override)
             check(compose_plan(job))
     except BadInput as err:
-        prefix = "config error: " if isinstance(err, ConfigError) else ""
-        print(f"{prefix}{err}", file=sys.stderr)
-        sys.exit(EXIT_BAD_INPUT)
+        exit_bad_input(err)
 
 
 def model_overrides() -> list[str]:
@@ -133,9 +138,7 @@ def main(node: DictConfig) -> None:
     try:
         run(OmegaConf.to_object(node))
     except BadInput as err:
-        prefix = "config error: " if isinstance(err, ConfigError) else ""
-        print(f"{prefix}{err}", file=sys.stderr)
-        sys.exit(EXIT_BAD_INPUT)
+        exit_bad_input(err)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from trainer import checkpoint
-from trainer.cli import EXIT_BAD_INPUT, preflight, register
+from trainer.cli import EXIT_BAD_INPUT, preflight, print_bad_input, register
 from trainer.config import BadInput, BatchPlan, Config, ConfigError, adopt_mpi_env, validate, world_size_from_env
 from trainer.guard import TooManySkips
 
@@ -292,8 +292,7 @@ def main(cfg_node: DictConfig) -> None:
         run_dir = Path(HydraConfig.get().runtime.output_dir)
         run(cfg, cfg_node, plan, run_dir)
     except BadInput as err:
-        prefix = "config error: " if isinstance(err, ConfigError) else ""
-        print(f"{prefix}{err}", file=sys.stderr)
+        print_bad_input(err)
         _discard_unused_run_dir(Path(HydraConfig.get().runtime.output_dir))
         sys.exit(EXIT_BAD_INPUT)
     except checkpoint.SaveError as err:  # the launcher then stops the other ranks
