@@ -215,3 +215,33 @@ def test_exported_checkpoint_reproduces_the_runs_validation_loss(source, sources
     x, _ = next(iter(eval_batches(TokenFile(prepared.val_path, prepared.dtype), cfg.model.seq_len, 4, 0, 1, 1)))
     with torch.no_grad():
         assert torch.allclose(hf_model(x).logits, ours.eval()(x), atol=1e-4, rtol=0)
+
+
+@pytest.mark.slow
+def test_imported_weights_start_a_run_like_the_checkpoint_they_came_from(sources, tmp_path, data_cache):
+    """export -> import_hf -> train.init_from gives the same first step as init_from the checkpoint itself;
+    resuming (rather than initialising) from an import is refused."""
+    from conftest import ROOT, child_env
+
+    step_dir = sources["tp2-pp2"] / "checkpoints" / f"step_{STEPS}"
+    for module, args in (
+        ("trainer.export", [step_dir, tmp_path / "hf"]),
+        ("trainer.import_hf", [tmp_path / "hf", tmp_path / "imported"]),
+    ):
+        proc = subprocess.run(
+            [sys.executable, "-m", module, *map(str, args)],
+            cwd=ROOT,
+            env=child_env(),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert proc.returncode == 0, proc.stderr
+    first = {}
+    for name, source in (("checkpoint", step_dir), ("imported", tmp_path / "imported")):
+        proc = _run(tmp_path / name, "tp1-pp1", data_cache, f"train.init_from={source}", "train.steps=2")
+        assert "initialised weights from" in proc.stdout
+        first[name] = [r["loss"] for r in read_metrics(tmp_path / name) if "loss" in r][0]
+    assert first["imported"] == first["checkpoint"]
+    proc = run_train(tmp_path / "bad", _smoke(data_cache, *BASE, f"train.resume={tmp_path / 'imported'}"))
+    assert proc.returncode == 2 and "start from it with train.init_from" in proc.stderr

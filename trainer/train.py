@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from trainer import checkpoint
 from trainer.cli import EXIT_BAD_INPUT, preflight, print_bad_input, register
 from trainer.config import BadInput, BatchPlan, Config, ConfigError, adopt_mpi_env, validate, world_size_from_env
+from trainer.consolidate import read_meta
 from trainer.guard import TooManySkips
 
 register()
@@ -133,6 +134,8 @@ def run(cfg: Config, cfg_node: DictConfig, plan: BatchPlan, run_dir: Path) -> No
     for where in (found, start_from):
         if where is not None:
             check_model_matches(cfg, where.step_dir)
+    if found is not None and "tp" not in read_meta(found.step_dir).get("layout", {}):
+        raise BadInput(f"{found.step_dir} holds weights only (an import); start from it with train.init_from")
     if cfg.train.save_interval != -1:
         checkpoint.check_writable(run_dir)
 
@@ -220,8 +223,6 @@ def layout_of(cfg: Config, dims) -> dict:
 
 def check_model_matches(cfg: Config, step_dir: Path) -> None:
     """A checkpoint of another model shape is bad input, found before any process group starts."""
-    from trainer.consolidate import read_meta
-
     try:
         saved = read_meta(step_dir)["model"]
     except (OSError, ValueError, KeyError) as err:
