@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import read_metrics, run_train, tiny_corpus_overrides
+from conftest import ROOT, child_env, compose_config, read_metrics, run_train, tiny_corpus_overrides
 from trainer.checkpoint import damage
 
 # --- damaged checkpoints (one process, fast) --------------------------------------------------------
@@ -182,7 +182,6 @@ def test_exported_checkpoint_reproduces_the_runs_validation_loss(source, sources
     import torch.nn.functional as F
     from transformers import GPT2LMHeadModel
 
-    from conftest import ROOT, child_env, compose_config
     from trainer import consolidate
     from trainer.data.prepare import prepare
     from trainer.data.stream import TokenFile, eval_batches
@@ -190,15 +189,7 @@ def test_exported_checkpoint_reproduces_the_runs_validation_loss(source, sources
 
     step_dir = sources[source] / "checkpoints" / f"step_{STEPS}"
     out = tmp_path / "hf"
-    proc = subprocess.run(
-        [sys.executable, "-m", "trainer.export", str(step_dir), str(out)],
-        cwd=ROOT,
-        env=child_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr
+    _run_module("trainer.export", step_dir, out)
     hf_model = GPT2LMHeadModel.from_pretrained(out).eval()
 
     cfg, _ = compose_config(_smoke(data_cache, *BASE))
@@ -221,22 +212,13 @@ def test_exported_checkpoint_reproduces_the_runs_validation_loss(source, sources
 def test_imported_weights_start_a_run_like_the_checkpoint_they_came_from(sources, tmp_path, data_cache):
     """export -> import_hf -> train.init_from gives the same first step as init_from the checkpoint itself;
     resuming (rather than initialising) from an import is refused."""
-    from conftest import ROOT, child_env
 
     step_dir = sources["tp2-pp2"] / "checkpoints" / f"step_{STEPS}"
     for module, args in (
         ("trainer.export", [step_dir, tmp_path / "hf"]),
         ("trainer.import_hf", [tmp_path / "hf", tmp_path / "imported"]),
     ):
-        proc = subprocess.run(
-            [sys.executable, "-m", module, *map(str, args)],
-            cwd=ROOT,
-            env=child_env(),
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert proc.returncode == 0, proc.stderr
+        _run_module(module, *args)
     first = {}
     for name, source in (("checkpoint", step_dir), ("imported", tmp_path / "imported")):
         proc = _run(tmp_path / name, "tp1-pp1", data_cache, f"train.init_from={source}", "train.steps=2")
@@ -245,3 +227,9 @@ def test_imported_weights_start_a_run_like_the_checkpoint_they_came_from(sources
     assert first["imported"] == first["checkpoint"]
     proc = run_train(tmp_path / "bad", _smoke(data_cache, *BASE, f"train.resume={tmp_path / 'imported'}"))
     assert proc.returncode == 2 and "start from it with train.init_from" in proc.stderr
+
+
+def _run_module(module: str, *args) -> None:
+    cmd = [sys.executable, "-m", module, *map(str, args)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
