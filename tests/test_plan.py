@@ -321,3 +321,25 @@ def test_calibrate_from_the_command_line(tmp_path):
     done = subprocess.run(cmd, cwd=tmp_path, env=child_env(PYTHONPATH=str(ROOT)), capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "Spearman rho = " in done.stdout and "fitted: cluster.compute_efficiency=" in done.stdout
+
+
+# --- time-shared CPU terms --------------------------------------------------------------------------------
+
+
+def test_rank_cap_counts_the_threads_one_time_shared_rank_can_use():
+    from trainer.planner.cluster import rank_cap
+
+    assert rank_cap(ranks=2, cores=2) == 1.0  # a core each: no spare capacity to borrow
+    assert rank_cap(ranks=4, cores=2) == 2.0  # 1 thread each; alone it runs at 1/2 of the machine, twice its 1/4
+    assert rank_cap(ranks=4, cores=0) == 1.0  # unknown cores
+
+
+def test_collective_call_latency_costs_each_call_once():
+    from trainer.planner.cluster import Link
+    from trainer.planner.costmodel import ring_time
+
+    link = Link(bandwidth=1e9, latency=0.0)
+    base = ring_time(1e6, 4, "all_reduce", link)
+    assert base == pytest.approx(2 * 3 / 4 * 1e6 / 1e9)
+    assert ring_time(1e6, 4, "all_reduce", link, call_latency=0.003) == pytest.approx(base + 0.003)
+    assert ring_time(1e6, 1, "all_reduce", link, call_latency=0.003) == 0.0  # no peers, no call

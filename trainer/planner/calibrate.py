@@ -29,6 +29,7 @@ from trainer.planner.shape import ModelShape
 REQUIRED = ("tp", "pp", "dp", "zero_stage", "sequence_parallel", "tokens_per_s", "peak_mem_mb")
 MB = 2**20  # results.csv and metrics.jsonl give peak_mem_mb in MiB
 EFFICIENCY_RANGE, COMM_RANGE = (0.005, 1.0), (0.05, 20.0)  # searched on a log grid
+CALL_LATENCY_RANGE = (1e-6, 0.1)  # seconds per collective call; searched on a log grid with 0 in front
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,7 @@ class Measured:
 class Fit:
     compute_efficiency: float
     comm_scale: float
+    call_latency: float  # seconds per collective call
     runtime_bytes: float  # fitted memory per rank outside the model
     rows: list[tuple[Measured, Prediction, float]]  # measured, prediction, predicted memory (fitted)
     spearman: float | None
@@ -149,26 +151,33 @@ def fit(shape: ModelShape, spec_for, measured: list[Measured]) -> Fit:
         world = m.layout.tp * m.layout.pp * m.layout.dp
         specs.setdefault(world, spec_for(world))
 
-    def predictions(eff: float, comm: float) -> list[Prediction]:
+    def predictions(eff: float, comm: float, call: float) -> list[Prediction]:
         out = []
         for m in measured:
-            spec = specs[m.layout.tp * m.layout.pp * m.layout.dp].with_efficiency(eff, comm)
+            spec = specs[m.layout.tp * m.layout.pp * m.layout.dp].with_efficiency(eff, comm, call)
             out.append(predict(shape, m.layout, m.global_batch, m.precision, spec))
         return out
 
     def loss(preds: list[Prediction]) -> float:
         return sum((math.log(p.tokens_per_s) - math.log(m.tokens_per_s)) ** 2 for p, m in zip(preds, measured))
 
+    # Coordinate descent: (efficiency, bandwidth) on a grid at a fixed per-call latency, then the latency
+    # at fixed (efficiency, bandwidth); two rounds. The latency starts (and, on ties, stays) at 0.
     grid = [(e, c) for e in _geomspace(*EFFICIENCY_RANGE, 48) for c in _geomspace(*COMM_RANGE, 24)]
-    eff, comm = min(grid, key=lambda ec: loss(predictions(*ec)))
-    preds = predictions(eff, comm)
+    calls = [0.0, *_geomspace(*CALL_LATENCY_RANGE, 21)]
+    call = 0.0
+    for _ in range(2):
+        eff, comm = min(grid, key=lambda ec: loss(predictions(*ec, call)))
+        call = min(calls, key=lambda c: loss(predictions(eff, comm, c)))
+    eff, comm = min(grid, key=lambda ec: loss(predictions(*ec, call)))
+    preds = predictions(eff, comm, call)
     reserved = next(iter(specs.values())).reserved_bytes
     model_bytes = [p.memory.total - reserved for p in preds]
     runtime = median(m.peak_mem_mb * MB - b for m, b in zip(measured, model_bytes))
     mem = [b + runtime for b in model_bytes]
     errors = [abs(pm / (m.peak_mem_mb * MB) - 1) for pm, m in zip(mem, measured)]
     rho = spearman([p.tokens_per_s for p in preds], [m.tokens_per_s for m in measured])
-    return Fit(eff, comm, runtime, list(zip(measured, preds, mem)), rho, sum(errors) / len(errors))
+    return Fit(eff, comm, call, runtime, list(zip(measured, preds, mem)), rho, sum(errors) / len(errors))
 
 
 def print_fit(result: Fit, out) -> None:
@@ -196,13 +205,15 @@ def print_fit(result: Fit, out) -> None:
     )
     out.print(
         f"fitted: cluster.compute_efficiency={result.compute_efficiency:.3g}, link bandwidth x "
-        f"{result.comm_scale:.3g}, cluster.reserved_gb={max(result.runtime_bytes, 0) / 1e9:.3g}"
+        f"{result.comm_scale:.3g}, cluster.call_latency_us={result.call_latency * 1e6:.3g}, "
+        f"cluster.reserved_gb={max(result.runtime_bytes, 0) / 1e9:.3g}"
     )
     edges = [
         name
         for name, value, (lo, hi) in (
             ("compute efficiency", result.compute_efficiency, EFFICIENCY_RANGE),
             ("link bandwidth", result.comm_scale, COMM_RANGE),
+            ("call latency", result.call_latency, (None, CALL_LATENCY_RANGE[1])),
         )
         if value in (lo, hi)
     ]

@@ -35,6 +35,12 @@ class ClusterSpec:
     reserved_bytes: float
     fragmentation: float
     measured: tuple[str, ...] = ()  # lines saying what was measured on this machine (cpu-local)
+    call_latency: float = 0.0  # seconds per collective call beyond its ring steps
+    # Ranks time-share one pool of cores (cpu-local): a rank's idle time (a pipeline bubble) goes to the
+    # others, and one rank alone can run ``rank_cap`` times its fair share (its threads / the cores it
+    # shares: the trainer gives each of r ranks max(1, cores // r) threads). 1.0 and False on GPUs.
+    pooled: bool = False
+    rank_cap: float = 1.0
 
     @property
     def world(self) -> int:
@@ -57,10 +63,23 @@ class ClusterSpec:
         runs at its slowest boundary."""
         return self.inter if self.nodes > 1 else self.intra
 
-    def with_efficiency(self, compute: float, comm_scale: float) -> ClusterSpec:
-        """The same cluster with another compute efficiency and link bandwidths scaled by ``comm_scale``."""
+    def with_efficiency(self, compute: float, comm_scale: float, call_latency: float | None = None) -> ClusterSpec:
+        """The same cluster with another compute efficiency, link bandwidths scaled by ``comm_scale`` and,
+        when given, another per-call collective latency."""
         scale = lambda link: Link(link.bandwidth * comm_scale, link.latency / comm_scale)  # noqa: E731
-        return replace(self, compute_efficiency=compute, intra=scale(self.intra), inter=scale(self.inter))
+        call = self.call_latency if call_latency is None else call_latency
+        return replace(
+            self, compute_efficiency=compute, intra=scale(self.intra), inter=scale(self.inter), call_latency=call
+        )
+
+
+def rank_cap(ranks: int, cores: int) -> float:
+    """How many fair shares (1/ranks of the machine) one of ``ranks`` time-sharing ranks can use when the
+    others wait: its threads, max(1, cores // ranks) as the trainer sets them, over the cores. 1 when
+    every rank has cores of its own (ranks <= cores) or the cores are unknown."""
+    if cores <= 0 or ranks <= cores:
+        return 1.0
+    return max(1.0, ranks * min(max(1, cores // ranks), cores) / cores)
 
 
 def local_ranks(c: ClusterConfig) -> int:
@@ -103,6 +122,9 @@ def cluster_spec(c: ClusterConfig, notes: tuple[str, ...] = ()) -> ClusterSpec:
         reserved_bytes=c.reserved_gb * GB,
         fragmentation=c.fragmentation,
         measured=notes,
+        call_latency=c.call_latency_us * 1e-6,
+        pooled=c.shared,
+        rank_cap=rank_cap(share, c.cpu_cores) if c.shared else 1.0,
     )
 
 

@@ -31,6 +31,10 @@ class ClusterConfig:
     intra_node_latency_us: float = 5.0  # per ring step
     inter_node_bw_gbs: float = 0.0  # per device, one direction, GB/s (node NIC bandwidth / devices per node)
     inter_node_latency_us: float = 10.0  # per ring step
+    # Fixed cost of one collective call beyond its ring steps (launch, and on an oversubscribed CPU the
+    # scheduler waking every peer); 0 on GPUs, where NCCL's per-step latency covers it. plan.calibrate fits it.
+    call_latency_us: float = 0.0
+    cpu_cores: int = 0  # physical cores of a shared (CPU) machine; measured on cpu-local; 0 = unknown
     # Achieved / peak FLOP/s of a transformer layer's work (matmuls plus the memory-bound ops around
     # them); plan.calibrate fits it on the machine at hand.
     compute_efficiency: float = 0.5
@@ -95,7 +99,7 @@ def validate_cluster(c: ClusterConfig) -> None:
     for key in ("mem_per_gpu_gb", "mem_bw_gbs", "intra_node_bw_gbs", "inter_node_bw_gbs"):
         if getattr(c, key) <= 0:
             raise ConfigError(f"cluster.{key}", getattr(c, key), "must be > 0")
-    for key in ("intra_node_latency_us", "inter_node_latency_us", "reserved_gb", "fragmentation"):
+    for key in ("intra_node_latency_us", "inter_node_latency_us", "call_latency_us", "reserved_gb", "fragmentation"):
         if getattr(c, key) < 0:
             raise ConfigError(f"cluster.{key}", getattr(c, key), "must be >= 0")
     for key in ("compute_efficiency", "comm_efficiency"):

@@ -105,6 +105,7 @@ def measured_cluster(c: ClusterConfig, ranks: int) -> tuple[ClusterConfig, tuple
         c,
         gpus_per_node=ranks,
         gpu=f"CPU ({cores} cores)",
+        cpu_cores=cores,
         mem_per_gpu_gb=ram / 1e9,
         peak_tflops_fp32=fp32 / 1e12,
         peak_tflops_bf16=bf16 / 1e12,
