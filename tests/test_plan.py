@@ -343,3 +343,44 @@ def test_collective_call_latency_costs_each_call_once():
     assert base == pytest.approx(2 * 3 / 4 * 1e6 / 1e9)
     assert ring_time(1e6, 4, "all_reduce", link, call_latency=0.003) == pytest.approx(base + 0.003)
     assert ring_time(1e6, 1, "all_reduce", link, call_latency=0.003) == 0.0  # no peers, no call
+
+
+# --- ZeRO buffers and the backend's collective temporaries ------------------------------------------------
+
+
+def test_zero_buffers_are_sized_from_the_trainers_deepspeed_config():
+    """The planner and the run read the same bucket and live-parameter limits."""
+    from trainer.config import batch_plan
+    from trainer.ds_config import ZERO3_MAX_LIVE_PARAMETERS, ZERO_BUCKET_ELEMENTS, ds_config
+
+    cfg, _ = compose_config(["parallel.zero_stage=3"])
+    zero = ds_config(cfg, batch_plan(cfg, 1))["zero_optimization"]
+    assert zero["reduce_bucket_size"] == zero["stage3_prefetch_bucket_size"] == ZERO_BUCKET_ELEMENTS
+    assert zero["stage3_max_live_parameters"] == zero["stage3_max_reuse_distance"] == ZERO3_MAX_LIVE_PARAMETERS
+
+
+def test_zero_buffers_count_the_bucket_live_weights_and_backend_copies():
+    from trainer.ds_config import ZERO3_MAX_LIVE_PARAMETERS, ZERO_BUCKET_ELEMENTS
+    from trainer.planner.memory import Collectives, buffer_bytes
+
+    small, gloo = 1e6, Collectives(gather=4.0, scatter=2.5)
+    assert buffer_bytes(_layout(1, 1, 4, 0), small, "fp32", gloo) == 0  # ZeRO-0: gradients all-reduced in place
+    # ZeRO-1/2: the touched part of the reduce bucket, plus gloo's copies of the all-gathered weights
+    assert buffer_bytes(_layout(1, 1, 4, 2), small, "fp32") == 4 * small
+    assert buffer_bytes(_layout(1, 1, 4, 1), small, "fp32", gloo) == 4 * small + 4.0 * 4 * small
+    # ZeRO-3: bucket + every weight live (under the limit) + copies of one gather and one reduce-scatter
+    z3 = buffer_bytes(_layout(1, 1, 4, 3), small, "fp32", gloo)
+    assert z3 == pytest.approx(4 * small * (1 + 1 + 4.0 + 2.5))
+    # a large stage on NCCL: one bf16 bucket and the live-parameter cap, no copies
+    big = 20e9
+    assert buffer_bytes(_layout(1, 1, 64, 3), big, "bf16") == 2 * (ZERO_BUCKET_ELEMENTS + ZERO3_MAX_LIVE_PARAMETERS)
+
+
+def test_gloo_gathers_and_scatters_through_temporaries():
+    """What the cpu-local cluster measures: gloo (unlike NCCL) copies a gathered / scattered buffer at least
+    once more, so ZeRO on CPU needs that memory on top of its buckets."""
+    from trainer.planner.localbench import gloo_overheads
+
+    measured = gloo_overheads()
+    assert measured is not None
+    assert measured["gather"] >= 1.0 and measured["scatter"] >= 1.0, measured

@@ -35,11 +35,23 @@ def ds_config(cfg: Config, plan: BatchPlan) -> dict[str, Any]:
     }
 
 
+# ZeRO buffer sizes in elements; trainer.planner.memory sizes its buffers from the same numbers.
+ZERO_BUCKET_ELEMENTS = int(5e7)
+ZERO3_MAX_LIVE_PARAMETERS = int(1e9)  # DeepSpeed's default, stated so the planner and the run agree
+
+
 def _zero(stage: int) -> dict[str, Any]:
     zero: dict[str, Any] = {"stage": stage}
     if stage >= 1:
         # Fixed bucket sizes keep communication patterns comparable across model sizes.
-        zero.update(reduce_bucket_size=5e7, allgather_bucket_size=5e7, overlap_comm=False)
+        zero.update(
+            reduce_bucket_size=ZERO_BUCKET_ELEMENTS, allgather_bucket_size=ZERO_BUCKET_ELEMENTS, overlap_comm=False
+        )
     if stage == 3:
-        zero.update(stage3_param_persistence_threshold=0, stage3_prefetch_bucket_size=5e7)
+        zero.update(
+            stage3_param_persistence_threshold=0,
+            stage3_prefetch_bucket_size=ZERO_BUCKET_ELEMENTS,
+            stage3_max_live_parameters=ZERO3_MAX_LIVE_PARAMETERS,
+            stage3_max_reuse_distance=ZERO3_MAX_LIVE_PARAMETERS,
+        )
     return zero

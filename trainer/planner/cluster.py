@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from trainer.planner.config import ClusterConfig
+from trainer.planner.memory import Collectives
 
 GB = 1e9
 
@@ -41,6 +42,7 @@ class ClusterSpec:
     # shares: the trainer gives each of r ranks max(1, cores // r) threads). 1.0 and False on GPUs.
     pooled: bool = False
     rank_cap: float = 1.0
+    collectives: Collectives = Collectives()  # the backend's collective temporaries (memory)
 
     @property
     def world(self) -> int:
@@ -125,6 +127,7 @@ def cluster_spec(c: ClusterConfig, notes: tuple[str, ...] = ()) -> ClusterSpec:
         call_latency=c.call_latency_us * 1e-6,
         pooled=c.shared,
         rank_cap=rank_cap(share, c.cpu_cores) if c.shared else 1.0,
+        collectives=Collectives(c.gather_overhead, c.scatter_overhead),
     )
 
 

@@ -41,6 +41,10 @@ class ClusterConfig:
     comm_efficiency: float = 0.8  # achieved / link bandwidth of ring collectives and p2p sends
     reserved_gb: float = 2.0  # per device and outside the model: CUDA context, NCCL buffers, workspaces
     fragmentation: float = 0.10  # allocator slack, as a fraction of what the model allocates
+    # Temporaries the backend's all-gather / reduce-scatter keep resident, per byte of the gathered output /
+    # scattered input: 0 for NCCL (it works in the caller's buffers); cpu-local: measured (gloo copies).
+    gather_overhead: float = 0.0
+    scatter_overhead: float = 0.0
     shared: bool = False  # ranks of a node share one device's compute and memory (CPU processes)
     measure: bool = False  # fill the hardware numbers by measuring this machine (cpu-local)
     default_precision: str = "bf16"  # what parallel.precision=auto means on this cluster
@@ -99,7 +103,15 @@ def validate_cluster(c: ClusterConfig) -> None:
     for key in ("mem_per_gpu_gb", "mem_bw_gbs", "intra_node_bw_gbs", "inter_node_bw_gbs"):
         if getattr(c, key) <= 0:
             raise ConfigError(f"cluster.{key}", getattr(c, key), "must be > 0")
-    for key in ("intra_node_latency_us", "inter_node_latency_us", "call_latency_us", "reserved_gb", "fragmentation"):
+    for key in (
+        "intra_node_latency_us",
+        "inter_node_latency_us",
+        "call_latency_us",
+        "reserved_gb",
+        "fragmentation",
+        "gather_overhead",
+        "scatter_overhead",
+    ):
         if getattr(c, key) < 0:
             raise ConfigError(f"cluster.{key}", getattr(c, key), "must be >= 0")
     for key in ("compute_efficiency", "comm_efficiency"):

@@ -1,5 +1,6 @@
-"""Measure this machine for ``cluster=cpu-local``: cores, RAM, matmul peak, memory bandwidth, and the
-bandwidth and latency of a gloo all-reduce between two local processes (what CPU ranks talk over).
+"""Measure this machine for ``cluster=cpu-local``: cores, RAM, matmul peak, memory bandwidth, the
+bandwidth and latency of a gloo all-reduce between two local processes (what CPU ranks talk over), and
+the memory gloo's all-gather and reduce-scatter keep beyond the caller's buffers (ZeRO's collectives).
 
 Everything together takes a few seconds; a gloo measurement that fails or exceeds its time limit is
 replaced by a stated estimate (loopback TCP on a laptop: about 1 GB/s and 100 µs per step).
@@ -15,14 +16,48 @@ from dataclasses import replace
 from trainer.planner.config import ClusterConfig
 
 ESTIMATE_BW_GBS, ESTIMATE_LATENCY_US = 1.0, 100.0
+ESTIMATE_OVERHEADS = {"gather": 4.0, "scatter": 2.5}  # gloo 2.x with glibc, measured on a 2-core EPYC
 MESSAGE_BYTES = 16 * 2**20  # large enough that bandwidth, not latency, dominates
 TIMEOUT_S = 60.0
+CALLS = 5  # of each collective whose memory is measured: enough for glibc's retention to settle
 
 
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _peak_rss_since_reset() -> int:
+    """This process's peak RSS in bytes since the last reset (Linux: writing 5 to clear_refs resets
+    VmHWM, so what imports once touched does not hide what comes after)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+
+def _overhead_worker(rank: int, port: int, queue, kind: str) -> None:
+    """One of two gloo ranks: how much this process's peak RSS grows, per byte of the full buffer, over a
+    few calls of one collective, as ZeRO repeats it every step. gloo gathers and scatters through per-rank
+    temporaries, and glibc keeps the freed ones, so the growth is larger than a single call's."""
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    full, shard = torch.ones(MESSAGE_BYTES // 4), torch.ones(MESSAGE_BYTES // 8)
+    dist.barrier()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = _peak_rss_since_reset()
+    for _ in range(CALLS):
+        if kind == "gather":
+            dist.all_gather_into_tensor(full, shard)
+        else:
+            dist.reduce_scatter_tensor(shard, full)
+    grown = _peak_rss_since_reset() - before
+    dist.destroy_process_group()
+    if rank == 0:
+        queue.put((kind, grown / MESSAGE_BYTES))
 
 
 def _allreduce_worker(rank: int, port: int, queue) -> None:
@@ -47,18 +82,18 @@ def _allreduce_worker(rank: int, port: int, queue) -> None:
         queue.put((big_s, tiny_s))
 
 
-def gloo_allreduce() -> tuple[float, float] | None:
-    """(bytes/s per rank, seconds per ring step) of a 2-process gloo all-reduce, or None on failure.
-
-    A 2-rank ring all-reduce sends the message once each way (2(n-1)/n = 1) in 2 steps.
-    """
+def _run_pairs(target, extra_args: list[tuple]) -> list | None:
+    """Start one pair of gloo processes per entry of ``extra_args`` (at once) and collect what each
+    pair's rank 0 reports; None when any fails or exceeds the time limit."""
     ctx = mp.get_context("spawn")  # forking a process that already ran torch kernels can hang
-    queue, port = ctx.Queue(), _free_port()
-    procs = [ctx.Process(target=_allreduce_worker, args=(r, port, queue), daemon=True) for r in range(2)]
+    queue, procs = ctx.Queue(), []
+    for extra in extra_args:
+        port = _free_port()
+        procs += [ctx.Process(target=target, args=(r, port, queue, *extra), daemon=True) for r in range(2)]
     for p in procs:
         p.start()
     try:
-        big_s, tiny_s = queue.get(timeout=TIMEOUT_S)
+        return [queue.get(timeout=TIMEOUT_S) for _ in extra_args]
     except Exception:
         return None
     finally:
@@ -66,7 +101,25 @@ def gloo_allreduce() -> tuple[float, float] | None:
             p.join(timeout=5)
             if p.is_alive():
                 p.kill()
+
+
+def gloo_allreduce() -> tuple[float, float] | None:
+    """(bytes/s per rank, seconds per ring step) of a 2-process gloo all-reduce, or None on failure.
+
+    A 2-rank ring all-reduce sends the message once each way (2(n-1)/n = 1) in 2 steps.
+    """
+    got = _run_pairs(_allreduce_worker, [()])
+    if got is None:
+        return None
+    big_s, tiny_s = got[0]
     return MESSAGE_BYTES / max(big_s - tiny_s, 1e-9), tiny_s / 2
+
+
+def gloo_overheads() -> dict[str, float] | None:
+    """Resident bytes gloo's all-gather and reduce-scatter add per byte of the full buffer (both pairs run
+    at once: memory, unlike time, is not disturbed by sharing the cores), or None on failure."""
+    got = _run_pairs(_overhead_worker, [("gather",), ("scatter",)])
+    return dict(got) if got else None
 
 
 def memory_bandwidth() -> float:
@@ -96,10 +149,15 @@ def measured_cluster(c: ClusterConfig, ranks: int) -> tuple[ClusterConfig, tuple
     gloo = gloo_allreduce()
     bw, lat = gloo if gloo else (ESTIMATE_BW_GBS * 1e9, ESTIMATE_LATENCY_US * 1e-6)
     how = "measured (2 gloo processes)" if gloo else "estimated (gloo measurement failed)"
+    overheads = gloo_overheads()
+    extra = overheads or ESTIMATE_OVERHEADS
+    extra_how = "measured" if overheads else "estimated (measurement failed)"
     notes = (
         f"{cores} cores, {ram / 1e9:.1f} GB RAM, matmul peak {fp32 / 1e9:.0f} GFLOP/s fp32 / {bf16 / 1e9:.0f} bf16, "
         f"memory {mem_bw / 1e9:.1f} GB/s (measured)",
         f"all-reduce {bw / 1e9:.2f} GB/s, {lat * 1e6:.0f} µs per step: {how}; shared by {ranks} ranks",
+        f"gloo temporaries per byte: all-gather {extra['gather']:.2f}, reduce-scatter {extra['scatter']:.2f} "
+        f"({extra_how})",
     )
     measured = replace(
         c,
@@ -117,5 +175,7 @@ def measured_cluster(c: ClusterConfig, ranks: int) -> tuple[ClusterConfig, tuple
         inter_node_bw_gbs=min(bw / 1e9, 1.25),
         inter_node_latency_us=max(lat * 1e6, 50.0),
         comm_efficiency=1.0,  # the measurement already is what gloo achieves
+        gather_overhead=extra["gather"],
+        scatter_overhead=extra["scatter"],
     )
     return measured, notes

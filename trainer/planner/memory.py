@@ -6,6 +6,12 @@ with K = 12; fp32: 4Ψ + 4Ψ + 8Ψ), through trainer.analytic. Activations follo
 with tp, sbh/t(34 + 5as/h) with tp + SP; selective recompute drops the 5as/h term (the attention core
 is recomputed), full recompute keeps only the block input, 2sbh (2sbh/t with SP), plus one block's
 activations while it is recomputed. Under 1F1B the first stage holds min(p, m) micro-batches in flight.
+
+Buffers are what DeepSpeed (0.19) allocates beside the model states, sized by the trainer's ds_config:
+ZeRO-1/2 reduce gradients through one bucket and all-gather updated weights straight into the flat
+weight group; ZeRO-3 also keeps gathered weights live (up to ``stage3_max_live_parameters``) and
+gathers up to ``stage3_prefetch_bucket_size`` at once. A backend that cannot gather or reduce-scatter in
+the caller's buffers adds temporaries per byte moved (``Collectives``; gloo on CPU, measured).
 """
 
 from __future__ import annotations
@@ -13,11 +19,20 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from trainer.analytic import BYTES, StateBytes, activation_bytes_per_layer, model_state_bytes
+from trainer.ds_config import ZERO3_MAX_LIVE_PARAMETERS, ZERO_BUCKET_ELEMENTS
 from trainer.planner.layouts import Layout
 from trainer.planner.shape import ModelShape
 
-# The trainer's ds_config: ZeRO reduce and all-gather buckets of 5e7 elements each (trainer/ds_config.py).
-ZERO_BUCKET_ELEMENTS = 5e7
+
+@dataclass(frozen=True)
+class Collectives:
+    """Memory a backend's all-gather / reduce-scatter allocate beyond the caller's buffers, per byte of
+    the gathered output / scattered input, as it stays resident over a training run. NCCL works in the
+    caller's buffers (0, 0). gloo on CPU copies through per-rank temporaries that the C allocator keeps
+    (measured by trainer.planner.localbench: about 4 and 2.5)."""
+
+    gather: float = 0.0
+    scatter: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -28,7 +43,7 @@ class Memory:
     grads: float
     optimizer: float
     activations: float
-    buffers: float  # communication buckets (ZeRO) and, under ZeRO-3, one gathered block
+    buffers: float  # ZeRO: the reduce bucket, the backend's collective temporaries, ZeRO-3's gathered weights
     margin: float  # allocator fragmentation + the reserved context (the cluster's stated numbers)
 
     @property
@@ -62,32 +77,45 @@ def activation_bytes(shape: ModelShape, layout: Layout, global_batch: int, preci
     return blocks + embedding + head
 
 
-def buffer_bytes(shape: ModelShape, layout: Layout, psi: float, precision: str) -> float:
+def buffer_bytes(layout: Layout, psi: float, precision: str, collectives: Collectives = Collectives()) -> float:
+    """DeepSpeed's ZeRO buffers on a rank whose stage holds ``psi`` parameters (before dp partitioning).
+    Only touched memory counts: a CPU rank never faults in the unused tail of an oversized bucket."""
     if layout.zero_stage == 0:
         return 0.0
-    buckets = 2 * min(ZERO_BUCKET_ELEMENTS, psi) * 4  # reduce + all-gather buckets, fp32
-    if layout.zero_stage == 3:  # the block being computed is gathered in full
-        buckets += shape.layer_params / layout.tp * BYTES[precision]
-    return buckets
+    nbytes = BYTES[precision]
+    reduce_bucket = min(ZERO_BUCKET_ELEMENTS, psi) * nbytes
+    if layout.zero_stage < 3:  # one all-gather of the whole updated weight group per step
+        return reduce_bucket + collectives.gather * psi * nbytes
+    # ZeRO-3 all-gathers up to a prefetch bucket at a time, keeps what it gathered live until it is
+    # used again (the trainer keeps DeepSpeed's reuse distance), and reduce-scatters each full bucket.
+    live = min(ZERO3_MAX_LIVE_PARAMETERS, psi) * nbytes
+    gathered_at_once = min(ZERO_BUCKET_ELEMENTS, psi) * nbytes
+    return reduce_bucket + live + collectives.gather * gathered_at_once + collectives.scatter * reduce_bucket
 
 
 def memory_per_gpu(
-    shape: ModelShape, layout: Layout, global_batch: int, precision: str, reserved: float, fragmentation: float
+    shape: ModelShape,
+    layout: Layout,
+    global_batch: int,
+    precision: str,
+    reserved: float,
+    fragmentation: float,
+    collectives: Collectives = Collectives(),
 ) -> Memory:
     """The larger of the first stage (most activations, the embedding) and the last (the head)."""
     stages = (True, False) if layout.pp > 1 else (True,)
     return max(
-        (_stage(shape, layout, global_batch, precision, reserved, fragmentation, f) for f in stages),
+        (_stage(shape, layout, global_batch, precision, reserved, fragmentation, collectives, f) for f in stages),
         key=lambda m: m.total,
     )
 
 
-def _stage(shape, layout, global_batch, precision, reserved, fragmentation, first) -> Memory:
+def _stage(shape, layout, global_batch, precision, reserved, fragmentation, collectives, first) -> Memory:
     last = not first or layout.pp == 1
     psi = shape.stage_params(layout.tp, layout.pp, first, last)
     states = model_states(psi, layout.dp, layout.zero_stage, precision)
     acts = activation_bytes(shape, layout, global_batch, precision, first)
-    buffers = buffer_bytes(shape, layout, psi, precision)
+    buffers = buffer_bytes(layout, psi, precision, collectives)
     allocated = states.total + acts + buffers
     margin = allocated * fragmentation + reserved
     return Memory(states.params, states.grads, states.optimizer, acts, buffers, margin)

@@ -41,7 +41,9 @@ class Plan:
 
 
 def predict(shape: ModelShape, layout: Layout, global_batch: int, precision: str, cluster: ClusterSpec) -> Prediction:
-    memory = memory_per_gpu(shape, layout, global_batch, precision, cluster.reserved_bytes, cluster.fragmentation)
+    memory = memory_per_gpu(
+        shape, layout, global_batch, precision, cluster.reserved_bytes, cluster.fragmentation, cluster.collectives
+    )
     time = step_time(shape, layout, global_batch, precision, cluster)
     world = layout.tp * layout.pp * layout.dp
     tokens = global_batch * shape.seq_len
