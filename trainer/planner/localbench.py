@@ -39,9 +39,13 @@ def _overhead_worker(rank: int, port: int, queue, kind: str) -> None:
     """One of two gloo ranks: how much this process's peak RSS grows, per byte of the full buffer, over a
     few calls of one collective, as ZeRO repeats it every step. gloo gathers and scatters through per-rank
     temporaries, and glibc keeps the freed ones, so the growth is larger than a single call's."""
+    import warnings
+
     import torch
     import torch.distributed as dist
 
+    # newer torch deprecates these names; they are the ones DeepSpeed 0.19 calls, so they are measured
+    warnings.filterwarnings("ignore", category=FutureWarning)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     full, shard = torch.ones(MESSAGE_BYTES // 4), torch.ones(MESSAGE_BYTES // 8)
