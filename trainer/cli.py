@@ -8,8 +8,9 @@ same way: one line naming the key, the value and the fix, exit code 2, nothing w
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from trainer.config import BadInput, Config, ConfigError, validate, world_size_from_env
 from trainer.rundir import register_resolvers
@@ -34,7 +35,7 @@ def _overrides(argv: list[str]):
     try:
         parsed = OverridesParser.create().parse_overrides(args)
     except Exception as err:  # Hydra's parser error names the offending override
-        raise BadInput(f"config error: cannot parse the command line: {_one_line(err)}") from None
+        raise BadInput(f"config error: cannot parse the command line: {one_line(err)}") from None
     return [o for o in parsed if not o.is_hydra_override()]
 
 
@@ -60,7 +61,7 @@ def _check_group_choice(override: str) -> None:
         raise ConfigError(group, value, f"no such option; choose one of: {options}")
 
 
-def _one_line(err: BaseException) -> str:
+def one_line(err: BaseException) -> str:
     """The message of ``err`` and of its causes (Hydra puts the useful part there) on one line."""
     parts: list[str] = []
     while err is not None:
@@ -70,33 +71,41 @@ def _one_line(err: BaseException) -> str:
     return "; ".join(dict.fromkeys(parts)) or "invalid configuration"
 
 
-def _compose(job: list[str]):
-    from hydra import compose, initialize_config_dir
+def compose(job: list[str], config_name: str = "config") -> Any:
+    """The typed config of ``conf/<config_name>.yaml`` with these overrides; BadInput naming the key if
+    it does not compose. Its schema must be registered (``register`` for the trainer's)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from omegaconf import OmegaConf
 
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            node = compose(config_name="config", overrides=job)
+            node = hydra_compose(config_name=config_name, overrides=job)
         return OmegaConf.to_object(node)
     except Exception as err:  # composition errors: unknown keys, wrong types, missing values
-        raise BadInput(f"config error: {_one_line(err)}") from None
+        raise BadInput(f"config error: {one_line(err)}") from None
     finally:
         GlobalHydra.instance().clear()
 
 
-def preflight(argv: list[str]) -> None:
-    """Exit with code 2 and one line on stderr if any job of this command line is invalid."""
-    register()
+def check_command_line(argv: list[str], config_name: str, check: Callable[[Any], None]) -> None:
+    """Exit with code 2 and one line on stderr unless every job of this command line composes
+    ``conf/<config_name>.yaml`` and passes ``check``."""
     try:
-        jobs = _jobs(_overrides(argv))
-        for job in jobs:
+        for job in _jobs(_overrides(argv)):
             for override in job:
                 _check_group_choice(override)
-            validate(_compose(job), world_size_from_env())
+            check(compose(job, config_name))
     except BadInput as err:
         exit_bad_input(err)
+
+
+def preflight(argv: list[str]) -> None:
+    """The trainer's command line: every job composes and validates at the launcher's world size."""
+    register()
+    check_command_line(argv, "config", lambda cfg: validate(cfg, world_size_from_env()))
 
 
 def print_bad_input(err: BadInput) -> None:

@@ -29,9 +29,10 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from trainer.cli import CONF_DIR, EXIT_BAD_INPUT, print_bad_input, register
+from trainer import cli
+from trainer.cli import EXIT_BAD_INPUT, print_bad_input, register
 from trainer.config import BadInput, BatchPlan, Config, ConfigError, validate
 
 register()
@@ -149,18 +150,7 @@ class Outcome:
 
 def compose(overrides: list[str]) -> Config:
     """The trainer's typed config for these overrides, as ``trainer.train`` composes it."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            return OmegaConf.to_object(hydra_compose(config_name="config", overrides=overrides))
-    except Exception as err:  # unknown keys, wrong types: the message names them
-        raise BadInput(f"config error: {str(err).splitlines()[0]}") from None
-    finally:
-        GlobalHydra.instance().clear()
+    return cli.compose(overrides)
 
 
 def check(layout: Layout, settings: Settings) -> Outcome:

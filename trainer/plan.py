@@ -15,14 +15,7 @@ import sys
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from trainer.cli import (
-    CONF_DIR,
-    _check_group_choice,
-    _jobs,
-    _one_line,
-    _overrides,
-    exit_bad_input,
-)
+from trainer.cli import check_command_line, compose, exit_bad_input
 from trainer.config import BadInput, ConfigError
 from trainer.planner.config import PlanConfig, global_batch, precision, validate_plan
 
@@ -37,18 +30,8 @@ register()
 
 
 def compose_plan(overrides: list[str]) -> PlanConfig:
-    """The typed plan config for a command line (trainer.cli composes the trainer's config the same way)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            return OmegaConf.to_object(compose(config_name="plan", overrides=overrides))
-    except Exception as err:  # unknown keys, wrong types
-        raise BadInput(f"config error: {_one_line(err)}") from None
-    finally:
-        GlobalHydra.instance().clear()
+    """The typed plan config for a command line."""
+    return compose(overrides, config_name="plan")
 
 
 def check(cfg: PlanConfig) -> None:
@@ -85,13 +68,7 @@ def check(cfg: PlanConfig) -> None:
 
 def preflight(argv: list[str]) -> None:
     """Exit with code 2 and one line on stderr if the command line is not a plan that can run."""
-    try:
-        for job in _jobs(_overrides(argv)):
-            for override in job:
-                _check_group_choice(override)
-            check(compose_plan(job))
-    except BadInput as err:
-        exit_bad_input(err)
+    check_command_line(argv, "plan", check)
 
 
 def model_overrides() -> list[str]:
