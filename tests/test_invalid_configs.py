@@ -38,6 +38,8 @@ INVALID = [
     (["parallel.tp=2", "parallel.sequence_parallel=true", "model.seq_len=255"], 2, "parallel.sequence_parallel"),
     (["parallel.pp=0"], 1, "parallel.pp"),
     (["parallel.zero_stage=4"], 1, "parallel.zero_stage"),
+    (["parallel.recompute=partial"], 1, "parallel.recompute"),
+    (["parallel.recompute=selective", "parallel.activation_checkpoint_interval=2"], 1, "parallel.recompute"),
     (["parallel.zero_stage=-1"], 1, "parallel.zero_stage"),
     (["parallel.precision=fp8"], 1, "parallel.precision"),
     (["parallel.precision=fp16"], 1, "parallel.precision"),  # no GPU here

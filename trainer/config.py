@@ -53,7 +53,10 @@ class ParallelConfig:
     # Pipeline only: how layers are spread over stages -- "parameters" balances parameter counts
     # (embedding and head weigh in), "uniform" gives every stage the same number of layers.
     pipeline_partition: str = "parameters"
-    activation_checkpoint_interval: int = 0  # pipeline: recompute activations every k layers; 0 = off
+    activation_checkpoint_interval: int = 0  # full recompute in runs of k blocks; 0 = off (1 under recompute=full)
+    # Activation recompute in backward (Korthikanti et al. 2022): none | selective (the attention
+    # core only) | full (everything but each run's input). recompute=none with an interval > 0 is full.
+    recompute: str = "none"
 
 
 @dataclass
@@ -148,6 +151,7 @@ class Config:
 
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+RECOMPUTE = ("none", "selective", "full")
 
 
 @dataclass(frozen=True)
@@ -212,6 +216,7 @@ def validate(cfg: Config, world_size: int) -> BatchPlan:
         _positive(f"parallel.{key}", getattr(p, key))
     _validate_tensor_parallel(cfg)
     _validate_pipeline(cfg)
+    _validate_recompute(cfg)
     if p.zero_stage not in (0, 1, 2, 3):
         raise ConfigError("parallel.zero_stage", p.zero_stage, "must be 0, 1, 2 or 3")
     if p.precision not in PRECISIONS:
@@ -266,6 +271,15 @@ def _validate_pipeline(cfg: Config) -> None:
         raise ConfigError("parallel.pipeline_partition", p.pipeline_partition, "must be parameters or uniform")
     if p.activation_checkpoint_interval < 0:
         raise ConfigError("parallel.activation_checkpoint_interval", p.activation_checkpoint_interval, "must be >= 0")
+
+
+def _validate_recompute(cfg: Config) -> None:
+    p = cfg.parallel
+    if p.recompute not in RECOMPUTE:
+        raise ConfigError("parallel.recompute", p.recompute, f"must be one of {', '.join(RECOMPUTE)}")
+    if p.recompute == "selective" and p.activation_checkpoint_interval > 0:
+        fix = "an interval means full recompute; set parallel.activation_checkpoint_interval=0 or recompute=full"
+        raise ConfigError("parallel.recompute", p.recompute, fix)
 
 
 def _validate_device(cfg: Config) -> None:

@@ -50,17 +50,27 @@ class ParallelModel:
         return dense_named_parameters(self.model, self.shape.n_layer)
 
 
+def recompute_plan(cfg: Config) -> tuple[str, int]:
+    """(none | selective | full, blocks per recomputed run). An interval > 0 alone has always meant
+    full recompute (at pp>1, DeepSpeed's); 0 under recompute=full means every block on its own."""
+    p = cfg.parallel
+    mode = "full" if p.recompute == "none" and p.activation_checkpoint_interval > 0 else p.recompute
+    return mode, max(p.activation_checkpoint_interval, 1)
+
+
 def build_parallel_model(cfg: Config, mesh: Mesh, device: torch.device) -> ParallelModel:
     p = cfg.parallel
     shape = model_shape(cfg)
     comm = CommStats()
     layers = DenseLayers() if p.tp == 1 else TensorParallelLayers(mesh.tp_group, comm, p.sequence_parallel)
+    recompute, every = recompute_plan(cfg)
     if p.pp == 1:
-        model = GPT(shape, layers, seed=cfg.train.seed).to(device)
+        model = GPT(shape, layers, cfg.train.seed, recompute, every).to(device)
         num_params = model.num_params()
     else:
+        interval = every if recompute == "full" else 0  # DeepSpeed checkpoints runs of `interval` Blocks
         model = build_pipeline_module(
-            shape, layers, mesh.dims, cfg.train.seed, p.pipeline_partition, p.activation_checkpoint_interval
+            shape, layers, mesh.dims, cfg.train.seed, p.pipeline_partition, interval, recompute == "selective"
         )
         with torch.device("meta"):  # the full model's size, without building it
             num_params = GPT(shape).num_params()

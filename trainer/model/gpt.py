@@ -6,6 +6,12 @@
 Layers that tensor parallelism may split come from a ``LayerProvider``; this file knows nothing of
 process groups, launchers or configs. Shapes in comments are per rank: with tensor parallelism the
 head count ``nh`` is the local one (n_head / tp).
+
+Activation recompute (Korthikanti et al. 2022), chosen by plain constructor arguments:
+``recompute="selective"`` keeps no activations of the attention core (softmax(QKᵀ)·V, its dropout)
+and recomputes it in backward; ``recompute="full"`` keeps only the input of every run of
+``checkpoint_every`` blocks and recomputes the runs in backward. Both use torch's non-reentrant
+checkpoint, which restores the RNG state, so dropout masks repeat and gradients are unchanged.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from trainer.model.layers import DenseLayers, LayerProvider
 
@@ -40,8 +47,11 @@ def analytic_param_count(l: int, h: int, V: int, s: int) -> int:
     return 12 * l * h * h + 13 * l * h + (V + s) * h
 
 
+RECOMPUTE = ("none", "selective", "full")
+
+
 class CausalSelfAttention(nn.Module):
-    def __init__(self, shape: GPTShape, layers: LayerProvider):
+    def __init__(self, shape: GPTShape, layers: LayerProvider, recompute_attention: bool = False):
         super().__init__()
         if shape.n_head % layers.tp_size:
             raise ValueError(f"n_head={shape.n_head} must be divisible by the tensor-parallel size {layers.tp_size}")
@@ -54,16 +64,29 @@ class CausalSelfAttention(nn.Module):
         self.proj.residual_init = True
         self.dropout = shape.dropout
         self.resid_drop = nn.Dropout(shape.dropout)
+        self.recompute_attention = recompute_attention  # selective recompute of the attention core
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         qkv = self.qkv(x)  # (B, T, nh*3*hd)
         B, T = qkv.shape[:2]
         q, k, v = qkv.view(B, T, self.n_head, 3, self.head_dim).unbind(dim=3)  # each (B, T, nh, hd)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hd)
-        # Flash / memory-efficient kernels on GPU, the math kernel on CPU.
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        y = self._core(q, k, v)  # (B, nh, T, hd)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, nh*hd)
         return self.resid_drop(self.proj(y))
+
+    def _core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        dropout_p = self.dropout if self.training else 0.0
+        if self.recompute_attention and self.training and torch.is_grad_enabled():
+            # Only q, k, v are kept; the (B, nh, T, T) scores, probabilities and dropout mask -- the
+            # 5as/h term of the activations -- are recomputed in backward.
+            return checkpoint(_attention, q, k, v, dropout_p, use_reentrant=False)
+        return _attention(q, k, v, dropout_p)
+
+
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> torch.Tensor:
+    # Flash / memory-efficient kernels on GPU, the math kernel on CPU.
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
 
 
 class MLP(nn.Module):
@@ -79,10 +102,10 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, shape: GPTShape, layers: LayerProvider):
+    def __init__(self, shape: GPTShape, layers: LayerProvider, recompute_attention: bool = False):
         super().__init__()
         self.ln_1 = nn.LayerNorm(shape.n_embd)
-        self.attn = CausalSelfAttention(shape, layers)
+        self.attn = CausalSelfAttention(shape, layers, recompute_attention)
         self.ln_2 = nn.LayerNorm(shape.n_embd)
         self.mlp = MLP(shape, layers)
 
@@ -92,14 +115,25 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, shape: GPTShape, layers: LayerProvider | None = None, seed: int = 0):
+    def __init__(
+        self,
+        shape: GPTShape,
+        layers: LayerProvider | None = None,
+        seed: int = 0,
+        recompute: str = "none",
+        checkpoint_every: int = 1,
+    ):
         super().__init__()
+        if recompute not in RECOMPUTE or checkpoint_every < 1:
+            raise ValueError(f"recompute={recompute!r}, checkpoint_every={checkpoint_every}: need {RECOMPUTE}, >= 1")
         self.shape = shape
+        self.recompute, self.checkpoint_every = recompute, checkpoint_every
         self.layers = layers or DenseLayers()
         self.wte = self.layers.embedding(shape.vocab_size, shape.n_embd)
         self.wpe = nn.Embedding(shape.seq_len, shape.n_embd)
         self.drop = nn.Dropout(shape.dropout)
-        self.blocks = nn.ModuleList(Block(shape, self.layers) for _ in range(shape.n_layer))
+        selective = recompute == "selective"
+        self.blocks = nn.ModuleList(Block(shape, self.layers, selective) for _ in range(shape.n_layer))
         self.ln_f = nn.LayerNorm(shape.n_embd)
         if self.wte.weight.device.type != "meta":
             self.init_weights(seed)
@@ -109,14 +143,21 @@ class GPT(nn.Module):
         T = idx.shape[1]
         pos = torch.arange(T, device=idx.device)
         x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, h)
-        x = self.layers.to_block_layout(x)
-        for block in self.blocks:
-            x = block(x)
+        x = self._run_blocks(self.layers.to_block_layout(x))
         x = self.layers.from_block_layout(self.ln_f(x))
         logits = self.layers.lm_logits(x, self.wte)  # (B, T, V) or its vocab shard
         if targets is None:
             return logits
         return self.layers.cross_entropy(logits, targets)
+
+    def _run_blocks(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.recompute == "full" and self.training and torch.is_grad_enabled()):
+            return _sequential(self.blocks, x)
+        k = self.checkpoint_every
+        for start in range(0, len(self.blocks), k):
+            # Only this run's input is kept; its blocks run again in backward.
+            x = checkpoint(_sequential, self.blocks[start : start + k], x, use_reentrant=False)
+        return x
 
     def num_params(self) -> int:
         """Parameters of the full model (shards counted at their full size)."""
@@ -124,6 +165,12 @@ class GPT(nn.Module):
 
     def init_weights(self, seed: int) -> None:
         init_weights(self, seed, self.shape.n_layer)
+
+
+def _sequential(blocks: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
+    for block in blocks:
+        x = block(x)
+    return x
 
 
 @torch.no_grad()

@@ -91,11 +91,11 @@ class FinalNorm(nn.Module):
         return self.layers.from_block_layout(self.ln_f(x))
 
 
-def layer_specs(shape: GPTShape, layers: LayerProvider) -> list[LayerSpec]:
+def layer_specs(shape: GPTShape, layers: LayerProvider, recompute_attention: bool = False) -> list[LayerSpec]:
     """The n_layer + 3 specs of the table above, in pipeline order."""
     return [
         TiedLayerSpec(TIED_KEY, GPTEmbedding, shape, layers, position=True, tied_weight_attr=["wte.weight"]),
-        *(LayerSpec(Block, shape, layers) for _ in range(shape.n_layer)),
+        *(LayerSpec(Block, shape, layers, recompute_attention) for _ in range(shape.n_layer)),
         LayerSpec(FinalNorm, shape, layers),
         TiedLayerSpec(
             TIED_KEY, GPTEmbedding, shape, layers, position=False, forward_fn=lm_head, tied_weight_attr=["wte.weight"]
@@ -126,6 +126,7 @@ def build_pipeline_module(
     seed: int,
     partition_method: str = "parameters",
     activation_checkpoint_interval: int = 0,
+    recompute_attention: bool = False,
 ) -> PipelineModule:
     """This stage's part of the GPT, initialised as the dense GPT of the same ``seed`` would be.
 
@@ -141,6 +142,7 @@ def build_pipeline_module(
         consecutive layers of a stage that are all ``Block``s (DeepSpeed's reentrant checkpoint; a run
         that contains the embedding, ln_f or the head is not checkpointed -- the reentrant function
         would cut the gradient to a first layer whose input, the ids, cannot require grad). 0 = off.
+    recompute_attention: every ``Block`` recomputes its attention core in backward (selective recompute).
     """
     if partition_method not in PARTITION_METHODS:
         raise ValueError(f"partition_method={partition_method!r}: must be one of {PARTITION_METHODS}")
@@ -149,7 +151,7 @@ def build_pipeline_module(
     if layers.tp_size != dims.tp:
         raise ValueError(f"the layer provider splits over tp={layers.tp_size} ranks but dims.tp={dims.tp}")
     module = GPTPipe(
-        layers=layer_specs(shape, layers),
+        layers=layer_specs(shape, layers, recompute_attention),
         topology=dims.deepspeed_topology(),
         loss_fn=layers.cross_entropy,  # (logits, targets) -> mean loss; vocab-parallel under TP
         partition_method=partition_method,
