@@ -33,12 +33,6 @@ class Layout:
     def family(self) -> tuple[int, int, int]:
         return self.tp, self.pp, self.zero_stage
 
-    @property
-    def runnable(self) -> bool:
-        """This trainer checkpoints activations only inside a pipeline (parallel.activation_checkpoint_interval)
-        and has no selective recompute."""
-        return self.recompute == "none" or (self.recompute == "full" and self.pp > 1)
-
     def overrides(self, global_batch: int, precision: str) -> list[str]:
         """The trainer's Hydra overrides for this layout (trainer.config.ParallelConfig's field names)."""
         return [
@@ -48,7 +42,7 @@ class Layout:
             f"parallel.micro_batch={self.micro_batch}",
             f"parallel.global_batch={global_batch}",
             f"parallel.sequence_parallel={str(self.sequence_parallel).lower()}",
-            f"parallel.activation_checkpoint_interval={1 if self.recompute == 'full' else 0}",
+            f"parallel.recompute={self.recompute}",
             f"parallel.precision={precision}",
         ]
 

@@ -27,7 +27,6 @@ COLUMNS = (
     "tokens/s",
     "TFLOP/s/GPU",
     "MFU",
-    "trainer",
 )
 
 
@@ -52,7 +51,7 @@ def header(plan: Plan) -> list[str]:
 def layout_table(plan: Plan, rows: list[Prediction], title: str) -> Table:
     table = Table(title=title, title_justify="left")
     for name in COLUMNS:
-        table.add_column(name, justify="left" if name in ("recompute", "trainer") else "right")
+        table.add_column(name, justify="left" if name == "recompute" else "right")
     for p in rows:
         lay = p.layout
         table.add_row(
@@ -70,7 +69,6 @@ def layout_table(plan: Plan, rows: list[Prediction], title: str) -> Table:
             f"{p.tokens_per_s:,.0f}",
             f"{p.tflops_per_gpu:.3g}",
             f"{p.mfu:.1%}",
-            "runs" if lay.runnable else "n/a",
         )
     return table
 
@@ -82,10 +80,7 @@ def print_plan(plan: Plan, top: int, rejected_lines: int, model_overrides: list[
     ranked = plan.ranked
     title = f"top {min(top, len(ranked))} of {len(ranked)} layouts that fit ({len(plan.predictions)} enumerated)"
     out.print(layout_table(plan, ranked[:top], title + ", fastest first"))
-    out.print(
-        "TFLOP/s/GPU and MFU count model FLOPs (72·B·s·l·h²(1 + s/6h + V/12lh)), not recompute; "
-        "trainer n/a: this trainer has no selective recompute and checkpoints activations only when pp > 1"
-    )
+    out.print("TFLOP/s/GPU and MFU count model FLOPs (72·B·s·l·h²(1 + s/6h + V/12lh)), not recompute")
     print_rejections(out, plan, rejected_lines)
     print_command(out, plan, model_overrides)
 
@@ -118,18 +113,9 @@ def print_command(out: Console, plan: Plan, model_overrides: list[str]) -> None:
     if not ranked:
         out.print("\nno layout fits: more nodes, a smaller model or a smaller global batch")
         return
-    best = next((p for p in ranked if p.layout.runnable), None)
-    if best is not ranked[0]:
-        lay = ranked[0].layout
-        out.print(f"\nfastest layout (#1) needs {lay.recompute} recompute at pp={lay.pp}, which this trainer lacks")
-    if best is None:
-        out.print("no layout this trainer can run fits")
-        return
+    best = ranked[0]
     overrides = model_overrides + best.layout.overrides(plan.global_batch, plan.precision)
-    out.print(
-        f"\nbest layout this trainer runs (#{best.rank}): {best.tokens_per_s:,.0f} tokens/s, "
-        f"{best.memory.total / GB:.1f} GB per GPU"
-    )
+    out.print(f"\nbest layout: {best.tokens_per_s:,.0f} tokens/s, {best.memory.total / GB:.1f} GB per GPU")
     out.print(launch_command(plan, overrides), soft_wrap=True)
 
 
@@ -157,7 +143,6 @@ def layout_record(plan: Plan, p: Prediction) -> dict:
         "tflops_per_gpu": p.tflops_per_gpu,
         "hw_tflops_per_gpu": p.hw_tflops_per_gpu,
         "mfu": p.mfu,
-        "runnable": lay.runnable,
         "overrides": " ".join(lay.overrides(plan.global_batch, plan.precision)),
     }
 
