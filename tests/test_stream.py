@@ -124,22 +124,36 @@ def test_corpus_smaller_than_a_global_batch(tmp_path):
         stream(small)
 
 
+def _eval_samples(tokens, global_batch, micro_batch, dp, num_batches=4) -> list[list[list[int]]]:
+    return [
+        [indices(x) for x, _ in eval_batches(tokens, SEQ, global_batch, micro_batch, r, dp, num_batches)]
+        for r in range(dp)
+    ]
+
+
 def test_eval_batches_shard_the_first_samples(tokens):
-    per_rank = [[indices(x) for x, _ in eval_batches(tokens, SEQ, 3, r, 2, num_batches=4)] for r in range(2)]
-    # Batch b of rank r holds samples (2b + r) * 3 + [0, 3): all of the first 24 samples, each once.
+    per_rank = _eval_samples(tokens, global_batch=6, micro_batch=3, dp=2)
+    # Global batch b is samples 6b + [0, 6); rank r takes its r-th half: all of the first 24 samples, once.
     assert per_rank[0][1] == [6, 7, 8] and per_rank[1][0] == [3, 4, 5]
     assert sorted(i for rank in per_rank for batch in rank for i in batch) == list(range(24))
-    again = [indices(x) for x, _ in eval_batches(tokens, SEQ, 3, 0, 2, num_batches=4)]
-    assert again == per_rank[0]
+    assert _eval_samples(tokens, global_batch=6, micro_batch=3, dp=2)[0] == per_rank[0]  # the same every call
+
+
+@pytest.mark.parametrize("micro_batch,dp", [(6, 1), (2, 1), (3, 2), (1, 2), (2, 3), (1, 6)])
+def test_eval_set_is_the_same_at_every_layout(tokens, micro_batch, dp):
+    """Megatron-style: num_batches global batches, whatever the dp degree and micro-batch."""
+    per_rank = _eval_samples(tokens, global_batch=6, micro_batch=micro_batch, dp=dp)
+    assert all(len(batch) == micro_batch for rank in per_rank for batch in rank)
+    assert sorted(i for rank in per_rank for batch in rank for i in batch) == list(range(24))
 
 
 def test_eval_batches_wrap_around_a_small_file(tmp_path):
     small = counting_file(tmp_path / "val.bin", num_samples=5)
-    batches = [indices(x) for x, _ in eval_batches(small, SEQ, 4, 0, 1, num_batches=2)]
+    batches = [indices(x) for x, _ in eval_batches(small, SEQ, 4, 4, 0, 1, num_batches=2)]
     assert batches == [[0, 1, 2, 3], [4, 0, 1, 2]]
 
 
 def test_eval_batches_reject_a_file_shorter_than_one_sample(tmp_path):
     np.arange(SEQ, dtype=np.uint16).tofile(tmp_path / "val.bin")
     with pytest.raises(ValueError, match="fewer than seq_len\\+1"):
-        eval_batches(TokenFile(tmp_path / "val.bin", "uint16"), SEQ, 1, 0, 1, 1)
+        eval_batches(TokenFile(tmp_path / "val.bin", "uint16"), SEQ, 1, 1, 0, 1, 1)

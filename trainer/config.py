@@ -104,7 +104,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     log_interval: int = 10  # steps between metric lines (metrics.jsonl has every step)
     eval_interval: int = 200  # steps between validation passes; 0 = only at the end
-    eval_batches: int = 20  # micro-batches per rank per validation pass
+    eval_batches: int = 10  # global batches of validation samples: the same set at every layout
     save_interval: int = 0  # steps between checkpoints; 0 = only at the end, -1 = never
     # "" = start fresh; "auto" = continue from the newest checkpoint of this run directory (fresh
     # if there is none); or a path to a checkpoints directory or one of its step_<n> directories.

@@ -82,6 +82,7 @@ def build_streams(cfg: Config, plan: BatchPlan, prepared, dp_rank: int, dp_size:
             eval_batches(
                 TokenFile(prepared.val_path, prepared.dtype),
                 cfg.model.seq_len,
+                plan.global_batch,
                 plan.micro_batch,
                 dp_rank,
                 dp_size,

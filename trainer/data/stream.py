@@ -145,12 +145,15 @@ class SampleStream:
 
 
 def eval_batches(
-    tokens: TokenFile, seq_len: int, micro_batch: int, dp_rank: int, dp_size: int, num_batches: int
+    tokens: TokenFile, seq_len: int, global_batch: int, micro_batch: int, dp_rank: int, dp_size: int, num_batches: int
 ) -> Iterator[Batch]:
-    """The first samples of ``tokens`` in file order, ``num_batches`` micro-batches for rank ``dp_rank``.
+    """Rank ``dp_rank``'s share of the validation set: the first ``num_batches * global_batch`` samples of
+    ``tokens`` in file order (wrapping around the end of a small file), as Megatron-LM's eval iterations.
 
-    Batch b of rank r holds samples ``(b * dp_size + r) * micro_batch + [0, micro_batch)``, wrapping
-    around the end of a small file; ranks do not overlap unless a pass wraps. Same batches every call.
+    The set depends only on the global batch, so every layout (any dp, micro-batch or accumulation)
+    validates on the same samples and reports the same loss. Each global batch is cut into dp contiguous
+    shares, rank r taking samples ``b * global_batch + r * share + [0, share)`` of batch b, in
+    micro-batches. Same batches every call.
     """
     num_samples = tokens.num_samples(seq_len)
     if num_samples == 0:
@@ -158,7 +161,8 @@ def eval_batches(
             f"data: validation file {tokens.path} has {len(tokens)} tokens, fewer than seq_len+1={seq_len + 1}; "
             "raise data.val_fraction or use a larger corpus"
         )
-    indices = np.arange(num_batches * dp_size * micro_batch) % num_samples
-    indices = indices.reshape(num_batches, dp_size, micro_batch)
+    indices = np.arange(num_batches * global_batch) % num_samples
+    shares = indices.reshape(num_batches, dp_size, -1)[:, dp_rank]  # (batches, global_batch / dp)
+    micro = shares.reshape(-1, micro_batch)  # this rank's micro-batches, batch by batch
     # A generator expression, not a generator function, so the check above fails at the call.
-    return (make_batch(tokens, rows, seq_len) for rows in indices[:, dp_rank])
+    return (make_batch(tokens, rows, seq_len) for rows in micro)
