@@ -1,4 +1,5 @@
-"""The global gradient norm of a tensor-parallel model, each parameter counted once."""
+"""The gradient norm of one model replica under tensor (and pipeline) parallelism, each parameter
+counted once: the sum of squares every rank contributes, and its reduction for the trainer's log."""
 
 from __future__ import annotations
 
@@ -11,18 +12,23 @@ from trainer.parallel.dims import Mesh
 from trainer.parallel.mappings import CommStats, all_reduce
 
 
-def global_grad_norm(params: Iterable[nn.Parameter], mesh: Mesh, stats: CommStats) -> float:
-    """||g||₂ over the whole model replica: the shards of tensor-parallel parameters from every tp
-    rank, the replicated parameters (LayerNorm, row biases, position embedding) from tp rank 0 only.
-
-    Equals the dense model's norm at tp=1. (DeepSpeed computes the same sum inside its clipping
-    but does not keep the value without ZeRO.)
-    """
-    first_tp_rank = mesh.coords.tp == 0
+def local_grad_squares(params: Iterable[nn.Parameter], first_tp_rank: bool, device=None) -> torch.Tensor:
+    """This rank's share of ||g||² of one replica: the shards of tensor-parallel parameters from every
+    tp rank, the replicated parameters (LayerNorm, row biases, position embedding) from tp rank 0
+    only, and never a pipeline's second copy of the tied embedding (``ds_pipe_replicated``, on the
+    last stage). Summed over the ranks of the replica it is the dense model's ||g||²."""
     squares = [
         p.grad.detach().float().pow(2).sum()
         for p in params
-        if p.grad is not None and (first_tp_rank or getattr(p, "tensor_model_parallel", False))
+        if p.grad is not None
+        and not getattr(p, "ds_pipe_replicated", False)
+        and (first_tp_rank or getattr(p, "tensor_model_parallel", False))
     ]
-    total = torch.stack(squares).sum() if squares else torch.zeros(())
+    return torch.stack(squares).sum() if squares else torch.zeros((), device=device)
+
+
+def global_grad_norm(params: Iterable[nn.Parameter], mesh: Mesh, stats: CommStats) -> float:
+    """||g||₂ of a pp=1 replica (the tp group holds all of it), counted in ``stats``. DeepSpeed computes
+    the same sum inside its clipping but does not keep the value without ZeRO."""
+    total = local_grad_squares(params, mesh.coords.tp == 0)
     return all_reduce(total, mesh.tp_group, stats).sqrt().item()

@@ -46,6 +46,7 @@ from torch import nn
 from trainer.model.gpt import Block, GPTShape, init_weights
 from trainer.model.layers import LayerProvider
 from trainer.parallel.dims import ParallelDims
+from trainer.parallel.grad_norm import local_grad_squares
 
 TIED_KEY = "embed"
 TIED_PREFIX = f"tied_modules.{TIED_KEY}."  # PipelineModule registers tied modules under this path
@@ -239,16 +240,8 @@ def pipeline_grad_norm(params: Iterable[nn.Parameter], mpu) -> torch.Tensor:
     is DeepSpeed's ``PipelineParallelGrid`` (``engine.mpu``) or a ``Mesh``. Gradients must already be
     reduced over dp and over the tied copies. Returns a 0-dim float32 tensor on the gradients' device.
     """
-    first_tp = mpu.get_tensor_model_parallel_rank() == 0
-    squares = [
-        p.grad.detach().float().pow(2).sum()
-        for p in params
-        if p.grad is not None
-        and not getattr(p, "ds_pipe_replicated", False)
-        and (first_tp or getattr(p, "tensor_model_parallel", False))
-    ]
     group = mpu.get_model_parallel_group()
-    total = torch.stack(squares).sum() if squares else torch.zeros((), device=_device(group))
+    total = local_grad_squares(params, mpu.get_tensor_model_parallel_rank() == 0, _device(group))
     dist.all_reduce(total, group=group)
     return total.sqrt()
 
