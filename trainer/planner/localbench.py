@@ -16,10 +16,10 @@ from dataclasses import replace
 from trainer.planner.config import ClusterConfig
 
 ESTIMATE_BW_GBS, ESTIMATE_LATENCY_US = 1.0, 100.0
-ESTIMATE_OVERHEADS = {"gather": 4.0, "scatter": 2.5}  # gloo 2.x with glibc, measured on a 2-core EPYC
+ESTIMATE_OVERHEADS = {"gather": 4.0, "scatter": 2.5}  # torch 2.x's gloo with glibc, measured on a 2-core EPYC
 MESSAGE_BYTES = 16 * 2**20  # large enough that bandwidth, not latency, dominates
 TIMEOUT_S = 60.0
-CALLS = 5  # of each collective whose memory is measured: enough for glibc's retention to settle
+CALLS = 5  # of each collective whose memory is measured (what glibc keeps varies by about one copy per run)
 
 
 def _free_port() -> int:
@@ -121,7 +121,12 @@ def gloo_allreduce() -> tuple[float, float] | None:
 
 def gloo_overheads() -> dict[str, float] | None:
     """Resident bytes gloo's all-gather and reduce-scatter add per byte of the full buffer (both pairs run
-    at once: memory, unlike time, is not disturbed by sharing the cores), or None on failure."""
+    at once: memory, unlike time, is not disturbed by sharing the cores), or None on failure -- at once
+    where the peak RSS cannot be reset (not Linux), instead of after the workers' time limit."""
+    import os
+
+    if not os.access("/proc/self/clear_refs", os.W_OK):
+        return None
     got = _run_pairs(_overhead_worker, [("gather",), ("scatter",)])
     return dict(got) if got else None
 
