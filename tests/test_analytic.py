@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from trainer.analytic import (
+from trainer.analysis.formulas import (
     activation_bytes_per_layer,
     dp_comm_bytes_per_step,
     flops_per_token,

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from conftest import ROOT, child_env, compose_config, read_metrics, run_train, tiny_corpus_overrides
-from trainer.checkpoint import damage
+from trainer.checkpoint.store import damage
 
 # --- damaged checkpoints (one process, fast) --------------------------------------------------------
 
@@ -177,7 +177,7 @@ def test_exported_checkpoint_reproduces_the_runs_validation_loss(source, sources
     import torch.nn.functional as F
     from transformers import GPT2LMHeadModel
 
-    from trainer import consolidate
+    from trainer.checkpoint import consolidate
     from trainer.data.prepare import prepare
     from trainer.data.stream import TokenFile, eval_batches
     from trainer.model import GPT, GPTShape

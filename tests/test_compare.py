@@ -14,10 +14,10 @@ import sys
 import pytest
 
 from conftest import ROOT, child_env, tiny_corpus_overrides
-from trainer.compare import auto_layouts, parse_layout
-from trainer.config import BadInput
-from trainer.planner.calibrate import REQUIRED
-from trainer.report import RANK_FIELDS, RESULT_FIELDS
+from trainer.analysis.compare.report import RANK_FIELDS, RESULT_FIELDS
+from trainer.analysis.compare.runner import auto_layouts, parse_layout
+from trainer.analysis.planner.calibrate import REQUIRED
+from trainer.config.schema import BadInput
 
 TINY_MODEL = ["model.n_layer=2", "model.n_embd=64", "model.n_head=4", "model.seq_len=32", "model.vocab_size=512"]
 
@@ -83,7 +83,7 @@ def test_report_of_a_small_comparison(tmp_path, data_cache):
         assert (out / f"{plot}.png").stat().st_size > 0
     layouts = _read_csv(out / "results.csv")
     assert list(layouts[0]) == RESULT_FIELDS
-    assert set(REQUIRED) <= set(RESULT_FIELDS)  # what trainer.planner's calibration reads
+    assert set(REQUIRED) <= set(RESULT_FIELDS)  # what trainer.analysis.planner's calibration reads
     by_name = {row["layout"]: row for row in layouts}
     assert [by_name[n]["status"] for n in ("baseline", "dp2", "tp2", "tp2-pp2")] == ["ok", "ok", "ok", "skipped"]
     assert (by_name["tp2"]["tp"], by_name["tp2"]["dp"], by_name["dp2"]["dp"]) == ("2", "1", "2")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from conftest import ROOT, compose_config
-from trainer.config import validate
-from trainer.ds_config import ds_config
+from trainer.config.validate import validate
+from trainer.runtime.ds_config import ds_config
 
 GROUPS = {g: sorted(p.stem for p in (ROOT / "conf" / g).glob("*.yaml")) for g in ("model", "parallel", "data")}
 
@@ -60,7 +60,7 @@ def test_ds_config_is_derived_from_the_config(stage):
 
 
 def test_lr_schedule_warms_up_then_decays_to_min_lr():
-    from trainer.schedule import lr_at
+    from trainer.training.schedule import lr_at
 
     cfg, _ = compose_config(["optim.lr=1e-3", "optim.min_lr=1e-4", "optim.warmup_steps=10"])
     lrs = [lr_at(s, cfg.optim, 100) for s in range(100)]

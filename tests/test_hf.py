@@ -1,4 +1,4 @@
-"""Export to and import from Hugging Face GPT-2 (trainer.export, trainer.import_hf, trainer.hf).
+"""Export to and import from Hugging Face GPT-2 (trainer.export, trainer.import_hf, trainer.hf.convert).
 
 A small dense GPT with random weights everywhere (biases and LayerNorms included, so a wrong QKV
 permutation or transpose cannot hide behind zeros) is written as a consolidated checkpoint split
@@ -20,9 +20,11 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
 from conftest import ROOT, child_env, small_corpus
-from trainer import checkpoint, consolidate, hf
+from trainer.checkpoint import consolidate
+from trainer.checkpoint import store as checkpoint
 from trainer.data.tokenizer import EOT, load_tokenizer, save_tokenizer, train_bpe
 from trainer.export import main as export_main
+from trainer.hf import convert as hf
 from trainer.import_hf import main as import_main
 from trainer.model.gpt import GPT, GPTShape
 

@@ -1,6 +1,6 @@
 """Bad input fails fast: one line naming the key, exit code 2, no traceback, nothing written.
 
-The table runs through ``trainer.cli.preflight`` in-process (what every entry point calls before
+The table runs through ``trainer.config.cli.preflight`` in-process (what every entry point calls before
 Hydra starts); a sample of it runs through the real command line as well.
 """
 
@@ -13,7 +13,7 @@ import time
 import pytest
 
 from conftest import ROOT, child_env
-from trainer.cli import preflight
+from trainer.config.cli import preflight
 
 # (command-line overrides, world size, the key the message must name)
 INVALID = [

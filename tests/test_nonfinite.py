@@ -8,7 +8,7 @@ import math
 import pytest
 
 from conftest import read_metrics, run_train, tiny_corpus_overrides
-from trainer.checkpoint import damage
+from trainer.checkpoint.store import damage
 
 # name -> (ranks, overrides)
 LAYOUTS = {

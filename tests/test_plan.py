@@ -14,18 +14,19 @@ import pytest
 import yaml
 
 from conftest import ROOT, child_env, compose_config
-from trainer.analytic import flops_per_token
-from trainer.config import BadInput, Config, ModelConfig, ParallelConfig, validate
-from trainer.plan import compose_plan, preflight
-from trainer.planner.calibrate import REQUIRED, fit, read_results, spearman
-from trainer.planner.cluster import cluster_spec, spec_for_world
-from trainer.planner.config import ClusterConfig
-from trainer.planner.costmodel import executed_flops_per_step
-from trainer.planner.layouts import Layout, enumerate_layouts
-from trainer.planner.memory import activation_bytes, layer_activation_bytes, model_states
-from trainer.planner.predict import make_plan, predict
-from trainer.planner.published import GPT3_1024_TFLOPS, MEGATRON_2021, check, megatron_2021
-from trainer.planner.shape import ModelShape
+from trainer.analysis.formulas import flops_per_token
+from trainer.analysis.planner.calibrate import REQUIRED, fit, read_results, spearman
+from trainer.analysis.planner.cluster import cluster_spec, spec_for_world
+from trainer.analysis.planner.config import ClusterConfig
+from trainer.analysis.planner.costmodel import executed_flops_per_step
+from trainer.analysis.planner.layouts import Layout, enumerate_layouts
+from trainer.analysis.planner.memory import activation_bytes, layer_activation_bytes, model_states
+from trainer.analysis.planner.predict import make_plan, predict
+from trainer.analysis.planner.published import GPT3_1024_TFLOPS, MEGATRON_2021, check, megatron_2021
+from trainer.analysis.planner.run import compose_plan, preflight
+from trainer.analysis.planner.shape import ModelShape
+from trainer.config.schema import BadInput, Config, ModelConfig, ParallelConfig
+from trainer.config.validate import validate
 
 GB = 1e9
 A100 = ClusterConfig(**yaml.safe_load((ROOT / "conf/cluster/a100-80gb.yaml").read_text()))
@@ -272,7 +273,7 @@ def test_bad_input_is_one_line_and_exit_2(argv, key, capsys):
 
 def test_train_global_batch_is_an_alias():
     cfg = compose_plan(["model=gpt3-175b", "cluster=dgx-a100", "train.global_batch=1536"])
-    from trainer.planner.config import global_batch
+    from trainer.analysis.planner.config import global_batch
 
     assert global_batch(cfg) == 1536 and cfg.cluster.gpus_per_node == 8 and cfg.cluster.mem_per_gpu_gb == 85.0
 
@@ -327,7 +328,7 @@ def test_calibrate_from_the_command_line(tmp_path):
 
 
 def test_rank_cap_counts_the_threads_one_time_shared_rank_can_use():
-    from trainer.planner.cluster import rank_cap
+    from trainer.analysis.planner.cluster import rank_cap
 
     assert rank_cap(ranks=2, cores=2) == 1.0  # a core each: no spare capacity to borrow
     assert rank_cap(ranks=4, cores=2) == 2.0  # 1 thread each; alone it runs at 1/2 of the machine, twice its 1/4
@@ -335,8 +336,8 @@ def test_rank_cap_counts_the_threads_one_time_shared_rank_can_use():
 
 
 def test_collective_call_latency_costs_each_call_once():
-    from trainer.planner.cluster import Link
-    from trainer.planner.costmodel import ring_time
+    from trainer.analysis.planner.cluster import Link
+    from trainer.analysis.planner.costmodel import ring_time
 
     link = Link(bandwidth=1e9, latency=0.0)
     base = ring_time(1e6, 4, "all_reduce", link)
@@ -350,8 +351,8 @@ def test_collective_call_latency_costs_each_call_once():
 
 def test_zero_buffers_are_sized_from_the_trainers_deepspeed_config():
     """The planner and the run read the same bucket and live-parameter limits."""
-    from trainer.config import batch_plan
-    from trainer.ds_config import ZERO3_MAX_LIVE_PARAMETERS, ZERO_BUCKET_ELEMENTS, ds_config
+    from trainer.config.validate import batch_plan
+    from trainer.runtime.ds_config import ZERO3_MAX_LIVE_PARAMETERS, ZERO_BUCKET_ELEMENTS, ds_config
 
     cfg, _ = compose_config(["parallel.zero_stage=3"])
     zero = ds_config(cfg, batch_plan(cfg, 1))["zero_optimization"]
@@ -360,8 +361,8 @@ def test_zero_buffers_are_sized_from_the_trainers_deepspeed_config():
 
 
 def test_zero_buffers_count_the_bucket_live_weights_and_backend_copies():
-    from trainer.ds_config import ZERO3_MAX_LIVE_PARAMETERS, ZERO_BUCKET_ELEMENTS
-    from trainer.planner.memory import Collectives, buffer_bytes
+    from trainer.analysis.planner.memory import Collectives, buffer_bytes
+    from trainer.runtime.ds_config import ZERO3_MAX_LIVE_PARAMETERS, ZERO_BUCKET_ELEMENTS
 
     small, gloo = 1e6, Collectives(gather=4.0, scatter=2.5)
     assert buffer_bytes(_layout(1, 1, 4, 0), small, "fp32", gloo) == 0  # ZeRO-0: gradients all-reduced in place
@@ -379,7 +380,7 @@ def test_zero_buffers_count_the_bucket_live_weights_and_backend_copies():
 def test_gloo_gathers_and_scatters_through_temporaries():
     """What the cpu-local cluster measures: gloo (unlike NCCL) copies a gathered / scattered buffer at least
     once more, so ZeRO on CPU needs that memory on top of its buckets."""
-    from trainer.planner.localbench import gloo_overheads
+    from trainer.analysis.planner.localbench import gloo_overheads
 
     measured = gloo_overheads()
     assert measured is not None

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import trainer.data.prepare as prep
-from trainer.config import DataConfig, TokenizerConfig
+from trainer.config.schema import DataConfig, TokenizerConfig
 from trainer.data.tokenizer import EOT, load_tokenizer
 
 VAL_EVERY = 4  # val_fraction 0.25

@@ -14,10 +14,11 @@ import pytest
 import torch
 
 from conftest import compose_config, read_metrics, run_train, tiny_corpus_overrides
-from trainer.config import ConfigError, validate
-from trainer.metrics import ActivationMeter
+from trainer.config.schema import ConfigError
+from trainer.config.validate import validate
 from trainer.model import GPT, GPTShape, gpt
-from trainer.parallelize import recompute_plan
+from trainer.parallel.apply import recompute_plan
+from trainer.training.metrics import ActivationMeter
 
 SHAPE = GPTShape(n_layer=4, n_embd=64, n_head=4, seq_len=32, vocab_size=128, dropout=0.1)
 SEED, BATCH = 5, 4

@@ -1,175 +1,25 @@
-"""The reference the trainer is measured against: the identical GPT trained by a plain PyTorch loop on
-one process -- ``torch.optim.AdamW``, ``clip_grad_norm_``, the same learning-rate schedule, the same
-data stream and batch, no DeepSpeed, no process group.
-
-    python -m trainer.baseline [the same overrides as trainer.train]
-
-It writes what ``trainer.train`` writes (metrics.jsonl with the same fields, summary.json, config.yaml)
-into its Hydra run directory, and measures logged steps with the same instruments, so its numbers
-and the trainer's compare one to one. Only the parallel layout is ignored: it is always one process.
+"""Entry point: ``python -m trainer.baseline [overrides]``: the same model, data and optimizer as
+``trainer.train`` in a plain PyTorch loop on one process (no DeepSpeed), the reference the comparison
+measures every layout against (``trainer.training.baseline``). fp32 only; exit code 2 for bad input.
 """
 
 from __future__ import annotations
 
-import json
 import sys
-import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import hydra
-import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from trainer.cli import exit_bad_input, preflight, register
-from trainer.config import BadInput, Config, ConfigError, validate
-
-register()
-
-
-class BaselineLoop:
-    """Micro-batches of loss/grad_accum backward, then clip, step, schedule, zero -- what DeepSpeed's
-    engine does at world size 1, written out."""
-
-    def __init__(self, cfg: Config, model, stream, val, plan, throughput, metrics, console, device):
-        from trainer.engine import param_groups
-        from trainer.metrics import ActivationMeter, PhaseClock, TensorCensus
-        from trainer.schedule import scheduler_factory
-
-        o = cfg.optim
-        self.cfg, self.model, self.stream, self.val, self.plan = cfg, model, stream, val, plan
-        self.throughput, self.metrics, self.console, self.device = throughput, metrics, console, device
-        self.optimizer = torch.optim.AdamW(
-            param_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay
-        )
-        self.scheduler = scheduler_factory(o, cfg.train.steps)(self.optimizer)
-        self.clock = PhaseClock(device, lambda: 0.0)  # one process: no communication
-        self.census = TensorCensus(model, self.optimizer)
-        self.activations = ActivationMeter(model)
-        self.measuring = False
-
-    def step(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        accum, clock = self.plan.grad_accum, self.clock
-        total = torch.zeros((), device=self.device)
-        for _ in range(accum):
-            with clock.phase("data"):
-                x, y = (t.to(self.device, non_blocking=True) for t in self.stream.next_micro_batch())
-            with clock.phase("forward"), self.activations.track() if self.measuring else nullcontext():
-                loss = self.model(x, y)
-            with clock.phase("backward"):
-                (loss / accum).backward()
-            total += loss.detach().float()
-        if self.measuring:
-            self.census.sample()
-        with clock.phase("optimizer"):
-            clip = self.cfg.optim.grad_clip
-            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else float("inf"))
-            self.optimizer.step()
-            self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
-        if self.measuring:
-            self.census.sample()
-        return total / accum, norm
-
-    def fit(self):
-        from trainer.loop import FitResult, Window
-
-        t = self.cfg.train
-        result = FitResult(steps=t.steps)
-        self.model.train()
-        window = Window()
-        for step in range(t.steps):
-            self.measuring = (step + 1) % t.log_interval == 0 or step == 0 or step + 1 == t.steps
-            self.clock.start(self.measuring)
-            lr = self.scheduler.get_last_lr()[0]
-            if self.measuring:
-                self.census.reset()
-                cpu0 = _cpu()
-            t0 = time.perf_counter()
-            loss, norm = self.step()
-            window.steps += 1
-            if self.measuring:
-                self._log(step, loss.item(), lr, norm.item(), t0, window, _cpu() - cpu0, result)
-                window = Window()
-        result.val_loss = self.evaluate()
-        self.metrics.log({"step": t.steps, "val_loss": result.val_loss, "val_ppl": result.val_ppl})
-        return result
-
-    def _log(self, step, loss, lr, norm, t0, window, cpu_s, result) -> None:
-        from trainer.loop import rank_measurements, speed_record, step_line
-
-        now = time.perf_counter()
-        step_s = now - t0
-        record = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": norm}
-        record.update(speed_record(self.plan.tokens_per_step, step_s, window, now, self.throughput, self.device))
-        mine = {"rank": 0, "coords": {"tp": 0, "pp": 0, "dp": 0}, "positions": [0, self.cfg.model.n_layer + 3]}
-        mine.update(rank_measurements(self.model, self.device, self.census, self.activations, cpu_s, step_s))
-        mine.update(time=self.clock.breakdown(step_s), tp_comm_bytes=0, ds_comm_bytes=0, ds_comm_wire_bytes=0)
-        record["ranks"] = [mine]
-        self.metrics.log(record)
-        result.record(loss)
-        self.console.print(step_line(record, self.cfg.train.steps))
-
-    @torch.no_grad()
-    def evaluate(self) -> float:
-        self.model.eval()
-        losses = [self.model(x.to(self.device), y.to(self.device)).float() for x, y in self.val]
-        self.model.train()
-        return torch.stack(losses).mean().item()
-
-
-def _cpu() -> float:
-    from trainer.metrics import cpu_seconds
-
-    return cpu_seconds()
-
-
-def run(cfg: Config, cfg_node: DictConfig, run_dir: Path) -> None:
-    from trainer.analytic import flops_per_token
-    from trainer.engine import resolve_device
-    from trainer.hardware import peak_flops
-    from trainer.loop import Throughput
-    from trainer.metrics import Console, MetricsLog
-    from trainer.model import GPT, DenseLayers
-    from trainer.parallelize import model_shape
-    from trainer.tracking import start_run
-    from trainer.train import build_streams, prepare_data
-
-    plan = validate(_one_process(cfg), 1)
-    stream, val = build_streams(cfg, plan, prepare_data(cfg), 0, 1)
-    device = resolve_device(cfg.train.device)
-    torch.manual_seed(cfg.train.seed)  # the trainer's seed on its first rank (dropout masks)
-    shape = model_shape(cfg)
-    model = GPT(shape, DenseLayers(), seed=cfg.train.seed).to(device)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg_node, resolve=True))
-    console = Console(True, cfg.train.steps, cfg.logging.progress)
-    console.print(f"baseline: plain PyTorch, {model.num_params():,} parameters, 1 process | run dir {run_dir}")
-    wandb_run = start_run(cfg.logging.wandb, run_dir, OmegaConf.to_container(cfg_node, resolve=True), run_dir.name)
-    metrics = MetricsLog(run_dir, True, wandb_run)
-    fpt = flops_per_token(shape.n_layer, shape.n_embd, shape.seq_len, shape.vocab_size)
-    throughput = Throughput(fpt, peak_flops(device, cfg.parallel.precision), 1)
-    try:
-        result = BaselineLoop(cfg, model, stream, val, plan, throughput, metrics, console, device).fit()
-    finally:
-        console.close()
-        metrics.close()
-    summary = {"first_loss": result.first_loss, "last_loss": result.last_loss, "val_loss": result.val_loss}
-    summary.update(val_ppl=result.val_ppl, steps=result.steps, run_dir=str(run_dir))
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    console.print(f"done: loss {result.first_loss:.4f} -> {result.last_loss:.4f}, val_loss {result.val_loss:.4f}")
-
-
-def _one_process(cfg: Config) -> Config:
-    """The same config at tp = pp = 1 without ZeRO: the baseline is always a single process."""
-    cfg.parallel.tp = cfg.parallel.pp = 1
-    cfg.parallel.zero_stage = 0
-    cfg.parallel.sequence_parallel = False
-    return cfg
+from trainer.config.cli import exit_bad_input, preflight
+from trainer.config.schema import BadInput, Config, ConfigError
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg_node: DictConfig) -> None:
+    from trainer.training.baseline import run
+
     try:
         cfg: Config = OmegaConf.to_object(cfg_node)
         if cfg.parallel.precision != "fp32":
@@ -180,5 +30,5 @@ def main(cfg_node: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    preflight(sys.argv[1:])
+    preflight(sys.argv[1:])  # also registers the schema with Hydra
     main()

@@ -10,9 +10,9 @@ import sys
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from trainer.cli import EXIT_BAD_INPUT, preflight
-from trainer.config import BadInput, Config
-from trainer.train import prepare_data
+from trainer.config.cli import EXIT_BAD_INPUT, preflight
+from trainer.config.schema import BadInput, Config
+from trainer.data.setup import prepare_data
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")

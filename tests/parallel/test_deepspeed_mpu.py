@@ -31,7 +31,7 @@ SEED = 3
 def _check_zero2(rank: int, world: int) -> None:
     import deepspeed  # heavy: only in the ranks
 
-    from trainer.engine import skip_shm_comm_op
+    from trainer.runtime.engine import skip_shm_comm_op
 
     skip_shm_comm_op()  # as the trainer does: no JIT build, no leaked /dev/shm buffer
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK="0")

@@ -37,7 +37,7 @@ def start_deepspeed(rank: int, world: int):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK="0")
     import deepspeed  # heavy: only in the ranks
 
-    from trainer.engine import skip_shm_comm_op
+    from trainer.runtime.engine import skip_shm_comm_op
 
     skip_shm_comm_op()
     deepspeed.init_distributed(dist_backend="gloo")
@@ -69,7 +69,7 @@ def global_batches(dp: int) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
 
 def dense_reference(dp: int) -> tuple[GPT, list[float], list[float]]:
     """The dense GPT trained on the same global batches: losses and pre-clipping gradient norms."""
-    from trainer.engine import param_groups
+    from trainer.runtime.engine import param_groups
 
     model = GPT(SHAPE, DenseLayers(), SEED)
     opt = torch.optim.AdamW(param_groups(model, WEIGHT_DECAY), lr=LR)
@@ -103,7 +103,6 @@ def dense_shards(module, dense: GPT, mesh) -> dict[str, torch.Tensor]:
 
 def _check_training(rank: int, world: int, tp: int, pp: int, zero: int, sp: bool, partition: str, ckpt: int) -> None:
     deepspeed = start_deepspeed(rank, world)
-    from trainer.engine import param_groups
     from trainer.parallel import (
         CommStats,
         ParallelDims,
@@ -112,6 +111,7 @@ def _check_training(rank: int, world: int, tp: int, pp: int, zero: int, sp: bool
         register_sequence_parallel_grad_hooks,
     )
     from trainer.parallel.pipeline import build_pipeline_module, install_pipeline_clipping
+    from trainer.runtime.engine import param_groups
 
     dims = ParallelDims(world, tp=tp, pp=pp)
     mesh = build_mesh(dims)

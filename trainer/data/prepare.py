@@ -32,7 +32,7 @@ import numpy as np
 import tokenizers
 from tokenizers import Tokenizer
 
-from trainer.config import DataConfig
+from trainer.config.schema import DataConfig
 from trainer.data.tokenizer import eot_id, load_tokenizer, save_tokenizer, train_bpe
 
 FORMAT_VERSION = 1  # bump when the layout or the tokenization changes, to invalidate old caches

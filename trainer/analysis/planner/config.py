@@ -1,0 +1,141 @@
+"""The planner's typed config (``conf/plan.yaml``) and its validation.
+
+The model group is the trainer's own (``conf/model``); the cluster group (``conf/cluster``) is new.
+The global batch lives where the trainer keeps it, ``parallel.global_batch``; ``train.global_batch``
+is accepted as an alias because the issue spells it so.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from omegaconf import MISSING
+
+from trainer.config.schema import ConfigError, ModelConfig, ParallelConfig
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+@dataclass
+class ClusterConfig:
+    name: str = MISSING
+    gpu: str = ""  # what one device is, for the report
+    nodes: int = 1  # whole nodes; the plan uses all nodes * gpus_per_node devices
+    gpus_per_node: int = 8  # devices (ranks) per node; cpu-local: 0 = one per physical core
+    mem_per_gpu_gb: float = 0.0  # device memory visible to the framework, GB (1e9 bytes); cpu-local: measured
+    peak_tflops_bf16: float = 0.0  # dense peak per device, TFLOP/s (data sheet); 0 = not supported
+    peak_tflops_fp16: float = 0.0
+    peak_tflops_fp32: float = 0.0
+    mem_bw_gbs: float = 0.0  # device memory bandwidth, GB/s: the optimizer step is bound by it
+    intra_node_bw_gbs: float = 0.0  # per device, one direction, GB/s (NVLink: half the bidirectional figure)
+    intra_node_latency_us: float = 5.0  # per ring step
+    inter_node_bw_gbs: float = 0.0  # per device, one direction, GB/s (node NIC bandwidth / devices per node)
+    inter_node_latency_us: float = 10.0  # per ring step
+    # Fixed cost of one collective call beyond its ring steps (launch, and on an oversubscribed CPU the
+    # scheduler waking every peer); 0 on GPUs, where NCCL's per-step latency covers it. plan.calibrate fits it.
+    call_latency_us: float = 0.0
+    cpu_cores: int = 0  # physical cores of a shared (CPU) machine; measured on cpu-local; 0 = unknown
+    # Achieved / peak FLOP/s of a transformer layer's work (matmuls plus the memory-bound ops around
+    # them); plan.calibrate fits it on the machine at hand.
+    compute_efficiency: float = 0.5
+    comm_efficiency: float = 0.8  # achieved / link bandwidth of ring collectives and p2p sends
+    reserved_gb: float = 2.0  # per device and outside the model: CUDA context, NCCL buffers, workspaces
+    fragmentation: float = 0.10  # allocator slack, as a fraction of what the model allocates
+    # Temporaries the backend's all-gather / reduce-scatter keep resident, per byte of the gathered output /
+    # scattered input: 0 for NCCL (it works in the caller's buffers); cpu-local: measured (gloo copies).
+    gather_overhead: float = 0.0
+    scatter_overhead: float = 0.0
+    shared: bool = False  # ranks of a node share one device's compute and memory (CPU processes)
+    measure: bool = False  # fill the hardware numbers by measuring this machine (cpu-local)
+    default_precision: str = "bf16"  # what parallel.precision=auto means on this cluster
+
+
+@dataclass
+class PlanParallel:
+    global_batch: int | None = None  # samples per optimizer step (the trainer's key); default 8
+    precision: str = "auto"  # auto (the cluster's default) | fp32 | bf16 | fp16
+
+
+@dataclass
+class PlanTrain:
+    global_batch: int | None = None  # alias of parallel.global_batch (the issue's spelling)
+
+
+@dataclass
+class PlanOptions:
+    top: int = 10  # rows of the table
+    out: str = ""  # write every enumerated layout to this JSON file
+    calibrate: str = ""  # a trainer.compare report directory: fit efficiencies to its results.csv
+    rejected: int = 24  # (tp, pp) lines of rejected families to print
+
+
+@dataclass
+class PlanConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    parallel: PlanParallel = field(default_factory=PlanParallel)
+    train: PlanTrain = field(default_factory=PlanTrain)
+    plan: PlanOptions = field(default_factory=PlanOptions)
+
+
+def global_batch(cfg: PlanConfig) -> int:
+    """The global batch from either key (they must agree when both are given); the trainer's default otherwise."""
+    canonical, alias = cfg.parallel.global_batch, cfg.train.global_batch
+    if canonical is not None and alias is not None and canonical != alias:
+        raise ConfigError(
+            "train.global_batch", alias, f"conflicts with parallel.global_batch={canonical}; give only one of them"
+        )
+    chosen = canonical if canonical is not None else alias
+    return ParallelConfig().global_batch if chosen is None else chosen
+
+
+def precision(cfg: PlanConfig) -> str:
+    return cfg.cluster.default_precision if cfg.parallel.precision == "auto" else cfg.parallel.precision
+
+
+def validate_cluster(c: ClusterConfig) -> None:
+    if c.nodes < 1:
+        raise ConfigError("cluster.nodes", c.nodes, "must be >= 1 (whole nodes), e.g. cluster.nodes=16")
+    if c.gpus_per_node < (0 if c.measure else 1):
+        raise ConfigError("cluster.gpus_per_node", c.gpus_per_node, "must be >= 1")
+    if c.measure:
+        return  # the hardware numbers come from measuring this machine
+    for key in ("mem_per_gpu_gb", "mem_bw_gbs", "intra_node_bw_gbs", "inter_node_bw_gbs"):
+        if getattr(c, key) <= 0:
+            raise ConfigError(f"cluster.{key}", getattr(c, key), "must be > 0")
+    for key in (
+        "intra_node_latency_us",
+        "inter_node_latency_us",
+        "call_latency_us",
+        "reserved_gb",
+        "fragmentation",
+        "gather_overhead",
+        "scatter_overhead",
+    ):
+        if getattr(c, key) < 0:
+            raise ConfigError(f"cluster.{key}", getattr(c, key), "must be >= 0")
+    for key in ("compute_efficiency", "comm_efficiency"):
+        if not 0 < getattr(c, key) <= 1:
+            raise ConfigError(f"cluster.{key}", getattr(c, key), "must be in (0, 1]")
+
+
+def validate_plan(cfg: PlanConfig) -> None:
+    """Everything checkable without measuring or enumerating; the batch is checked against the layouts."""
+    m = cfg.model
+    for key in ("n_layer", "n_embd", "n_head", "seq_len", "vocab_size", "make_vocab_size_divisible_by"):
+        if getattr(m, key) <= 0:
+            raise ConfigError(f"model.{key}", getattr(m, key), "must be > 0")
+    if m.n_embd % m.n_head:
+        raise ConfigError("model.n_head", m.n_head, f"must divide model.n_embd={m.n_embd}")
+    validate_cluster(cfg.cluster)
+    if cfg.parallel.precision not in PRECISIONS:
+        raise ConfigError("parallel.precision", cfg.parallel.precision, f"must be one of {', '.join(PRECISIONS)}")
+    chosen = precision(cfg)
+    if not cfg.cluster.measure and getattr(cfg.cluster, f"peak_tflops_{chosen}", 0) <= 0:
+        raise ConfigError("parallel.precision", chosen, f"cluster {cfg.cluster.name} has no {chosen} peak; use bf16")
+    if chosen == "fp16" and cfg.cluster.measure:
+        raise ConfigError("parallel.precision", chosen, "fp16 needs a GPU; use bf16 or fp32 on cpu-local")
+    if global_batch(cfg) < 1:
+        raise ConfigError("parallel.global_batch", global_batch(cfg), "must be >= 1")
+    if cfg.plan.top < 1:
+        raise ConfigError("plan.top", cfg.plan.top, "must be >= 1")

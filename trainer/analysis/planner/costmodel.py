@@ -1,0 +1,159 @@
+"""Step time of a layout, term by term (seconds per optimizer step, per GPU).
+
+    step = (m + p - 1) · t_micro + t_dp + t_optimizer            (1F1B: bubble (p-1)/m of the ideal time)
+    t_micro = compute + tp collectives + pipeline p2p + ZeRO-2/3 per-micro-batch traffic
+
+Compute: the slowest stage's executed FLOPs over peak × compute_efficiency (the matmuls), plus its
+memory-bound traffic over memory bandwidth (elementwise_bytes: small hidden sizes lose most to it). A block's forward is
+24bsh² + 4bs²h FLOPs; training runs it 3 times (forward + backward), 4 with full recompute, and
+selective recompute adds the attention core's 4bs²h; the head adds 6bshV on the last stage. Summed
+over stages this is Narayanan et al. 2021's 72·B·s·l·h²(1 + s/6h + V/12lh) (96 and V/16lh with full
+recompute). Collectives are ring collectives (time = ring bytes / bandwidth + steps × latency):
+  * tp: 4 all-reduces of b·s·h per block and micro-batch (2 forward, 2 backward), 6 with full
+    recompute; SP's all-gather + reduce-scatter pairs move the same bytes. Over NVLink, not overlapped.
+  * pp: each micro-batch sends its activation forward and its gradient back, b·s·h/t per GPU
+    (Megatron's scatter/gather: each tp rank sends its slice), across nodes when there are several.
+  * dp: after the last micro-batch (DeepSpeed reduces at the accumulation boundary; the trainer sets
+    overlap_comm=false, so nothing is overlapped). ZeRO-0 all-reduces the fp32 gradients, ZeRO-1
+    reduce-scatters them and all-gathers the 16-bit weights, ZeRO-2 reduce-scatters every micro-batch
+    and all-gathers the weights once, ZeRO-3 all-gathers the weights for every forward (and recompute)
+    and backward and reduce-scatters every micro-batch.
+  * optimizer: Adam reads and writes ~30 bytes per parameter it updates (fp32 master, m, v, gradient,
+    16-bit weight), bound by memory bandwidth.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from trainer.analysis.formulas import BYTES, activation_bytes_per_layer, ring_bytes, tp_collectives
+from trainer.analysis.planner.cluster import ClusterSpec, Link
+from trainer.analysis.planner.layouts import Layout
+from trainer.analysis.planner.shape import ModelShape
+
+GRAD_COMM_BYTES = 4  # gradients are accumulated and reduced in fp32 (Megatron-LM; DeepSpeed's bf16 optimizer)
+ADAM_BYTES_PER_PARAM = 30
+
+
+@dataclass(frozen=True)
+class StepTime:
+    compute: float  # whole step, seconds
+    tp_comm: float
+    pp_comm: float
+    zero_comm: float  # per-micro-batch ZeRO-2/3 traffic, whole step
+    dp_comm: float  # end-of-step gradient / weight traffic
+    optimizer: float
+    bubble: float  # (p-1)/m
+    total: float
+
+
+def ring_time(message_bytes: float, n: int, kind: str, link: Link, call_latency: float = 0.0) -> float:
+    """One ring collective: its bytes over the link, its steps' latency, and the fixed per-call cost."""
+    if n <= 1:
+        return 0.0
+    steps = 2 * (n - 1) if kind == "all_reduce" else n - 1
+    return ring_bytes(message_bytes, n, kind) / link.bandwidth + steps * link.latency + call_latency
+
+
+def block_flops(shape: ModelShape, layout: Layout) -> float:
+    """Executed FLOPs of one block for one micro-batch (forward, backward and any recompute)."""
+    b, s, h = layout.micro_batch, shape.seq_len, shape.hidden
+    forward = 24 * b * s * h * h + 4 * b * s * s * h
+    extra = {"none": 0.0, "selective": 4 * b * s * s * h, "full": forward}[layout.recompute]
+    return 3 * forward + extra
+
+
+def head_flops(shape: ModelShape, layout: Layout) -> float:
+    return 6 * layout.micro_batch * shape.seq_len * shape.hidden * shape.padded_vocab(layout.tp)
+
+
+def elementwise_bytes(shape: ModelShape, layout: Layout, precision: str, last: bool = True) -> float:
+    """Memory traffic of the last stage's memory-bound work (LayerNorm, GeLU, softmax, dropout, the
+    loss) for one micro-batch. Each op reads its input and writes its output, which Korthikanti et al.
+    count as the activations a block stores, A: the forward moves 2A; the backward twice that, as with
+    FLOPs; full recompute adds a forward, selective the attention core's share (5as/h of 34 + 5as/h)."""
+    s, b, h, a, t = shape.seq_len, layout.micro_batch, shape.hidden, shape.heads, layout.tp
+    block = activation_bytes_per_layer(s, b, h, a, t, layout.sequence_parallel, precision)
+    passes = {"none": 3.0, "selective": 3 + (5 * a * s / h) / (34 + 5 * a * s / h), "full": 4.0}[layout.recompute]
+    head = 4 * s * b * h / t * (1 + shape.padded_vocab(t) / h) * BYTES[precision] / 2 if last else 0.0
+    return 2 * (passes * (shape.n_layer // layout.pp) * block + 3 * head)
+
+
+def executed_flops_per_step(shape: ModelShape, layout: Layout, global_batch: int) -> float:
+    """All GPUs together: what the hardware executes, recompute included (Megatron's TFLOP/s convention)."""
+    micro_batches = global_batch // layout.micro_batch
+    return micro_batches * (shape.n_layer * block_flops(shape, layout) + head_flops(shape, layout))
+
+
+def stage_compute(shape: ModelShape, layout: Layout, precision: str, cluster: ClusterSpec, last: bool) -> float:
+    """Seconds of one micro-batch's compute on a rank of a middle (``last=False``) or the last stage."""
+    rate = cluster.rank_peak(precision) * cluster.compute_efficiency
+    flops = (shape.n_layer // layout.pp) * block_flops(shape, layout) + (head_flops(shape, layout) if last else 0.0)
+    return flops / layout.tp / rate + elementwise_bytes(shape, layout, precision, last) / cluster.mem_bw
+
+
+def tp_calls(shape: ModelShape, layout: Layout) -> int:
+    """Tensor-parallel collective calls of one micro-batch on a last-stage rank (trainer.analysis.formulas's count;
+    full recompute repeats the forward's: 2 all-reduces, or 2 all-gathers and 2 reduce-scatters, per block)."""
+    l, t, blocks = shape.n_layer, layout.tp, shape.n_layer // layout.pp
+    if t <= 1:
+        return 0
+    positions = range(0 if layout.pp == 1 else l - blocks + 1, l + 3)
+    found = tp_collectives(
+        l, layout.micro_batch, shape.seq_len, shape.hidden, t, layout.sequence_parallel, 4, positions
+    )
+    recompute = blocks * (4 if layout.sequence_parallel else 2) if layout.recompute == "full" else 0
+    return sum(count for count, _ in found.values()) + recompute
+
+
+def step_time(shape: ModelShape, layout: Layout, global_batch: int, precision: str, cluster: ClusterSpec) -> StepTime:
+    m, p, t = layout.micro_batches(global_batch), layout.pp, layout.tp
+    blocks = shape.n_layer // p
+    compute = stage_compute(shape, layout, precision, cluster, last=True)
+    act = layout.micro_batch * shape.seq_len * shape.hidden * BYTES[precision]
+    collectives = 6 if layout.recompute == "full" else 4
+    tp = (
+        blocks * collectives * ring_time(act, t, "all_reduce", cluster.intra)
+        + tp_calls(shape, layout) * cluster.call_latency
+    )
+    link = cluster.pp_link()
+    pp = 2 * (act / t / link.bandwidth + link.latency + cluster.call_latency) if p > 1 else 0.0
+    psi = shape.stage_params(t, p, first=p == 1, last=True)
+    zero = zero_micro_batch_time(layout, psi, precision, cluster)
+    slots, bubble = m + p - 1, (p - 1) / m
+    dp = dp_step_time(layout, psi, precision, cluster)
+    updated = psi / layout.dp if layout.zero_stage >= 1 else psi
+    optimizer = updated * ADAM_BYTES_PER_PARAM / cluster.mem_bw
+    if cluster.pooled and p > 1:
+        # Ranks time-share the cores: the bubble fills with other stages' work, so the step takes the
+        # machine's whole work (m micro-batches of the mean stage) unless the slowest stage, even at
+        # rank_cap times its fair share, is the longer path.
+        middle = stage_compute(shape, layout, precision, cluster, last=False)
+        mean = ((p - 1) * middle + compute) / p
+        if m * mean > slots * compute / cluster.rank_cap:
+            slots, compute, bubble = m, mean, 0.0
+        else:
+            compute /= cluster.rank_cap
+    total = slots * (compute + tp + pp + zero) + dp + optimizer
+    return StepTime(slots * compute, slots * tp, slots * pp, slots * zero, dp, optimizer, bubble, total)
+
+
+def zero_micro_batch_time(layout: Layout, psi: float, precision: str, cluster: ClusterSpec) -> float:
+    if layout.zero_stage < 2:
+        return 0.0
+    link, d, call = cluster.dp_link(layout.tp, layout.dp), layout.dp, cluster.call_latency
+    reduce = ring_time(psi * GRAD_COMM_BYTES, d, "reduce_scatter", link, call)
+    if layout.zero_stage == 2:
+        return reduce
+    gathers = 3 if layout.recompute == "full" else 2  # forward, (recompute), backward
+    return reduce + gathers * ring_time(psi * BYTES[precision], d, "all_gather", link, call)
+
+
+def dp_step_time(layout: Layout, psi: float, precision: str, cluster: ClusterSpec) -> float:
+    link, d, call = cluster.dp_link(layout.tp, layout.dp), layout.dp, cluster.call_latency
+    if layout.zero_stage == 0:
+        return ring_time(psi * GRAD_COMM_BYTES, d, "all_reduce", link, call)
+    gather = ring_time(psi * BYTES[precision], d, "all_gather", link, call)
+    if layout.zero_stage == 1:
+        return ring_time(psi * GRAD_COMM_BYTES, d, "reduce_scatter", link, call) + gather
+    return gather if layout.zero_stage == 2 else 0.0

@@ -1,0 +1,108 @@
+"""Every layout the trainer accepts for a model on a cluster, and the command line that runs one.
+
+Rules (the trainer's validate() plus the planner's own): tp divides the GPUs per node (a tp group stays
+inside a node) and the heads; pp divides the layers (uneven splits refused); dp = world / (tp·pp)
+divides the global batch; ZeRO-2/3 only without a pipeline; the micro-batch divides the per-replica
+batch (integer gradient accumulation); sequence parallelism only at tp > 1 with seq_len divisible by tp.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from trainer.analysis.planner.shape import ModelShape
+
+RECOMPUTE = ("none", "selective", "full")
+
+
+@dataclass(frozen=True)
+class Layout:
+    tp: int
+    pp: int
+    dp: int
+    zero_stage: int
+    micro_batch: int
+    recompute: str  # none | selective (attention core, Korthikanti et al. 2022) | full (every block's input)
+    sequence_parallel: bool
+
+    def micro_batches(self, global_batch: int) -> int:
+        """m: micro-batches per step and replica (the gradient accumulation steps)."""
+        return global_batch // (self.micro_batch * self.dp)
+
+    @property
+    def family(self) -> tuple[int, int, int]:
+        return self.tp, self.pp, self.zero_stage
+
+    def overrides(self, global_batch: int, precision: str) -> list[str]:
+        """The trainer's Hydra overrides for this layout (trainer.config.schema.ParallelConfig's field names)."""
+        return [
+            f"parallel.tp={self.tp}",
+            f"parallel.pp={self.pp}",
+            f"parallel.zero_stage={self.zero_stage}",
+            f"parallel.micro_batch={self.micro_batch}",
+            f"parallel.global_batch={global_batch}",
+            f"parallel.sequence_parallel={str(self.sequence_parallel).lower()}",
+            f"parallel.recompute={self.recompute}",
+            f"parallel.precision={precision}",
+        ]
+
+
+@dataclass
+class Enumeration:
+    layouts: list[Layout]
+    excluded: list[str] = field(default_factory=list)  # degrees refused before any prediction, and why
+
+
+def divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def tensor_degrees(shape: ModelShape, gpus_per_node: int, excluded: list[str]) -> list[int]:
+    degrees = []
+    for tp in divisors(gpus_per_node):
+        if shape.heads % tp:
+            excluded.append(f"tp={tp}: does not divide {shape.heads} heads")
+        else:
+            degrees.append(tp)
+    return degrees
+
+
+def pipeline_degrees(shape: ModelShape, world: int, tp: int, excluded: list[str]) -> list[int]:
+    """Degrees that divide both the layers and the ranks left after tp; the others are noted once."""
+    degrees = []
+    for pp in divisors(world // tp):
+        if pp > shape.n_layer:
+            break
+        if shape.n_layer % pp:
+            note = f"pp={pp}: does not divide {shape.n_layer} layers (uneven stages refused)"
+            if note not in excluded:
+                excluded.append(note)
+        else:
+            degrees.append(pp)
+    return degrees
+
+
+def enumerate_layouts(shape: ModelShape, world: int, gpus_per_node: int, global_batch: int) -> Enumeration:
+    excluded = [f"tp > {gpus_per_node}: tensor parallelism stays inside a node"] if world > gpus_per_node else []
+    layouts: list[Layout] = []
+    for tp in tensor_degrees(shape, gpus_per_node, excluded):
+        for pp in pipeline_degrees(shape, world, tp, excluded):
+            dp = world // (tp * pp)
+            if global_batch % dp:
+                excluded.append(f"tp={tp} pp={pp}: dp={dp} does not divide the global batch {global_batch}")
+                continue
+            layouts += _knobs(shape, tp, pp, dp, global_batch)
+    return Enumeration(layouts, excluded)
+
+
+def _knobs(shape: ModelShape, tp: int, pp: int, dp: int, global_batch: int) -> list[Layout]:
+    """Every ZeRO stage, micro-batch, recompute and SP choice of one (tp, pp, dp)."""
+    stages = (0, 1) if pp > 1 else (0, 1, 2, 3)  # DeepSpeed's pipeline engine: ZeRO 0 or 1 only
+    sp_choices = (False, True) if tp > 1 and shape.seq_len % tp == 0 else (False,)
+    return [
+        Layout(tp, pp, dp, zero, micro, recompute, sp)
+        for zero in stages
+        for micro in divisors(global_batch // dp)
+        for recompute in RECOMPUTE
+        for sp in sp_choices
+    ]

@@ -1,0 +1,131 @@
+"""Per-GPU memory of a layout: model states, activations, buffers and a stated margin.
+
+Model states follow Rajbhandari et al. 2020 (mixed precision: 2Ψ weights + 2Ψ gradients + KΨ optimizer
+with K = 12; fp32: 4Ψ + 4Ψ + 8Ψ), through trainer.analysis.formulas. Activations follow Korthikanti et al. 2022
+(bytes per layer per micro-batch, 16-bit): sbh(34 + 5as/h) without parallelism, sbh(10 + 24/t + 5as/(ht))
+with tp, sbh/t(34 + 5as/h) with tp + SP; selective recompute drops the 5as/h term (the attention core
+is recomputed), full recompute keeps only the block input, 2sbh (2sbh/t with SP), plus one block's
+activations while it is recomputed. Under 1F1B the first stage holds min(p, m) micro-batches in flight.
+
+Buffers are what DeepSpeed (0.19) allocates beside the model states, sized by the trainer's ds_config:
+ZeRO-1/2 reduce gradients through one bucket and all-gather updated weights straight into the flat
+weight group; ZeRO-3 also keeps gathered weights live (up to ``stage3_max_live_parameters``) and
+gathers up to ``stage3_prefetch_bucket_size`` at once. A backend that cannot gather or reduce-scatter in
+the caller's buffers adds temporaries per byte moved (``Collectives``; gloo on CPU, measured).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from trainer.analysis.formulas import BYTES, StateBytes, activation_bytes_per_layer, model_state_bytes
+from trainer.analysis.planner.layouts import Layout
+from trainer.analysis.planner.shape import ModelShape
+from trainer.runtime.ds_config import ZERO3_MAX_LIVE_PARAMETERS, ZERO_BUCKET_ELEMENTS
+
+
+@dataclass(frozen=True)
+class Collectives:
+    """Memory a backend's all-gather / reduce-scatter allocate beyond the caller's buffers, per byte of
+    the gathered output / scattered input, as it stays resident over a training run. NCCL works in the
+    caller's buffers (0, 0). gloo on CPU copies through per-rank temporaries that the C allocator keeps
+    (measured by trainer.analysis.planner.localbench: about 4 and 2.5)."""
+
+    gather: float = 0.0
+    scatter: float = 0.0
+
+
+@dataclass(frozen=True)
+class Memory:
+    """Bytes per GPU on the most loaded pipeline stage."""
+
+    weights: float
+    grads: float
+    optimizer: float
+    activations: float
+    buffers: float  # ZeRO: the reduce bucket, the backend's collective temporaries, ZeRO-3's gathered weights
+    margin: float  # allocator fragmentation + the reserved context (the cluster's stated numbers)
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.grads + self.optimizer + self.activations + self.buffers + self.margin
+
+
+def layer_activation_bytes(shape: ModelShape, layout: Layout, precision: str) -> float:
+    """Activations one block keeps for backward, per micro-batch (Korthikanti et al. 2022, Table 2)."""
+    s, b, h, a, t = shape.seq_len, layout.micro_batch, shape.hidden, shape.heads, layout.tp
+    sp = layout.sequence_parallel
+    scale = BYTES[precision] / 2  # the paper counts 16-bit activations
+    if layout.recompute == "none":
+        return activation_bytes_per_layer(s, b, h, a, t, sp, precision)
+    if layout.recompute == "selective":
+        return s * b * h * (34 / t if sp else 10 + 24 / t) * scale
+    return 2 * s * b * h / (t if sp else 1) * scale  # full: the block's input only
+
+
+def activation_bytes(shape: ModelShape, layout: Layout, global_batch: int, precision: str, first: bool) -> float:
+    """A stage's activations: its blocks for the micro-batches in flight, the embedding's dropout mask
+    (first stage) or the head's input and fp32 logits (last stage: 4sbh/t·(1 + V/h), Korthikanti et al.)."""
+    s, b, h, t = shape.seq_len, layout.micro_batch, shape.hidden, layout.tp
+    in_flight = min(layout.pp, layout.micro_batches(global_batch)) if first else 1
+    blocks = in_flight * (shape.n_layer // layout.pp) * layer_activation_bytes(shape, layout, precision)
+    if layout.recompute == "full":  # one block's full activations exist while it is recomputed
+        blocks += activation_bytes_per_layer(s, b, h, shape.heads, t, layout.sequence_parallel, precision)
+    last = not first or layout.pp == 1
+    embedding = in_flight * s * b * h / (t if layout.sequence_parallel else 1) if first else 0.0
+    head = 4 * s * b * h / t * (1 + shape.padded_vocab(t) / h) if last else 0.0
+    return blocks + embedding + head
+
+
+def buffer_bytes(layout: Layout, psi: float, precision: str, collectives: Collectives = Collectives()) -> float:
+    """DeepSpeed's ZeRO buffers on a rank whose stage holds ``psi`` parameters (before dp partitioning).
+    Only touched memory counts: a CPU rank never faults in the unused tail of an oversized bucket."""
+    if layout.zero_stage == 0:
+        return 0.0
+    nbytes = BYTES[precision]
+    reduce_bucket = min(ZERO_BUCKET_ELEMENTS, psi) * nbytes
+    if layout.zero_stage < 3:  # one all-gather of the whole updated weight group per step
+        return reduce_bucket + collectives.gather * psi * nbytes
+    # ZeRO-3 all-gathers up to a prefetch bucket at a time, keeps what it gathered live until it is
+    # used again (the trainer keeps DeepSpeed's reuse distance), and reduce-scatters each full bucket.
+    live = min(ZERO3_MAX_LIVE_PARAMETERS, psi) * nbytes
+    gathered_at_once = min(ZERO_BUCKET_ELEMENTS, psi) * nbytes
+    return reduce_bucket + live + collectives.gather * gathered_at_once + collectives.scatter * reduce_bucket
+
+
+def memory_per_gpu(
+    shape: ModelShape,
+    layout: Layout,
+    global_batch: int,
+    precision: str,
+    reserved: float,
+    fragmentation: float,
+    collectives: Collectives = Collectives(),
+) -> Memory:
+    """The larger of the first stage (most activations, the embedding) and the last (the head)."""
+    stages = (True, False) if layout.pp > 1 else (True,)
+    return max(
+        (_stage(shape, layout, global_batch, precision, reserved, fragmentation, collectives, f) for f in stages),
+        key=lambda m: m.total,
+    )
+
+
+def _stage(shape, layout, global_batch, precision, reserved, fragmentation, collectives, first) -> Memory:
+    last = not first or layout.pp == 1
+    psi = shape.stage_params(layout.tp, layout.pp, first, last)
+    states = model_states(psi, layout.dp, layout.zero_stage, precision)
+    acts = activation_bytes(shape, layout, global_batch, precision, first)
+    buffers = buffer_bytes(layout, psi, precision, collectives)
+    allocated = states.total + acts + buffers
+    margin = allocated * fragmentation + reserved
+    return Memory(states.params, states.grads, states.optimizer, acts, buffers, margin)
+
+
+def model_states(psi: float, dp: int, zero_stage: int, precision: str) -> StateBytes:
+    """Rajbhandari et al.'s model states for ``psi`` parameters on one rank. DeepSpeed's ZeRO optimizers
+    also step an fp32 partition when the model itself is fp32 (and copy it back), so fp32 at ZeRO >= 1
+    carries a 4Ψ/Nd master copy that the paper's 16Ψ leaves out."""
+    states = model_state_bytes(psi, dp, zero_stage, precision)
+    if precision == "fp32" and zero_stage >= 1:
+        return replace(states, optimizer=states.optimizer + 4 * psi / dp)
+    return states

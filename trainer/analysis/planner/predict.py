@@ -1,0 +1,101 @@
+"""Memory and step time of every layout, the ranking of those that fit, and why the rest do not."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, replace
+
+from trainer.analysis.formulas import flops_per_token
+from trainer.analysis.planner.cluster import ClusterSpec
+from trainer.analysis.planner.costmodel import StepTime, executed_flops_per_step, step_time
+from trainer.analysis.planner.layouts import Layout, enumerate_layouts
+from trainer.analysis.planner.memory import Memory, memory_per_gpu
+from trainer.analysis.planner.shape import ModelShape
+
+
+@dataclass(frozen=True)
+class Prediction:
+    layout: Layout
+    memory: Memory
+    time: StepTime
+    tokens_per_s: float
+    tflops_per_gpu: float  # model FLOPs (72·B·s·l·h²(...), no recompute) per second per GPU
+    hw_tflops_per_gpu: float  # executed FLOPs, recompute included (Megatron-LM's reported convention)
+    mfu: float  # tflops_per_gpu / peak
+    fits: bool
+    rank: int | None = None  # 1 = fastest of those that fit
+
+
+@dataclass
+class Plan:
+    shape: ModelShape
+    cluster: ClusterSpec
+    global_batch: int
+    precision: str
+    predictions: list[Prediction]  # ranked ones first, in rank order; then the rest
+    excluded: list[str]
+
+    @property
+    def ranked(self) -> list[Prediction]:
+        return [p for p in self.predictions if p.rank is not None]
+
+
+def predict(shape: ModelShape, layout: Layout, global_batch: int, precision: str, cluster: ClusterSpec) -> Prediction:
+    memory = memory_per_gpu(
+        shape, layout, global_batch, precision, cluster.reserved_bytes, cluster.fragmentation, cluster.collectives
+    )
+    time = step_time(shape, layout, global_batch, precision, cluster)
+    world = layout.tp * layout.pp * layout.dp
+    tokens = global_batch * shape.seq_len
+    model_flops = tokens * flops_per_token(shape.n_layer, shape.hidden, shape.seq_len, shape.padded_vocab(layout.tp))
+    tflops = model_flops / world / time.total / 1e12
+    hw = executed_flops_per_step(shape, layout, global_batch) / world / time.total / 1e12
+    mfu = tflops * 1e12 / cluster.rank_peak(precision)
+    fits = memory.total <= cluster.mem_bytes
+    return Prediction(layout, memory, time, tokens / time.total, tflops, hw, mfu, fits)
+
+
+def make_plan(shape: ModelShape, cluster: ClusterSpec, global_batch: int, precision: str) -> Plan:
+    found = enumerate_layouts(shape, cluster.world, cluster.gpus_per_node, global_batch)
+    predictions = [predict(shape, layout, global_batch, precision, cluster) for layout in found.layouts]
+    return Plan(shape, cluster, global_batch, precision, rank(predictions), found.excluded)
+
+
+def rank(predictions: list[Prediction]) -> list[Prediction]:
+    """Fastest first among those that fit; equal speed goes to the smaller footprint (more headroom)."""
+    fitting = sorted((p for p in predictions if p.fits), key=lambda p: (-p.tokens_per_s, p.memory.total))
+    ranked = [replace(p, rank=i) for i, p in enumerate(fitting, start=1)]
+    return ranked + [p for p in predictions if not p.fits]
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """A (tp, pp) pair and, per ZeRO stage none of whose layouts fits, the smallest footprint it has."""
+
+    tp: int
+    pp: int
+    needs: tuple[tuple[int, float], ...]  # (ZeRO stage, bytes per GPU of its smallest layout)
+
+    def line(self) -> str:
+        needs = ", ".join(f"ZeRO-{zero} {_size(nbytes)}" for zero, nbytes in self.needs)
+        return f"tp{self.tp} pp{self.pp}: {needs}"
+
+
+def rejected_families(plan: Plan) -> list[Rejection]:
+    """Every (tp, pp, ZeRO stage) family of which no layout fits, grouped by (tp, pp)."""
+    least: dict[tuple[int, int, int], float] = {}
+    fitting: set[tuple[int, int, int]] = set()
+    for p in plan.predictions:
+        family = p.layout.family
+        least[family] = min(least.get(family, float("inf")), p.memory.total)
+        if p.fits:
+            fitting.add(family)
+    by_pair: dict[tuple[int, int], list[tuple[int, float]]] = defaultdict(list)
+    for (tp, pp, zero), nbytes in sorted(least.items()):
+        if (tp, pp, zero) not in fitting:
+            by_pair[(tp, pp)].append((zero, nbytes))
+    return [Rejection(tp, pp, tuple(needs)) for (tp, pp), needs in by_pair.items()]
+
+
+def _size(nbytes: float) -> str:
+    return f"{nbytes / 1e12:.2f} TB" if nbytes >= 1e12 else f"{nbytes / 1e9:.1f} GB"

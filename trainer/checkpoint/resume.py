@@ -1,0 +1,59 @@
+"""What a run needs to know about a checkpoint before and after the engine exists: its model shape and
+layout (``meta.json``), whether it fits this config (checked before any process group starts), and the
+step a run continues from.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from trainer.checkpoint import store as checkpoint
+from trainer.checkpoint.consolidate import read_meta
+from trainer.config.schema import BadInput, Config, ConfigError
+
+
+def model_meta(cfg: Config) -> dict:
+    m = cfg.model
+    return {
+        "n_layer": m.n_layer,
+        "n_embd": m.n_embd,
+        "n_head": m.n_head,
+        "seq_len": m.seq_len,
+        "vocab_size": m.vocab_size,
+    }
+
+
+def layout_of(cfg: Config, dims) -> dict:
+    return {"tp": dims.tp, "pp": dims.pp, "dp": dims.dp, "zero_stage": cfg.parallel.zero_stage}
+
+
+def check_model_matches(cfg: Config, step_dir: Path) -> None:
+    """A checkpoint of another model shape is bad input, found before any process group starts."""
+    try:
+        saved = read_meta(step_dir)["model"]
+    except (OSError, ValueError, KeyError) as err:
+        raise BadInput(f"checkpoint {step_dir}: unreadable meta.json ({err})") from None
+    ours = model_meta(cfg)
+    for key in ("n_layer", "n_embd", "n_head", "seq_len"):
+        if saved.get(key) != ours[key]:
+            raise ConfigError(
+                f"model.{key}",
+                ours[key],
+                f"the checkpoint {step_dir} has {key}={saved.get(key)}; use the same model shape to load it",
+            )
+
+
+def restore(engine, saver, found, start_from, stream, console) -> int:
+    """Resume (same layout: exact; other layout: resharded) or start from given weights; the start step."""
+    if found is None:
+        if start_from is not None:
+            checkpoint.init_weights_from(engine, start_from.step_dir, saver.mesh, saver.named_params)
+            console.print(f"initialised weights from {start_from.step_dir}")
+        return 0
+    for why in found.skipped:
+        console.print(f"warning: skipping damaged checkpoint {why}")
+    resumed = checkpoint.load(engine, found, saver.mesh, saver.named_params, saver.meta["layout"])
+    if resumed.stream is not None:
+        stream.load_state_dict(resumed.stream)
+    console.print(f"resumed from {found.step_dir} at step {resumed.step} ({resumed.how})")
+    return resumed.step

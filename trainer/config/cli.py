@@ -1,0 +1,146 @@
+"""Check a command line before Hydra runs it: every job it asks for must compose and validate.
+
+Hydra reports an unknown option or a mistyped value with several lines and exit code 1, after
+creating a run directory. The entry points call ``preflight`` first, so every bad input ends the
+same way: one line naming the key, the value and the fix, exit code 2, nothing written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NoReturn
+
+from trainer.config.rundir import register_resolvers
+from trainer.config.schema import BadInput, Config, ConfigError
+from trainer.config.validate import validate
+from trainer.runtime.env import world_size_from_env
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+EXIT_BAD_INPUT = 2
+
+
+def register() -> None:
+    """Make the typed schema and the resolvers known to Hydra (before composing anything)."""
+    from hydra.core.config_store import ConfigStore
+
+    register_resolvers()
+    ConfigStore.instance().store(name="trainer_schema", node=Config)
+
+
+def _overrides(argv: list[str]):
+    """The config overrides on a command line (flags like -m and Hydra's own keys left out)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    args = [a for a in argv if not a.startswith("-")]
+    try:
+        parsed = OverridesParser.create().parse_overrides(args)
+    except Exception as err:  # Hydra's parser error names the offending override
+        raise BadInput(f"config error: cannot parse the command line: {one_line(err)}") from None
+    return [o for o in parsed if not o.is_hydra_override()]
+
+
+def _jobs(overrides) -> list[list[str]]:
+    """One override list per job to check: every value of every sweep appears in at least one."""
+    fixed = [o.input_line for o in overrides if not o.is_sweep_override()]
+    sweeps = [(o.get_key_element(), list(o.sweep_string_iterator())) for o in overrides if o.is_sweep_override()]
+    firsts = [f"{key}={values[0]}" for key, values in sweeps]
+    jobs = [fixed + firsts]
+    for i, (key, values) in enumerate(sweeps):
+        for value in values[1:]:
+            jobs.append(fixed + firsts[:i] + [f"{key}={value}"] + firsts[i + 1 :])
+    return jobs
+
+
+def _check_group_choice(override: str) -> None:
+    key, _, value = override.partition("=")
+    group = key.lstrip("+~")
+    if "." in group or not (CONF_DIR / group).is_dir() or value in ("null", ""):
+        return
+    if not (CONF_DIR / group / f"{value}.yaml").is_file():
+        options = ", ".join(sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml")))
+        raise ConfigError(group, value, f"no such option; choose one of: {options}")
+
+
+def one_line(err: BaseException) -> str:
+    """The message of ``err`` and of its causes (Hydra puts the useful part there) on one line."""
+    parts: list[str] = []
+    while err is not None:
+        lines = [line.strip().rstrip(".") for line in str(err).splitlines() if line.strip()]
+        parts += [line for line in lines if not line.startswith(("reference_type", "object_type", "full_key"))]
+        err = err.__cause__
+    return "; ".join(dict.fromkeys(parts)) or "invalid configuration"
+
+
+def compose(job: list[str], config_name: str = "config") -> Any:
+    """The typed config of ``conf/<config_name>.yaml`` with these overrides; BadInput naming the key if
+    it does not compose. Its schema must be registered (``register`` for the trainer's)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            node = hydra_compose(config_name=config_name, overrides=job)
+        return OmegaConf.to_object(node)
+    except Exception as err:  # composition errors: unknown keys, wrong types, missing values
+        raise BadInput(f"config error: {one_line(err)}") from None
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def check_command_line(argv: list[str], config_name: str, check: Callable[[Any], None]) -> None:
+    """Exit with code 2 and one line on stderr unless every job of this command line composes
+    ``conf/<config_name>.yaml`` and passes ``check``."""
+    try:
+        for job in _jobs(_overrides(argv)):
+            for override in job:
+                _check_group_choice(override)
+            check(compose(job, config_name))
+    except BadInput as err:
+        exit_bad_input(err)
+
+
+def preflight(argv: list[str]) -> None:
+    """The trainer's command line: every job composes and validates at the launcher's world size."""
+    register()
+    check_command_line(argv, "config", lambda cfg: validate(cfg, world_size_from_env()))
+
+
+def print_bad_input(err: BadInput) -> None:
+    """The one stderr line every entry point gives for bad input ("config error: " names a config key)."""
+    prefix = "config error: " if isinstance(err, ConfigError) else ""
+    print(f"{prefix}{err}", file=sys.stderr)
+
+
+def exit_bad_input(err: BadInput) -> NoReturn:
+    print_bad_input(err)
+    sys.exit(EXIT_BAD_INPUT)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line and exit code 2, like every other bad input."""
+
+    def error(self, message: str):  # type: ignore[override]
+        usage = " ".join(self.format_usage().split()).removeprefix("usage: ")  # argparse wraps it
+        print(f"error: {message} (usage: {usage})", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+
+
+def run_cli(command: Callable[[], str]) -> int:
+    """Run ``command``; print its summary line, or the one-line reason it refused (exit code 2).
+
+    Only input problems are caught: anything else is a bug and keeps its traceback.
+    """
+    from safetensors import SafetensorError
+
+    try:
+        print(command())
+    except (BadInput, ValueError, OSError, SafetensorError) as err:  # Unsupported is a ValueError
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return 0

@@ -1,0 +1,164 @@
+"""Typed configuration schema: every key, its type, default and allowed values, and the errors bad input raises.
+
+Hydra composes YAML from ``conf/`` on top of these dataclasses, so every field is typed and
+overridable (``parallel.zero_stage=2``). ``validate`` runs once, before any process group exists,
+and raises ``ConfigError`` with one line naming the key, its value and the fix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import MISSING
+
+
+class BadInput(Exception):
+    """Input a run cannot start with (config or data). ``str(err)`` is one line for the user."""
+
+
+class ConfigError(BadInput, ValueError):
+    """A configuration a run cannot start with. ``str(err)`` is the one-line message for the user."""
+
+    def __init__(self, key: str, value: Any, fix: str):
+        self.key, self.value, self.fix = key, value, fix
+        super().__init__(f"{key}={value!r}: {fix}")
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    n_layer: int = MISSING  # transformer blocks
+    n_embd: int = MISSING  # hidden size h
+    n_head: int = MISSING  # attention heads; head size = n_embd / n_head
+    seq_len: int = MISSING  # context length = number of learned position embeddings
+    vocab_size: int = MISSING  # embedding rows; the tokenizer's vocabulary must fit in it
+    dropout: float = 0.0  # on attention probabilities, residual branches and embeddings
+    # Pad the embedding to a multiple of this (times tp), as Megatron does, for fast matmuls.
+    # 1 keeps the vocabulary exactly as published (needed for the analytic parameter count).
+    make_vocab_size_divisible_by: int = 1
+
+
+@dataclass
+class ParallelConfig:
+    name: str = "single"
+    tp: int = 1  # tensor-parallel degree (ranks that split each layer)
+    pp: int = 1  # pipeline-parallel degree (stages)
+    sequence_parallel: bool = False  # split LayerNorm/dropout activations along the sequence (needs tp > 1)
+    zero_stage: int = 0  # DeepSpeed ZeRO: 0 off, 1 optimizer states, 2 +gradients, 3 +parameters
+    micro_batch: int = 4  # samples per rank per forward/backward
+    global_batch: int = 8  # samples per optimizer step over all data-parallel ranks
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16 uses dynamic loss scaling)
+    # Pipeline only: how layers are spread over stages -- "parameters" balances parameter counts
+    # (embedding and head weigh in), "uniform" gives every stage the same number of layers.
+    pipeline_partition: str = "parameters"
+    activation_checkpoint_interval: int = 0  # full recompute in runs of k blocks; 0 = off (1 under recompute=full)
+    # Activation recompute in backward (Korthikanti et al. 2022): none | selective (the attention
+    # core only) | full (everything but each run's input). recompute=none with an interval > 0 is full.
+    recompute: str = "none"
+
+
+@dataclass
+class TokenizerConfig:
+    # "train": fit a byte-level BPE on the corpus; otherwise a path to tokenizer.json or an HF directory.
+    source: str = "train"
+    vocab_size: int = 8192  # for "train": target vocabulary (must be <= model.vocab_size)
+
+
+@dataclass
+class DataConfig:
+    name: str = "pystdlib"
+    # pystdlib: this Python's own standard library sources (present on every machine, no download);
+    # files: local text/jsonl files or directories in `paths`; hub: an HF hub data set `hub_name`, streamed.
+    source: str = "pystdlib"
+    paths: list[str] = field(default_factory=list)
+    hub_name: str = ""
+    hub_config: str = ""
+    hub_split: str = "train"
+    text_field: str = "text"  # the column holding text, for jsonl and hub sources
+    max_documents: int = -1  # -1 = all; otherwise only the first N documents (hub streams are unbounded)
+    val_fraction: float = 0.05  # every k-th document is held out, k = round(1/val_fraction), in corpus order
+    cache_dir: str = "data/cache"  # prepared token files live here, keyed by a hash of their inputs
+    num_proc: int = 1  # worker processes for tokenization (1 is fastest on 2 cores)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"
+    lr: float = 6e-4  # peak learning rate after warmup
+    min_lr: float = 6e-5  # floor of the cosine decay
+    warmup_steps: int = 100  # linear warmup from 0
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.1  # applied to matrices only, not to biases, LayerNorm or embeddings' positions
+    grad_clip: float = 1.0  # global gradient-norm clip; 0 disables
+
+
+@dataclass
+class TrainConfig:
+    name: str = "default"
+    steps: int = 1000  # optimizer steps
+    seed: int = 1234
+    device: str = "auto"  # auto | cpu | cuda
+    log_interval: int = 10  # steps between metric lines (metrics.jsonl has every step)
+    eval_interval: int = 200  # steps between validation passes; 0 = only at the end
+    eval_batches: int = 10  # global batches of validation samples: the same set at every layout
+    save_interval: int = 0  # steps between checkpoints; 0 = only at the end, -1 = never
+    # "" = start fresh; "auto" = continue from the newest checkpoint of this run directory (fresh
+    # if there is none); or a path to a checkpoints directory or one of its step_<n> directories.
+    resume: str = ""
+    keep_last: int = 0  # published checkpoints to keep (the newest); 0 = all
+    # Weights to start from when there is nothing to resume: a checkpoint step directory of any
+    # layout, or one written by ``python -m trainer.import_hf`` (fresh optimizer and schedule).
+    init_from: str = ""
+    # Seconds a collective may wait for its peers; a dead rank then stops the others instead of
+    # hanging them (the launcher exits non-zero).
+    collective_timeout_s: int = 600
+    # Consecutive steps with a non-finite loss or gradient (each skipped) before the run stops; 0 = never.
+    max_skipped_steps: int = 10
+    # Fault injection for tests: optimizer steps (1-based) whose activations are made NaN.
+    inject_nan_steps: list[int] = field(default_factory=list)
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "auto"  # auto (online if an API key is set, else offline) | online | offline | disabled
+    project: str = "gpt-trainer"
+    entity: str = ""
+    name: str = ""  # run name; empty = the run directory's name
+    group: str = ""
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LoggingConfig:
+    name: str = "default"
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    progress: bool = True  # rich progress bar on rank 0 when stdout is a terminal
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    run_dir: str = ""  # filled by the entry point from Hydra's output directory
+
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+RECOMPUTE = ("none", "selective", "full")
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """Batch sizes derived from the config and the world size, solved in one place."""
+
+    dp: int  # data-parallel degree
+    micro_batch: int  # samples per rank per micro-step
+    grad_accum: int  # micro-steps per optimizer step
+    global_batch: int  # micro_batch * grad_accum * dp
+    tokens_per_step: int

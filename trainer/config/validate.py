@@ -1,0 +1,168 @@
+"""Validation, run once before any process group exists: every check raises ``ConfigError`` with one
+line naming the key, its value and the fix. Also the batch math derived from a valid config.
+"""
+
+from __future__ import annotations
+
+import os
+
+from trainer.config.schema import PRECISIONS, RECOMPUTE, BatchPlan, Config, ConfigError
+
+
+def batch_plan(cfg: Config, world_size: int) -> BatchPlan:
+    p = cfg.parallel
+    dp = world_size // (p.tp * p.pp)
+    per_micro_step = p.micro_batch * dp
+    if p.global_batch % per_micro_step:
+        raise ConfigError(
+            "parallel.global_batch",
+            p.global_batch,
+            f"must be a multiple of micro_batch*dp = {p.micro_batch}*{dp} = {per_micro_step}",
+        )
+    accum = p.global_batch // per_micro_step
+    return BatchPlan(dp, p.micro_batch, accum, p.global_batch, p.global_batch * cfg.model.seq_len)
+
+
+def _positive(key: str, value: float) -> None:
+    if value <= 0:
+        raise ConfigError(key, value, "must be > 0")
+
+
+def validate(cfg: Config, world_size: int) -> BatchPlan:
+    """Check everything that can be checked before a process group starts; return the batch plan."""
+    m, p, o, t = cfg.model, cfg.parallel, cfg.optim, cfg.train
+    for key in ("n_layer", "n_embd", "n_head", "seq_len", "vocab_size", "make_vocab_size_divisible_by"):
+        _positive(f"model.{key}", getattr(m, key))
+    if m.n_embd % m.n_head:
+        raise ConfigError("model.n_head", m.n_head, f"must divide model.n_embd={m.n_embd}")
+    if not 0.0 <= m.dropout < 1.0:
+        raise ConfigError("model.dropout", m.dropout, "must be in [0, 1)")
+    for key in ("tp", "pp", "micro_batch", "global_batch"):
+        _positive(f"parallel.{key}", getattr(p, key))
+    _validate_tensor_parallel(cfg)
+    _validate_pipeline(cfg)
+    _validate_recompute(cfg)
+    if p.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError("parallel.zero_stage", p.zero_stage, "must be 0, 1, 2 or 3")
+    if p.precision not in PRECISIONS:
+        raise ConfigError("parallel.precision", p.precision, f"must be one of {', '.join(PRECISIONS)}")
+    if world_size % (p.tp * p.pp):
+        raise ConfigError("parallel.tp", p.tp, f"tp*pp={p.tp * p.pp} must divide the world size {world_size}")
+    if t.device not in ("auto", "cpu", "cuda"):
+        raise ConfigError("train.device", t.device, "must be auto, cpu or cuda")
+    _positive("train.steps", t.steps)
+    _positive("train.log_interval", t.log_interval)
+    _positive("train.eval_batches", t.eval_batches)
+    _positive("train.collective_timeout_s", t.collective_timeout_s)
+    if t.eval_interval < 0:
+        raise ConfigError("train.eval_interval", t.eval_interval, "must be >= 0 (0 = only at the end)")
+    if t.resume not in ("", "auto") and not os.path.isdir(t.resume):
+        raise ConfigError("train.resume", t.resume, "no such checkpoint directory; use auto, a path, or ''")
+    if t.init_from and not os.path.isfile(os.path.join(t.init_from, "meta.json")):
+        raise ConfigError(
+            "train.init_from", t.init_from, "not a checkpoint step directory (no meta.json); give a step_<n> directory"
+        )
+    if t.max_skipped_steps < 0:
+        raise ConfigError("train.max_skipped_steps", t.max_skipped_steps, "must be >= 0 (0 = never stop)")
+    if any(step < 1 for step in t.inject_nan_steps):
+        raise ConfigError("train.inject_nan_steps", t.inject_nan_steps, "steps are counted from 1")
+    if t.keep_last < 0:
+        raise ConfigError("train.keep_last", t.keep_last, "must be >= 0 (0 = keep every checkpoint)")
+    if t.save_interval < -1:
+        raise ConfigError("train.save_interval", t.save_interval, "must be >= -1 (-1 = never)")
+    _positive("optim.lr", o.lr)
+    if not 0 <= o.min_lr <= o.lr:
+        raise ConfigError("optim.min_lr", o.min_lr, f"must be in [0, optim.lr={o.lr}]")
+    if o.warmup_steps < 0 or o.weight_decay < 0 or o.grad_clip < 0:
+        bad = next(k for k in ("warmup_steps", "weight_decay", "grad_clip") if getattr(o, k) < 0)
+        raise ConfigError(f"optim.{bad}", getattr(o, bad), "must be >= 0")
+    if not all(0 <= b < 1 for b in o.betas):
+        raise ConfigError("optim.betas", list(o.betas), "each beta must be in [0, 1)")
+    _validate_device(cfg)
+    _validate_data(cfg)
+    _validate_logging(cfg)
+    return batch_plan(cfg, world_size)
+
+
+def _validate_pipeline(cfg: Config) -> None:
+    m, p = cfg.model, cfg.parallel
+    if p.pp > m.n_layer:
+        raise ConfigError("parallel.pp", p.pp, f"more stages than model.n_layer={m.n_layer}; use pp <= n_layer")
+    if p.pp > 1 and p.zero_stage > 1:
+        raise ConfigError(
+            "parallel.zero_stage", p.zero_stage, "DeepSpeed's pipeline engine supports ZeRO 0 or 1; use zero_stage<=1"
+        )
+    if p.pipeline_partition not in ("parameters", "uniform"):
+        raise ConfigError("parallel.pipeline_partition", p.pipeline_partition, "must be parameters or uniform")
+    if p.activation_checkpoint_interval < 0:
+        raise ConfigError("parallel.activation_checkpoint_interval", p.activation_checkpoint_interval, "must be >= 0")
+
+
+def _validate_recompute(cfg: Config) -> None:
+    p = cfg.parallel
+    if p.recompute not in RECOMPUTE:
+        raise ConfigError("parallel.recompute", p.recompute, f"must be one of {', '.join(RECOMPUTE)}")
+    if p.recompute == "selective" and p.activation_checkpoint_interval > 0:
+        fix = "an interval means full recompute; set parallel.activation_checkpoint_interval=0 or recompute=full"
+        raise ConfigError("parallel.recompute", p.recompute, fix)
+
+
+def _validate_device(cfg: Config) -> None:
+    import torch
+
+    device, precision = cfg.train.device, cfg.parallel.precision
+    has_cuda = torch.cuda.is_available()
+    if device == "cuda" and not has_cuda:
+        raise ConfigError("train.device", device, "no CUDA device is visible; use train.device=auto or cpu")
+    on_gpu = has_cuda and device != "cpu"
+    if precision == "fp16" and not on_gpu:
+        raise ConfigError("parallel.precision", precision, "fp16 needs a GPU; use bf16 or fp32 on CPU")
+    if precision == "bf16" and on_gpu and not torch.cuda.is_bf16_supported():
+        raise ConfigError("parallel.precision", precision, "this GPU has no bf16; use fp16 or fp32")
+
+
+def _validate_tensor_parallel(cfg: Config) -> None:
+    m, p = cfg.model, cfg.parallel
+    if m.n_head % p.tp:
+        raise ConfigError("parallel.tp", p.tp, f"must divide model.n_head={m.n_head} (heads are split across tp ranks)")
+    if p.sequence_parallel and p.tp == 1:
+        raise ConfigError("parallel.sequence_parallel", True, "needs parallel.tp > 1; set it to false")
+    if p.sequence_parallel and m.seq_len % p.tp:
+        raise ConfigError(
+            "parallel.sequence_parallel", True, f"needs model.seq_len={m.seq_len} divisible by parallel.tp={p.tp}"
+        )
+
+
+def _validate_data(cfg: Config) -> None:
+    d = cfg.data
+    if d.source not in ("pystdlib", "files", "hub"):
+        raise ConfigError("data.source", d.source, "must be pystdlib, files or hub")
+    if d.source == "files":
+        if not d.paths:
+            raise ConfigError("data.paths", list(d.paths), "give at least one text/jsonl file or directory")
+        for path in d.paths:
+            if not os.path.exists(path):
+                raise ConfigError("data.paths", path, "no such file or directory")
+    if d.source == "hub" and not d.hub_name:
+        raise ConfigError(
+            "data.hub_name", d.hub_name, "name the hub data set, e.g. data.hub_name=roneneldan/TinyStories"
+        )
+    if not 0.0 < d.val_fraction < 0.5:
+        raise ConfigError("data.val_fraction", d.val_fraction, "must be in (0, 0.5)")
+    _positive("data.num_proc", d.num_proc)
+    tok = d.tokenizer
+    if tok.source == "train":
+        if not 256 < tok.vocab_size <= cfg.model.vocab_size:
+            raise ConfigError(
+                "data.tokenizer.vocab_size",
+                tok.vocab_size,
+                f"must be in (256, model.vocab_size={cfg.model.vocab_size}]",
+            )
+    elif not os.path.exists(tok.source):
+        raise ConfigError("data.tokenizer.source", tok.source, "use 'train' or a path to tokenizer.json / a directory")
+
+
+def _validate_logging(cfg: Config) -> None:
+    mode = cfg.logging.wandb.mode
+    if mode not in ("auto", "online", "offline", "disabled"):
+        raise ConfigError("logging.wandb.mode", mode, "must be auto, online, offline or disabled")

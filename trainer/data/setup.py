@@ -1,0 +1,73 @@
+"""From a validated config to what the training loop reads: the prepared corpus (tokenized once per
+machine, under a lock) and this rank's training stream and validation batches.
+
+Both run before any process group exists, so an unusable corpus is bad input (exit code 2).
+"""
+
+from __future__ import annotations
+
+import fcntl
+from contextlib import contextmanager
+from pathlib import Path
+
+from trainer.config.schema import BadInput, BatchPlan, Config, ConfigError
+
+
+@contextmanager
+def _exclusive(lock_path: Path):
+    """Ranks of one machine prepare the corpus one after another; later ones find the cache."""
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with lock_path.open("w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def prepare_data(cfg: Config):
+    from trainer.data.prepare import prepare
+
+    with _exclusive(Path(cfg.data.cache_dir) / ".prepare.lock"):
+        try:
+            prepared = prepare(cfg.data)
+        except ValueError as err:  # the data pipeline reports unusable corpora this way
+            raise BadInput(f"data error: {err}") from None
+    if prepared.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(
+            "model.vocab_size",
+            cfg.model.vocab_size,
+            f"the tokenizer has {prepared.vocab_size} tokens; "
+            "raise model.vocab_size or lower data.tokenizer.vocab_size",
+        )
+    return prepared
+
+
+def build_streams(cfg: Config, plan: BatchPlan, prepared, dp_rank: int, dp_size: int):
+    """This rank's training stream and validation batches; a corpus too small for them is bad input."""
+    from trainer.data.stream import SampleStream, TokenFile, eval_batches
+
+    try:
+        stream = SampleStream(
+            TokenFile(prepared.train_path, prepared.dtype),
+            cfg.model.seq_len,
+            plan.micro_batch,
+            plan.grad_accum,
+            dp_rank,
+            dp_size,
+            cfg.train.seed,
+        )
+        val = list(
+            eval_batches(
+                TokenFile(prepared.val_path, prepared.dtype),
+                cfg.model.seq_len,
+                plan.global_batch,
+                plan.micro_batch,
+                dp_rank,
+                dp_size,
+                cfg.train.eval_batches,
+            )
+        )
+    except ValueError as err:
+        raise BadInput(str(err)) from None
+    return stream, val

@@ -1,0 +1,129 @@
+"""Export a checkpoint of any parallel layout as a Hugging Face GPT-2 directory.
+
+    python -m trainer.export CHECKPOINT OUT_DIR [--tokenizer DIR]
+
+CHECKPOINT is a step directory (``runs/<id>/checkpoints/step_<n>``), a checkpoints directory (the
+step its ``latest`` file names) or a run directory. The checkpoint's layout-independent files
+(``trainer.checkpoint.consolidate``) hold full tensors whatever tp·pp·dp wrote them, so every layout exports the
+same way. OUT_DIR receives config.json, model.safetensors (fp32, head tied to the embedding),
+generation_config.json and the tokenizer files; ``GPT2LMHeadModel.from_pretrained(OUT_DIR)`` and
+``AutoTokenizer.from_pretrained(OUT_DIR)`` load it offline.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from trainer.checkpoint import consolidate
+from trainer.checkpoint import store as checkpoint
+from trainer.config.schema import BadInput
+from trainer.hf import convert as hf
+from trainer.hf.files import check_output_dir, copy_tokenizer_files, staged
+
+HF_WEIGHTS = "model.safetensors"
+
+
+def find_step_dir(path: Path) -> Path:
+    """The step directory CHECKPOINT names: itself, or what ``[checkpoints/]latest`` names."""
+    if (path / consolidate.META_FILE).is_file():
+        return path
+    for root in (path, path / checkpoint.CHECKPOINTS):
+        latest = root / checkpoint.LATEST
+        if latest.is_file():
+            step_dir = root / latest.read_text().strip()
+            if not (step_dir / consolidate.META_FILE).is_file():
+                raise BadInput(
+                    f"{latest} names {step_dir.name}, which has no {consolidate.META_FILE}; give a step directory"
+                )
+            return step_dir
+    what = "does not exist" if not path.exists() else f"has no {consolidate.META_FILE} and no [checkpoints/]latest"
+    raise BadInput(
+        f"CHECKPOINT {path} {what}; give a step directory (runs/<id>/checkpoints/step_<n>), "
+        "its checkpoints directory or the run directory"
+    )
+
+
+def _tokenizer_source(step_dir: Path, override: Path | None) -> Path:
+    """The tokenizer to ship: ``--tokenizer`` if given, else the checkpoint's own copy."""
+    src = override if override is not None else step_dir / checkpoint.TOKENIZER_DIR
+    if (src.is_dir() and (src / "tokenizer.json").is_file()) or src.is_file():
+        return src
+    if override is not None:
+        raise BadInput(
+            f"--tokenizer {src}: no tokenizer.json there; give an HF tokenizer directory or a tokenizer.json"
+        )
+    raise BadInput(
+        f"{step_dir} has no {checkpoint.TOKENIZER_DIR}/ with a tokenizer.json; pass --tokenizer DIR "
+        "(the run's prepared data holds it: data/cache/<name>-<hash>/tokenizer)"
+    )
+
+
+def write_tokenizer(src: Path, dst: Path, vocab_size: int) -> int | None:
+    """Write the tokenizer ``src`` (HF directory or bare tokenizer.json) as HF files into ``dst``.
+
+    Returns the id of <|endoftext|> (None if it has none). A tokenizer whose ids do not fit the
+    model's embedding is refused.
+    """
+    from trainer.data.tokenizer import EOT, load_tokenizer
+
+    tok = load_tokenizer(src)
+    if tok.get_vocab_size() > vocab_size:
+        raise hf.Unsupported(
+            f"the tokenizer {src} has {tok.get_vocab_size()} tokens, more than the model's vocab_size={vocab_size}; "
+            "pass the run's own tokenizer with --tokenizer"
+        )
+    if not (src.is_dir() and (src / "tokenizer_config.json").is_file() and copy_tokenizer_files(src, dst)):
+        _save_bare_tokenizer(tok, dst)  # a bare tokenizer.json: add the config AutoTokenizer needs
+    return tok.token_to_id(EOT)
+
+
+def _save_bare_tokenizer(tok, dst: Path) -> None:
+    from transformers import PreTrainedTokenizerFast
+
+    from trainer.data.tokenizer import EOT, save_tokenizer
+
+    if tok.token_to_id(EOT) is not None:
+        save_tokenizer(tok, dst)
+    else:
+        PreTrainedTokenizerFast(tokenizer_object=tok, clean_up_tokenization_spaces=False).save_pretrained(dst)
+
+
+def write_hf_model(out: Path, state: dict, model: dict[str, int], eos_token_id: int | None) -> None:
+    """config.json, generation_config.json and model.safetensors of the GPT-2 equivalent of ``state``."""
+    from safetensors.torch import save_file
+    from transformers import GenerationConfig, GPT2Config
+
+    config = GPT2Config(**hf.gpt2_config(model, eos_token_id))
+    config.save_pretrained(out)
+    GenerationConfig.from_model_config(config).save_pretrained(out)
+    # The "pt" format tag is what transformers writes and expects in the safetensors header.
+    save_file(hf.to_hf(state, model), str(out / HF_WEIGHTS), metadata={"format": "pt"})
+
+
+def _model_shape(meta: dict, step_dir: Path) -> dict[str, int]:
+    missing = [key for key in hf.MODEL_KEYS if key not in meta.get("model", {})]
+    if missing:
+        raise BadInput(
+            f"{step_dir}/{consolidate.META_FILE} lacks model.{', model.'.join(missing)}; the checkpoint is damaged"
+        )
+    return {key: int(meta["model"][key]) for key in hf.MODEL_KEYS}
+
+
+def export(checkpoint_path: Path, out: Path, tokenizer: Path | None) -> str:
+    step_dir = find_step_dir(checkpoint_path)
+    damaged = checkpoint.damage(step_dir) if (step_dir / checkpoint.MANIFEST).is_file() else None
+    if damaged:
+        raise BadInput(f"checkpoint {step_dir} is damaged: {damaged}; export another step directory")
+    check_output_dir(out)
+    meta = consolidate.read_meta(step_dir)
+    model = _model_shape(meta, step_dir)
+    state = consolidate.read_tensors(step_dir, "model")
+    hf.check_ours(state, model)  # before writing anything
+    src = _tokenizer_source(step_dir, tokenizer)
+    with staged(out) as tmp:
+        eot = write_tokenizer(src, tmp, model["vocab_size"])
+        write_hf_model(tmp, state, model, eot)
+    return (
+        f"exported {step_dir} (step {meta.get('step')}) to {out}: GPT-2 with {model['n_layer']} layers, "
+        f"n_embd {model['n_embd']}, {model['n_head']} heads, vocab {model['vocab_size']}, context {model['seq_len']}"
+    )

@@ -1,0 +1,57 @@
+"""The DeepSpeed configuration, derived from the composed config (its single source of truth)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from trainer.config.schema import BatchPlan, Config
+
+
+def ds_config(cfg: Config, plan: BatchPlan) -> dict[str, Any]:
+    """Pure function: (config, batch plan) -> the dict given to ``deepspeed.initialize``."""
+    o, p = cfg.optim, cfg.parallel
+    return {
+        "train_batch_size": plan.global_batch,
+        "train_micro_batch_size_per_gpu": plan.micro_batch,
+        "gradient_accumulation_steps": plan.grad_accum,
+        "gradient_clipping": o.grad_clip,
+        "steps_per_print": 10**9,  # the trainer logs; keep DeepSpeed's own step prints quiet
+        "wall_clock_breakdown": False,
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": o.lr,
+                "betas": list(o.betas),
+                "eps": o.eps,
+                "weight_decay": o.weight_decay,
+                # DeepSpeed's fused CPU/GPU Adam needs a compiled op; torch's AdamW runs everywhere.
+                "torch_adam": True,
+            },
+        },
+        # The learning-rate schedule is trainer.training.schedule.lr_at, handed to deepspeed.initialize.
+        "zero_optimization": _zero(p.zero_stage),
+        "bf16": {"enabled": p.precision == "bf16"},
+        "fp16": {"enabled": p.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+    }
+
+
+# ZeRO buffer sizes in elements; trainer.analysis.planner.memory sizes its buffers from the same numbers.
+ZERO_BUCKET_ELEMENTS = int(5e7)
+ZERO3_MAX_LIVE_PARAMETERS = int(1e9)  # DeepSpeed's default, stated so the planner and the run agree
+
+
+def _zero(stage: int) -> dict[str, Any]:
+    zero: dict[str, Any] = {"stage": stage}
+    if stage >= 1:
+        # Fixed bucket sizes keep communication patterns comparable across model sizes.
+        zero.update(
+            reduce_bucket_size=ZERO_BUCKET_ELEMENTS, allgather_bucket_size=ZERO_BUCKET_ELEMENTS, overlap_comm=False
+        )
+    if stage == 3:
+        zero.update(
+            stage3_param_persistence_threshold=0,
+            stage3_prefetch_bucket_size=ZERO_BUCKET_ELEMENTS,
+            stage3_max_live_parameters=ZERO3_MAX_LIVE_PARAMETERS,
+            stage3_max_reuse_distance=ZERO3_MAX_LIVE_PARAMETERS,
+        )
+    return zero
