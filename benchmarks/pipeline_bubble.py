@@ -11,12 +11,13 @@ share cores, so numbers there show the shape of the effect more than its size.
 from __future__ import annotations
 
 import json
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from trainer.runtime.env import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = [
@@ -31,12 +32,6 @@ BASE = [
     "train.save_interval=-1",
     "logging.wandb.mode=disabled",
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run(pp: int, m: int, extra: list[str]) -> list[dict]:

@@ -6,7 +6,6 @@ import hashlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +16,7 @@ from omegaconf import OmegaConf
 
 from trainer.config.cli import register
 from trainer.config.schema import Config
+from trainer.runtime.env import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
@@ -38,12 +38,6 @@ def compose_config(overrides: list[str] = ()) -> tuple[Config, object]:
 @pytest.fixture
 def compose_cfg():
     return compose_config
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def child_env(**extra: str) -> dict[str, str]:

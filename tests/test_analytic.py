@@ -9,15 +9,14 @@ from trainer.analysis.formulas import (
     dp_comm_bytes_per_step,
     flops_per_token,
     model_state_bytes,
-    params_per_rank,
     pipeline_bubble,
     pipeline_p2p_bytes,
-    ring_bytes,
     tp_collectives,
     wire_bytes,
     zero_collectives,
+    zero_state_bytes,
 )
-from trainer.model import analytic_param_count
+from trainer.model import ModelShape
 
 
 def test_flops_per_token_is_six_per_parameter_plus_attention():
@@ -50,17 +49,18 @@ def test_activation_memory_formulas_agree_at_t1_and_shrink_with_sp():
 
 
 def test_communication_volumes():
-    assert ring_bytes(100.0, 4, "all_reduce") == pytest.approx(150.0)
-    assert ring_bytes(100.0, 1, "all_reduce") == 0.0
+    assert wire_bytes("all_reduce", 100.0, 4) == pytest.approx(150.0)
+    assert wire_bytes("all_reduce", 100.0, 1) == 0.0
     assert dp_comm_bytes_per_step(1e6, 2, 3) == pytest.approx(1.5 * dp_comm_bytes_per_step(1e6, 2, 1))
     assert pipeline_bubble(4, 8) == pytest.approx(3 / 8)
 
 
 def test_gpt3_175b_parameter_count_from_the_formula():
     """Brown et al. 2020: 96 layers, h = 12288, s = 2048, V = 50257 -> 174.6B (published as 175B)."""
-    psi = analytic_param_count(96, 12288, 50257, 2048)
+    shape = ModelShape(n_layer=96, n_embd=12288, n_head=96, seq_len=2048, vocab_size=50257)
+    psi = shape.narayanan_params()
     assert psi / 1e9 == pytest.approx(174.6, abs=0.05)
-    assert params_per_rank(96, 12288, 50257, 2048) == psi + 2 * 12288  # + the final LayerNorm
+    assert shape.rank_params() == shape.params() == psi + 2 * 12288  # + the final LayerNorm
 
 
 def test_zero_states_split_into_master_copy_and_moments():
@@ -72,15 +72,22 @@ def test_zero_states_split_into_master_copy_and_moments():
     assert model_state_bytes(1e6, 4, 3, "fp32").params == 1e6
 
 
+def test_one_master_copy_rule_for_deepspeed():
+    """Mixed precision always keeps fp32 master weights; in fp32 only ZeRO-1/2 clone a partition."""
+    for stage, master in ((0, 0.0), (1, 1e6), (2, 1e6), (3, 0.0)):
+        assert zero_state_bytes(1e6, 4, stage, "fp32").master == master
+    assert all(zero_state_bytes(1e6, 4, stage, "bf16").master == 4e6 / (4 if stage else 1) for stage in range(4))
+
+
 def test_parameters_per_rank_split_over_stages_and_tensor_ranks():
     l, h, V, s = 4, 64, 512, 32
-    whole = params_per_rank(l, h, V, s)
-    first, last = params_per_rank(l, h, V, s, positions=range(0, 3)), params_per_rank(l, h, V, s, positions=range(3, 7))
+    shape = ModelShape(n_layer=l, n_embd=h, n_head=4, seq_len=s, vocab_size=V)
+    whole = shape.rank_params()
+    first, last = shape.rank_params(positions=range(0, 3)), shape.rank_params(positions=range(3, 7))
     assert first + last == whole + V * h  # the last stage holds its own copy of the tied embedding
+    assert (first, last) == (shape.stage_params(1, 2, True, False), shape.stage_params(1, 2, False, True))
     # tp splits the matrices, replicates LayerNorms, row biases and position embeddings
-    assert params_per_rank(l, h, V, s, t=2) == pytest.approx(
-        (whole - l * 6 * h - 2 * h - s * h) / 2 + l * 6 * h + 2 * h + s * h
-    )
+    assert shape.rank_params(tp=2) == pytest.approx((whole - l * 6 * h - 2 * h - s * h) / 2 + l * 6 * h + 2 * h + s * h)
 
 
 def test_activation_memory_without_attention_scores_is_the_selective_recomputation_count():

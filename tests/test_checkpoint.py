@@ -180,7 +180,7 @@ def test_exported_checkpoint_reproduces_the_runs_validation_loss(source, sources
     from trainer.checkpoint import consolidate
     from trainer.data.prepare import prepare
     from trainer.data.stream import TokenFile, eval_batches
-    from trainer.model import GPT, GPTShape
+    from trainer.model import GPT, ModelShape
 
     step_dir = sources[source] / "checkpoints" / f"step_{STEPS}"
     out = tmp_path / "hf"
@@ -196,7 +196,7 @@ def test_exported_checkpoint_reproduces_the_runs_validation_loss(source, sources
     assert _close(hf_val.item(), logged[-1]), (hf_val.item(), logged)
 
     meta = consolidate.read_meta(step_dir)["model"]
-    ours = GPT(GPTShape(meta["n_layer"], meta["n_embd"], meta["n_head"], meta["seq_len"], meta["vocab_size"]))
+    ours = GPT(ModelShape(meta["n_layer"], meta["n_embd"], meta["n_head"], meta["seq_len"], meta["vocab_size"]))
     ours.load_state_dict(consolidate.read_tensors(step_dir, "model"))
     x, _ = next(iter(eval_batches(TokenFile(prepared.val_path, prepared.dtype), cfg.model.seq_len, 4, 4, 0, 1, 1)))
     with torch.no_grad():

@@ -26,10 +26,10 @@ from trainer.data.tokenizer import EOT, load_tokenizer, save_tokenizer, train_bp
 from trainer.export import main as export_main
 from trainer.hf import convert as hf
 from trainer.import_hf import main as import_main
-from trainer.model.gpt import GPT, GPTShape
+from trainer.model.gpt import GPT, ModelShape
 
 SHAPE = dict(n_layer=2, n_embd=64, n_head=4, seq_len=32, vocab_size=300)  # meta.json's "model"
-PADDED_ROWS = 304  # wte rows as tp=4 would pad 300 (padded_vocab_size(300, 4))
+PADDED_ROWS = 304  # wte rows as tp=4 would pad 300 (padded_vocab(300, 4))
 # fp32 on both sides; the two differ only in kernel order (SDPA vs HF's attention, tanh-GELU
 # formulas), which moves logits of magnitude ~1 by ~1e-6. 1e-4 leaves room without hiding a bug:
 # a wrong permutation moves them by O(1).
@@ -44,7 +44,7 @@ def run_module(module: str, *args: object) -> subprocess.CompletedProcess:
 
 
 @torch.no_grad()
-def random_gpt(shape: GPTShape, seed: int) -> GPT:
+def random_gpt(shape: ModelShape, seed: int) -> GPT:
     model = GPT(shape, seed=seed).eval()
     gen = torch.Generator().manual_seed(seed)
     for name, param in model.named_parameters():
@@ -68,7 +68,7 @@ def text(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def dense() -> GPT:
-    return random_gpt(GPTShape(**{**SHAPE, "vocab_size": PADDED_ROWS}), seed=3)
+    return random_gpt(ModelShape(**{**SHAPE, "vocab_size": PADDED_ROWS}), seed=3)
 
 
 @pytest.fixture(scope="module")
@@ -217,7 +217,7 @@ def test_import_of_a_transformers_model_computes_the_same(tmp_path, capsys, lega
     assert import_main([str(tmp_path / "hf"), str(tmp_path / "step_0")]) == 0
     assert "no tokenizer files" in capsys.readouterr().out
     meta = consolidate.read_meta(tmp_path / "step_0")
-    ours = GPT(GPTShape(**meta["model"])).eval()
+    ours = GPT(ModelShape(**meta["model"])).eval()
     ours.load_state_dict(consolidate.read_tensors(tmp_path / "step_0"))  # strict: exactly the GPT's names
     idx = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(0))
     assert (ours(idx) - theirs(idx).logits).abs().max() < ATOL

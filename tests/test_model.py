@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import ROOT, compose_config
-from trainer.model import GPT, GPTShape, analytic_param_count
+from trainer.model import GPT, ModelShape
 
 MODELS = sorted(p.stem for p in (ROOT / "conf" / "model").glob("*.yaml"))
 PUBLISHED = {
@@ -24,8 +24,8 @@ PUBLISHED = {
 }
 
 
-def _shape(m) -> GPTShape:
-    return GPTShape(m.n_layer, m.n_embd, m.n_head, m.seq_len, m.vocab_size)
+def _shape(m) -> ModelShape:
+    return ModelShape(m.n_layer, m.n_embd, m.n_head, m.seq_len, m.vocab_size)
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -41,14 +41,14 @@ def test_param_count_equals_the_analytic_formula(name):
         * (1 + 13 / (12 * m.n_embd) + (m.vocab_size + m.seq_len) / (12 * m.n_layer * m.n_embd))
     )
     assert counted == model.num_params()
-    assert counted == analytic_param_count(m.n_layer, m.n_embd, m.vocab_size, m.seq_len) + 2 * m.n_embd
+    assert counted == _shape(m).narayanan_params() + 2 * m.n_embd == _shape(m).params()
     assert math.isclose(counted - 2 * m.n_embd, formula, rel_tol=1e-12)
     if name in PUBLISHED:  # the named sizes are what the papers call them (within 5%)
         assert abs(counted / PUBLISHED[name] - 1) < 0.05, counted
 
 
 def _tiny(seed=0) -> GPT:
-    return GPT(GPTShape(n_layer=2, n_embd=32, n_head=4, seq_len=16, vocab_size=64), seed=seed)
+    return GPT(ModelShape(n_layer=2, n_embd=32, n_head=4, seq_len=16, vocab_size=64), seed=seed)
 
 
 def test_output_head_is_tied_to_the_input_embedding():
@@ -61,7 +61,7 @@ def test_output_head_is_tied_to_the_input_embedding():
 
 
 def test_gpt2_initialisation_statistics():
-    shape = GPTShape(n_layer=4, n_embd=256, n_head=4, seq_len=64, vocab_size=512)
+    shape = ModelShape(n_layer=4, n_embd=256, n_head=4, seq_len=64, vocab_size=512)
     model = GPT(shape, seed=3)
     residual = 0.02 / math.sqrt(2 * shape.n_layer)
     assert model.blocks[0].attn.qkv.weight.std().item() == pytest.approx(0.02, rel=0.05)

@@ -14,23 +14,23 @@ import pytest
 import yaml
 
 from conftest import ROOT, child_env, compose_config
-from trainer.analysis.formulas import flops_per_token
+from trainer.analysis.formulas import flops_per_token, zero_state_bytes
 from trainer.analysis.planner.calibrate import REQUIRED, fit, read_results, spearman
 from trainer.analysis.planner.cluster import cluster_spec, spec_for_world
 from trainer.analysis.planner.config import ClusterConfig
 from trainer.analysis.planner.costmodel import executed_flops_per_step
 from trainer.analysis.planner.layouts import Layout, enumerate_layouts
-from trainer.analysis.planner.memory import activation_bytes, layer_activation_bytes, model_states
+from trainer.analysis.planner.memory import activation_bytes, layer_activation_bytes
 from trainer.analysis.planner.predict import make_plan, predict
 from trainer.analysis.planner.published import GPT3_1024_TFLOPS, MEGATRON_2021, check, megatron_2021
 from trainer.analysis.planner.run import compose_plan, preflight
-from trainer.analysis.planner.shape import ModelShape
 from trainer.config.schema import BadInput, Config, ModelConfig, ParallelConfig
 from trainer.config.validate import validate
+from trainer.model.shape import ModelShape
 
 GB = 1e9
 A100 = ClusterConfig(**yaml.safe_load((ROOT / "conf/cluster/a100-80gb.yaml").read_text()))
-GPT3 = ModelShape(96, 12288, 96, 2048, 51200, 1, "gpt3-175b")
+GPT3 = ModelShape(96, 12288, 96, 2048, 51200, name="gpt3-175b")
 # The acceptance band for throughput, and how far down Megatron-LM 2021's own option space the published
 # layout may rank (observed worst: 14th, docs/planner.md lists every rank).
 BAND, TOP_K = 0.25, 15
@@ -42,12 +42,12 @@ BAND, TOP_K = 0.25, 15
 @pytest.mark.parametrize("stage,gb", [(0, 120.0), (1, 31.4), (2, 16.6), (3, 1.9)])
 def test_model_states_match_the_zero_paper(stage, gb):
     """Rajbhandari et al. 2020, Figure 1: Ψ = 7.5B on Nd = 64 GPUs, K = 12 (mixed precision)."""
-    assert model_states(7.5e9, 64, stage, "bf16").total / GB == pytest.approx(gb, abs=0.06)
+    assert zero_state_bytes(7.5e9, 64, stage, "bf16").total / GB == pytest.approx(gb, abs=0.06)
 
 
 def test_fp32_zero_keeps_a_master_copy():
-    assert model_states(1e9, 1, 0, "fp32").total == 16e9
-    assert model_states(1e9, 4, 1, "fp32").optimizer == pytest.approx((8e9 + 4e9) / 4)
+    assert zero_state_bytes(1e9, 1, 0, "fp32").total == 16e9
+    assert zero_state_bytes(1e9, 4, 1, "fp32").optimizer == pytest.approx((8e9 + 4e9) / 4)
 
 
 def _layout(tp=8, pp=1, dp=1, zero=0, micro=1, recompute="none", sp=False) -> Layout:
@@ -99,11 +99,11 @@ def _check_layouts(shape: ModelShape, nodes: int, per_node: int, batch: int) -> 
     plan = make_plan(shape, spec, batch, "bf16")
     world, model = (
         spec.world,
-        ModelConfig(shape.name, shape.n_layer, shape.hidden, shape.heads, shape.seq_len, shape.vocab),
+        ModelConfig(shape.name, shape.n_layer, shape.n_embd, shape.n_head, shape.seq_len, shape.vocab_size),
     )
     for p in plan.predictions:
         lay = p.layout
-        assert lay.tp * lay.pp * lay.dp == world and per_node % lay.tp == 0 and shape.heads % lay.tp == 0
+        assert lay.tp * lay.pp * lay.dp == world and per_node % lay.tp == 0 and shape.n_head % lay.tp == 0
         assert shape.n_layer % lay.pp == 0 and batch % (lay.micro_batch * lay.dp) == 0
         assert not (lay.pp > 1 and lay.zero_stage > 1) and not (lay.sequence_parallel and lay.tp == 1)
         if p.fits:
@@ -127,9 +127,9 @@ def _check_layouts(shape: ModelShape, nodes: int, per_node: int, batch: int) -> 
     "shape,nodes,per_node,batch",
     [
         (GPT3, 16, 8, 512),
-        (ModelShape(24, 1600, 25, 1024, 50257, 1, "gpt2-xl"), 1, 8, 48),  # 25 heads: only tp 1
-        (ModelShape(105, 20480, 128, 2048, 51200, 1, "530B"), 35, 8, 280),  # 105 layers: pp 1, 5, 7, 35
-        (ModelShape(4, 256, 4, 256, 8192, 1, "tiny"), 1, 4, 8),
+        (ModelShape(24, 1600, 25, 1024, 50257, name="gpt2-xl"), 1, 8, 48),  # 25 heads: only tp 1
+        (ModelShape(105, 20480, 128, 2048, 51200, name="530B"), 35, 8, 280),  # 105 layers: pp 1, 5, 7, 35
+        (ModelShape(4, 256, 4, 256, 8192, name="tiny"), 1, 4, 8),
     ],
 )
 def test_every_fitting_layout_passes_the_trainers_validation(shape, nodes, per_node, batch):
@@ -176,7 +176,7 @@ def test_gpt3_on_1024_gpus_matches_the_papers_estimate():
 
 # --- calibration ---------------------------------------------------------------------------------------------
 
-TINY = ModelShape(4, 256, 4, 256, 8192, 1, "gpt-tiny")
+TINY = ModelShape(4, 256, 4, 256, 8192, name="gpt-tiny")
 SMALL_CPU = replace(
     A100,
     name="test-cpu",

@@ -16,11 +16,11 @@ import torch
 from conftest import compose_config, read_metrics, run_train, tiny_corpus_overrides
 from trainer.config.schema import ConfigError
 from trainer.config.validate import validate
-from trainer.model import GPT, GPTShape, gpt
+from trainer.model import GPT, ModelShape, gpt
 from trainer.parallel.apply import recompute_plan
 from trainer.training.metrics import ActivationMeter
 
-SHAPE = GPTShape(n_layer=4, n_embd=64, n_head=4, seq_len=32, vocab_size=128, dropout=0.1)
+SHAPE = ModelShape(n_layer=4, n_embd=64, n_head=4, seq_len=32, vocab_size=128, dropout=0.1)
 SEED, BATCH = 5, 4
 MODES = [("full", 1), ("full", 2), ("selective", 1)]
 

@@ -12,7 +12,6 @@ rank starts in a fraction of a second instead of re-importing torch (seconds per
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Callable
 from datetime import timedelta
 
@@ -20,11 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from trainer.runtime.env import free_port
 
 
 def run_ranks(fn: Callable[..., None], world_size: int, *args, timeout_s: float = 120.0) -> None:

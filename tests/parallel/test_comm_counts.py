@@ -20,7 +20,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from trainer.model import GPT, GPTShape
+from trainer.model import GPT, ModelShape
 from trainer.parallel.layers import TensorParallelLayers, allreduce_sequence_parallel_grads
 from trainer.parallel.mappings import CommStats
 
@@ -28,7 +28,7 @@ from .spawn import run_ranks
 
 pytestmark = pytest.mark.multiproc
 
-SHAPE = GPTShape(n_layer=2, n_embd=64, n_head=4, seq_len=16, vocab_size=128)
+SHAPE = ModelShape(n_layer=2, n_embd=64, n_head=4, seq_len=16, vocab_size=128)
 BATCH = 2
 
 

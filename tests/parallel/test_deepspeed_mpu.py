@@ -13,7 +13,7 @@ import os
 import pytest
 import torch
 
-from trainer.model import GPT, DenseLayers, GPTShape
+from trainer.model import GPT, DenseLayers, ModelShape
 from trainer.parallel import (
     CommStats,
     ParallelDims,
@@ -24,7 +24,7 @@ from trainer.parallel import (
 
 from .spawn import run_ranks
 
-SHAPE = GPTShape(n_layer=2, n_embd=64, n_head=4, seq_len=16, vocab_size=128)
+SHAPE = ModelShape(n_layer=2, n_embd=64, n_head=4, seq_len=16, vocab_size=128)
 SEED = 3
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from trainer.model import GPT, DenseLayers, GPTShape
+from trainer.model import GPT, DenseLayers, ModelShape
 from trainer.parallel.layers import (
     TensorParallelLayers,
     allreduce_sequence_parallel_grads,
@@ -24,7 +24,7 @@ from .spawn import run_ranks
 
 pytestmark = pytest.mark.multiproc
 
-SHAPE = GPTShape(n_layer=2, n_embd=64, n_head=4, seq_len=16, vocab_size=128)
+SHAPE = ModelShape(n_layer=2, n_embd=64, n_head=4, seq_len=16, vocab_size=128)
 SEED, BATCH = 7, 2
 CLOSE = {"atol": 1e-5, "rtol": 0}
 

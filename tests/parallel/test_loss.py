@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from trainer.parallel.layers import padded_vocab_size
+from trainer.model.shape import padded_vocab
 from trainer.parallel.loss import vocab_parallel_cross_entropy
 from trainer.parallel.mappings import CommStats
 
@@ -25,15 +25,15 @@ CLOSE = {"atol": 1e-5, "rtol": 0}
     "vocab, tp, divisible_by, padded",
     [(100, 4, 2, 104), (128, 4, 1, 128), (50257, 2, 128, 50432), (50257, 1, 1, 50257), (7, 8, 1, 8)],
 )
-def test_padded_vocab_size(vocab, tp, divisible_by, padded):
-    assert padded_vocab_size(vocab, tp, divisible_by) == padded
+def test_padded_vocab(vocab, tp, divisible_by, padded):
+    assert padded_vocab(vocab, tp, divisible_by) == padded
     assert padded % (tp * divisible_by) == 0 and padded - vocab < tp * divisible_by
 
 
 def _check_cross_entropy(rank: int, world: int) -> None:
     group = dist.group.WORLD
     for vocab, divisible_by in ((128, 1), (100, 2)):
-        padded = padded_vocab_size(vocab, world, divisible_by)
+        padded = padded_vocab(vocab, world, divisible_by)
         gen = torch.Generator().manual_seed(vocab)
         full = 4 * torch.randn(B, T, padded, generator=gen)
         full[0, 0] += 1000.0  # large logits: the max shift must keep exp() finite

@@ -20,13 +20,13 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from trainer.model import GPT, DenseLayers, GPTShape
+from trainer.model import GPT, DenseLayers, ModelShape
 from trainer.model.gpt import Block
 from trainer.parallel.pipeline import dense_param_name, dense_prefix
 
 from .spawn import run_ranks
 
-SHAPE = GPTShape(n_layer=4, n_embd=64, n_head=4, seq_len=16, vocab_size=128)
+SHAPE = ModelShape(n_layer=4, n_embd=64, n_head=4, seq_len=16, vocab_size=128)
 SEED = 3
 MICRO, ACCUM, STEPS = 2, 4, 3
 LR, WEIGHT_DECAY, CLIP = 1e-2, 0.1, 1.0

@@ -66,6 +66,23 @@ def model_state_bytes(
     return StateBytes(params, grads, optimizer, master)
 
 
+def has_master_copy(precision: str, zero_stage: int) -> bool:
+    """Whether DeepSpeed (0.19) keeps an fp32 copy of the parameters beside the model's own.
+
+    Mixed precision always does (bf16/fp16 weights, fp32 master weights). In fp32 the ZeRO-1/2 optimizers
+    still step a cloned fp32 partition and copy it back; ZeRO-3 steps its fp32 parameter partition in
+    place (``stage3.py``, ``_create_fp32_partitions``: no clone when the dtypes match); ZeRO-0 steps the
+    parameters themselves.
+    """
+    return precision != "fp32" or zero_stage in (1, 2)
+
+
+def zero_state_bytes(psi: float, dp: int, zero_stage: int, precision: str) -> StateBytes:
+    """``model_state_bytes`` with the master copy DeepSpeed really keeps (``has_master_copy``): what the
+    comparison report measures against and the planner predicts."""
+    return model_state_bytes(psi, dp, zero_stage, precision, has_master_copy(precision, zero_stage))
+
+
 def activation_bytes_per_layer(
     s: int,
     b: int,
@@ -96,15 +113,6 @@ def activation_bytes_per_layer(
     return s * b * h * per_token * scale
 
 
-def ring_bytes(message_bytes: float, n: int, kind: str) -> float:
-    """Bytes each rank sends for one collective on a ring of ``n`` ranks over a message of
-    ``message_bytes`` (the full buffer): all-reduce 2(n-1)/n, all-gather and reduce-scatter (n-1)/n."""
-    if n <= 1:
-        return 0.0
-    factor = {"all_reduce": 2.0, "all_gather": 1.0, "reduce_scatter": 1.0}[kind]
-    return factor * (n - 1) / n * message_bytes
-
-
 def dp_comm_bytes_per_step(psi: float, dp: int, zero_stage: int, grad_bytes: int = 4) -> float:
     """Bytes a rank sends per optimizer step for data parallelism (Rajbhandari et al. 2020, 7.1):
     stages 0-2 move 2Ψ (reduce-scatter + all-gather = one all-reduce), stage 3 moves 3Ψ (an extra
@@ -113,53 +121,24 @@ def dp_comm_bytes_per_step(psi: float, dp: int, zero_stage: int, grad_bytes: int
     return volume * (dp - 1) / dp * psi * grad_bytes if dp > 1 else 0.0
 
 
-def tp_comm_bytes_per_micro_batch(l: int, b: int, s: int, h: int, t: int, act_bytes: int = 4) -> float:
-    """Bytes a rank sends per micro-batch for tensor parallelism: 4 all-reduces of b·s·h per layer
-    (2 forward, 2 backward); sequence parallelism replaces each by an all-gather + reduce-scatter
-    pair of the same total volume."""
-    return 4 * l * ring_bytes(b * s * h * act_bytes, t, "all_reduce")
-
-
-def pp_comm_bytes_per_micro_batch(b: int, s: int, h: int, pp: int, act_bytes: int = 4) -> float:
-    """Bytes one stage boundary carries per micro-batch: the activation forward, its gradient back."""
-    return 2 * b * s * h * act_bytes if pp > 1 else 0.0
-
-
 def pipeline_bubble(pp: int, micro_batches: int) -> float:
     """Bubble time over ideal compute time for 1F1B/GPipe: (p-1)/m (Narayanan et al. 2021)."""
+    _check_pipeline(pp, micro_batches)
     return (pp - 1) / micro_batches
 
 
-# --- parameters per rank -------------------------------------------------------------------------
+def pipeline_idle_fraction(pp: int, micro_batches: int) -> float:
+    """The same bubble as a fraction of the whole step's time: (p-1)/(m+p-1)."""
+    _check_pipeline(pp, micro_batches)
+    return (pp - 1) / (micro_batches + pp - 1)
 
 
-def block_params(h: int, t: int = 1) -> float:
-    """One transformer block on one tp rank: QKV (3h² + 3h) and fc1 (4h² + 4h) split by columns, the
-    attention projection and fc2 (h² and 4h²) split by rows with their biases (h each) replicated, and
-    two LayerNorms (2h each) replicated: 12h²/t + 7h/t + 6h. At t = 1 this is 12h² + 13h."""
-    return (12 * h * h + 7 * h) / t + 6 * h
+def _check_pipeline(pp: int, micro_batches: int) -> None:
+    if pp < 1 or micro_batches < 1:
+        raise ValueError(f"need pp >= 1 and micro_batches >= 1, got pp={pp}, micro_batches={micro_batches}")
 
 
-def params_per_rank(l: int, h: int, V: int, s: int, t: int = 1, positions: range | None = None) -> float:
-    """Parameters one rank holds for the pipeline ``positions`` it runs (default: the whole model).
-
-    Positions as in ``trainer.parallel.pipeline``: 0 the embedding (V·h/t token rows + s·h positions),
-    1..l the blocks, l+1 the final LayerNorm (2h), l+2 the output head tied to the token embedding: a
-    second copy of V·h/t when the head is on another stage than the embedding, nothing extra otherwise.
-    Summed over all positions at t = 1 this is Narayanan et al.'s 12lh²(1 + 13/12h + (V+s)/12lh) + 2h.
-    """
-    positions = range(l + 3) if positions is None else positions
-    total = 0.0
-    for pos in positions:
-        if pos == 0:
-            total += V * h / t + s * h
-        elif pos <= l:
-            total += block_params(h, t)
-        elif pos == l + 1:
-            total += 2 * h
-        elif 0 not in positions:  # the head's own copy of the tied embedding
-            total += V * h / t
-    return total
+# --- DeepSpeed's ZeRO as implemented ----------------------------------------------------------
 
 
 def zero2_gradient_elements(groups: list[list[int]], dp: int, dp_rank: int, align: int = 2) -> int:

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import os
 
-from trainer.config.schema import PRECISIONS, RECOMPUTE, BatchPlan, Config, ConfigError
+from trainer.config.schema import PRECISIONS, BatchPlan, Config, ConfigError, ParallelConfig
+from trainer.model.shape import RECOMPUTE
 
 
 def batch_plan(cfg: Config, world_size: int) -> BatchPlan:
@@ -21,6 +22,26 @@ def batch_plan(cfg: Config, world_size: int) -> BatchPlan:
         )
     accum = p.global_batch // per_micro_step
     return BatchPlan(dp, p.micro_batch, accum, p.global_batch, p.global_batch * cfg.model.seq_len)
+
+
+def parallel_overrides(**values) -> list[str]:
+    """The command-line overrides that set these ``parallel.*`` fields (booleans as Hydra spells them);
+    a name that is not a ``ParallelConfig`` field is a programming error."""
+    from dataclasses import fields
+
+    known = {f.name for f in fields(ParallelConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise KeyError(f"not ParallelConfig fields: {unknown}")
+    spell = lambda v: str(v).lower() if isinstance(v, bool) else str(v)  # noqa: E731
+    return [f"parallel.{key}={spell(value)}" for key, value in values.items()]
+
+
+def recompute_plan(p: ParallelConfig) -> tuple[str, int]:
+    """(none | selective | full, blocks per recomputed run) of a parallel config, at any pp. An interval
+    > 0 alone has always meant full recompute; 0 under recompute=full means every block on its own."""
+    mode = "full" if p.recompute == "none" and p.activation_checkpoint_interval > 0 else p.recompute
+    return mode, max(p.activation_checkpoint_interval, 1)
 
 
 def _positive(key: str, value: float) -> None:

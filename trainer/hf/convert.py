@@ -172,7 +172,7 @@ def check_ours(state: dict[str, torch.Tensor], model: dict[str, int]) -> None:
     """Raise Unsupported unless ``state`` holds exactly the GPT's parameters at ``model``'s shape.
 
     ``wte.weight`` may have more rows than ``model["vocab_size"]``: tensor parallelism pads the
-    vocabulary (``padded_vocab_size``).
+    vocabulary (``trainer.model.shape.padded_vocab``).
     """
     expected = _expected_shapes(model)
     missing = sorted(set(expected) - set(state))

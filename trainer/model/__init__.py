@@ -1,4 +1,5 @@
-from trainer.model.gpt import GPT, GPTShape, analytic_param_count
+from trainer.model.gpt import GPT
 from trainer.model.layers import DenseLayers, LayerProvider
+from trainer.model.shape import ModelShape
 
-__all__ = ["GPT", "GPTShape", "analytic_param_count", "DenseLayers", "LayerProvider"]
+__all__ = ["GPT", "DenseLayers", "LayerProvider", "ModelShape"]

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 import zlib
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -26,32 +25,11 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from trainer.model.layers import DenseLayers, LayerProvider
-
-
-@dataclass(frozen=True)
-class GPTShape:
-    n_layer: int
-    n_embd: int
-    n_head: int
-    seq_len: int
-    vocab_size: int  # embedding rows, padding included
-    dropout: float = 0.0
-
-
-def analytic_param_count(l: int, h: int, V: int, s: int) -> int:
-    """P = 12·l·h²·(1 + 13/(12h) + (V+s)/(12·l·h))  (Narayanan et al. 2021, eq. 2), in integers.
-
-    The paper's count leaves out the final LayerNorm (2h parameters); ``GPT.num_params`` is this
-    plus 2h.
-    """
-    return 12 * l * h * h + 13 * l * h + (V + s) * h
-
-
-RECOMPUTE = ("none", "selective", "full")
+from trainer.model.shape import RECOMPUTE, ModelShape
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, shape: GPTShape, layers: LayerProvider, recompute_attention: bool = False):
+    def __init__(self, shape: ModelShape, layers: LayerProvider, recompute_attention: bool = False):
         super().__init__()
         if shape.n_head % layers.tp_size:
             raise ValueError(f"n_head={shape.n_head} must be divisible by the tensor-parallel size {layers.tp_size}")
@@ -90,7 +68,7 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: flo
 
 
 class MLP(nn.Module):
-    def __init__(self, shape: GPTShape, layers: LayerProvider):
+    def __init__(self, shape: ModelShape, layers: LayerProvider):
         super().__init__()
         self.fc1 = layers.column(shape.n_embd, 4 * shape.n_embd)
         self.fc2 = layers.row(4 * shape.n_embd, shape.n_embd)
@@ -102,7 +80,7 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, shape: GPTShape, layers: LayerProvider, recompute_attention: bool = False):
+    def __init__(self, shape: ModelShape, layers: LayerProvider, recompute_attention: bool = False):
         super().__init__()
         self.ln_1 = nn.LayerNorm(shape.n_embd)
         self.attn = CausalSelfAttention(shape, layers, recompute_attention)
@@ -117,7 +95,7 @@ class Block(nn.Module):
 class GPT(nn.Module):
     def __init__(
         self,
-        shape: GPTShape,
+        shape: ModelShape,
         layers: LayerProvider | None = None,
         seed: int = 0,
         recompute: str = "none",

@@ -9,7 +9,6 @@ from trainer.parallel.layers import (
     TensorParallelLayers,
     VocabParallelEmbedding,
     allreduce_sequence_parallel_grads,
-    padded_vocab_size,
     register_sequence_parallel_grad_hooks,
     sequence_parallel_params,
 )
@@ -28,7 +27,6 @@ __all__ = [
     "VocabParallelEmbedding",
     "allreduce_sequence_parallel_grads",
     "build_mesh",
-    "padded_vocab_size",
     "register_sequence_parallel_grad_hooks",
     "sequence_parallel_params",
     "vocab_parallel_cross_entropy",

@@ -17,28 +17,26 @@ import torch
 from torch import nn
 
 from trainer.config.schema import Config
-from trainer.model import GPT, DenseLayers, GPTShape, analytic_param_count
+from trainer.config.validate import recompute_plan
+from trainer.model import GPT, DenseLayers, ModelShape
 from trainer.parallel import (
     CommStats,
     Mesh,
     TensorParallelLayers,
-    padded_vocab_size,
     register_sequence_parallel_grad_hooks,
 )
 from trainer.parallel.pipeline import build_pipeline_module, dense_named_parameters, pipeline_config
 
 
-def model_shape(cfg: Config) -> GPTShape:
+def model_shape(cfg: Config) -> ModelShape:
     """The GPT's shape; the embedding is padded so every tp rank holds an equal vocabulary slice."""
-    m, p = cfg.model, cfg.parallel
-    vocab = padded_vocab_size(m.vocab_size, p.tp, m.make_vocab_size_divisible_by)
-    return GPTShape(m.n_layer, m.n_embd, m.n_head, m.seq_len, vocab, m.dropout)
+    return ModelShape.from_config(cfg.model).padded(cfg.parallel.tp)
 
 
 @dataclass
 class ParallelModel:
     model: nn.Module  # the GPT, or at pp>1 this rank's stage of it (a PipelineModule)
-    shape: GPTShape
+    shape: ModelShape
     comm: CommStats  # the tensor-parallel collectives, counted by the layers themselves
     num_params: int  # full (gathered) size, padding included
     analytic_params: int  # Narayanan et al.'s count for the same shape
@@ -50,20 +48,12 @@ class ParallelModel:
         return dense_named_parameters(self.model, self.shape.n_layer)
 
 
-def recompute_plan(cfg: Config) -> tuple[str, int]:
-    """(none | selective | full, blocks per recomputed run). An interval > 0 alone has always meant
-    full recompute (at pp>1, DeepSpeed's); 0 under recompute=full means every block on its own."""
-    p = cfg.parallel
-    mode = "full" if p.recompute == "none" and p.activation_checkpoint_interval > 0 else p.recompute
-    return mode, max(p.activation_checkpoint_interval, 1)
-
-
 def build_parallel_model(cfg: Config, mesh: Mesh, device: torch.device) -> ParallelModel:
     p = cfg.parallel
     shape = model_shape(cfg)
     comm = CommStats()
     layers = DenseLayers() if p.tp == 1 else TensorParallelLayers(mesh.tp_group, comm, p.sequence_parallel)
-    recompute, every = recompute_plan(cfg)
+    recompute, every = recompute_plan(cfg.parallel)
     if p.pp == 1:
         model = GPT(shape, layers, cfg.train.seed, recompute, every).to(device)
         num_params = model.num_params()
@@ -76,8 +66,7 @@ def build_parallel_model(cfg: Config, mesh: Mesh, device: torch.device) -> Paral
             num_params = GPT(shape).num_params()
     if p.sequence_parallel:
         register_sequence_parallel_grad_hooks(model, mesh.tp_group, comm)
-    analytic = analytic_param_count(shape.n_layer, shape.n_embd, shape.vocab_size, shape.seq_len)
-    return ParallelModel(model, shape, comm, num_params, analytic)
+    return ParallelModel(model, shape, comm, num_params, shape.narayanan_params())
 
 
 def engine_extras(cfg: Config, mesh: Mesh, ds_dict: dict) -> tuple[dict, Mesh | None]:

@@ -42,15 +42,6 @@ from trainer.parallel.mappings import (
 )
 
 
-def padded_vocab_size(vocab_size: int, tp: int, divisible_by: int = 1) -> int:
-    """``vocab_size`` rounded up to a multiple of tp·divisible_by (Megatron-LM's rule).
-
-    Every tp rank then holds an equal, ``divisible_by``-aligned slice of the embedding.
-    """
-    multiple = tp * divisible_by
-    return -(-vocab_size // multiple) * multiple
-
-
 def _divide(n: int, tp: int, what: str) -> int:
     if n % tp:
         raise ValueError(f"{what}={n} must be divisible by the tensor-parallel size {tp}")

@@ -11,7 +11,7 @@ exponentials (SUM). No rank ever holds more than its (B, T, V/tp) shard. Backwar
 
     dloss/dz_v = softmax(z)_v - [v == t]
 
-Padding rows of the embedding (``padded_vocab_size``) are ordinary vocabulary entries here, as in
+Padding rows of the embedding (``trainer.model.shape.padded_vocab``) are ordinary vocabulary entries here, as in
 Megatron-LM: they stay in the softmax, and since no target names them their logits are pushed down.
 """
 

@@ -3,8 +3,8 @@
 
 What is compared, per rank (medians over the measured steps; memory at its high-water mark):
 
-    state memory   params, grads, fp32 master copy, Adam states  vs  model_state_bytes(Ψ_rank, dp, ZeRO, fp32)
-                   with Ψ_rank = params_per_rank(...) for the rank's tp shard and pipeline stage, and the
+    state memory   params, grads, fp32 master copy, Adam states  vs  zero_state_bytes(Ψ_rank, dp, ZeRO, fp32)
+                   with Ψ_rank = ModelShape.rank_params(...) for the rank's tp shard and pipeline stage, and the
                    master copy that DeepSpeed's ZeRO optimizers keep even in fp32
     activations    bytes saved for backward  vs  Korthikanti et al. per layer (no s×s scores: the fused
                    attention kernel keeps none) × layers on the rank + the output layer, × micro-batches in
@@ -26,14 +26,13 @@ from trainer.analysis.formulas import (
     activation_bytes_per_layer,
     dp_comm_bytes_per_step,
     head_activation_bytes,
-    model_state_bytes,
-    params_per_rank,
     pipeline_bubble,
     pipeline_p2p_bytes,
     tp_collectives,
     wire_bytes,
     zero2_gradient_elements,
     zero_collectives,
+    zero_state_bytes,
 )
 
 MB = 2**20
@@ -74,7 +73,7 @@ class RankResult:
 
 @dataclass
 class LayoutResult:
-    layout: object  # trainer.compare.Layout
+    layout: object  # trainer.compare.CompareLayout
     name: str
     status: str
     reason: str
@@ -197,10 +196,8 @@ def _predict(outcome, positions: list[int], stage: int, coords_dp: int) -> dict:
     l, h, a, s, V = shape.n_layer, shape.n_embd, shape.n_head, shape.seq_len, shape.vocab_size
     t, p, dp, b, m = lay.tp, lay.pp, lay.dp, plan.micro_batch, plan.grad_accum
     where = range(*positions)
-    psi = params_per_rank(l, h, V, s, t, where)
-    # DeepSpeed's ZeRO-1/2 step a cloned fp32 partition even when the parameters are fp32; ZeRO-3 then
-    # steps its fp32 parameter partition in place (stage3.py, _create_fp32_partitions): no extra copy.
-    state = model_state_bytes(psi, dp, lay.zero, "fp32", master_copy=lay.zero in (1, 2))
+    psi = shape.rank_params(t, where)
+    state = zero_state_bytes(psi, dp, lay.zero, "fp32")
     grads = state.grads
     if lay.zero == 2 and t == p == 1:  # DeepSpeed keeps whole gradients of the parameters its slice touches
         grads = 4 * zero2_gradient_elements(_dense_param_groups(shape), dp, coords_dp)

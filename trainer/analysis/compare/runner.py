@@ -19,7 +19,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -31,14 +30,15 @@ from omegaconf import DictConfig
 
 from trainer.config import cli
 from trainer.config.schema import BadInput, BatchPlan, Config, ConfigError
-from trainer.config.validate import validate
+from trainer.config.validate import parallel_overrides, validate
+from trainer.runtime.env import free_port
 
 GROUPS = ("model", "data", "optim")  # composed by conf/compare.yaml and passed on to every run
 _TOKEN = re.compile(r"^(tp|pp|dp|zero)(\d+)$|^sp$")
 
 
 @dataclass(frozen=True)
-class Layout:
+class CompareLayout:
     name: str
     ranks: int
     tp: int = 1
@@ -53,18 +53,13 @@ class Layout:
         return max(self.ranks // (self.tp * self.pp), 1)
 
     def overrides(self) -> list[str]:
-        return [
-            f"parallel.tp={self.tp}",
-            f"parallel.pp={self.pp}",
-            f"parallel.zero_stage={self.zero}",
-            f"parallel.sequence_parallel={str(self.sp).lower()}",
-        ]
+        return parallel_overrides(tp=self.tp, pp=self.pp, zero_stage=self.zero, sequence_parallel=self.sp)
 
 
-def parse_layout(name: str, world: int) -> Layout:
+def parse_layout(name: str, world: int) -> CompareLayout:
     """A layout name -> its degrees; unknown words are bad input (exit 2)."""
     if name in ("baseline", "single"):
-        return Layout(name, 1, baseline=name == "baseline")
+        return CompareLayout(name, 1, baseline=name == "baseline")
     degrees: dict[str, int] = {}
     for token in name.split("-"):
         match = _TOKEN.match(token)
@@ -74,7 +69,7 @@ def parse_layout(name: str, world: int) -> Layout:
                 "dpN, zeroK and sp joined by '-', e.g. tp2-dp2-zero1"
             )
         degrees[match.group(1) or "sp"] = int(match.group(2) or 1)
-    return Layout(
+    return CompareLayout(
         name,
         world,
         tp=degrees.get("tp", 1),
@@ -112,7 +107,7 @@ class Settings:
     def group(self) -> str:
         return f"compare-{self.out.name}"
 
-    def run_overrides(self, layout: Layout) -> list[str]:
+    def run_overrides(self, layout: CompareLayout) -> list[str]:
         return [
             *self.passthrough,
             f"parallel.micro_batch={self.micro_batch}",
@@ -134,7 +129,7 @@ class Settings:
 class Outcome:
     """One layout of a comparison: skipped (with the reason), failed (with the reason) or ok."""
 
-    layout: Layout
+    layout: CompareLayout
     status: str  # ok | failed | skipped
     reason: str = ""
     run_dir: Path | None = None
@@ -150,7 +145,7 @@ def compose(overrides: list[str]) -> Config:
     return cli.compose(overrides)
 
 
-def check(layout: Layout, settings: Settings) -> Outcome:
+def check(layout: CompareLayout, settings: Settings) -> Outcome:
     """Compose and validate the layout's config at its world size; a refusal is a skip with its reason."""
     if layout.dp_asked is not None and layout.tp * layout.pp * layout.dp_asked != layout.ranks:
         need = layout.tp * layout.pp * layout.dp_asked
@@ -164,7 +159,7 @@ def check(layout: Layout, settings: Settings) -> Outcome:
     return Outcome(layout, "pending", cfg=cfg, plan=plan)
 
 
-def command(layout: Layout, settings: Settings, run_dir: Path) -> list[str]:
+def command(layout: CompareLayout, settings: Settings, run_dir: Path) -> list[str]:
     args = [*settings.run_overrides(layout), f"hydra.run.dir={run_dir}"]
     python = sys.executable
     if layout.baseline:
@@ -172,7 +167,7 @@ def command(layout: Layout, settings: Settings, run_dir: Path) -> list[str]:
     if layout.ranks == 1:
         return [python, "-m", "trainer.train", *args]
     launcher = str(Path(python).parent / "deepspeed")
-    port = str(_free_port())
+    port = str(free_port())
     ranks = str(layout.ranks)
     return [launcher, "--num_gpus", ranks, "--no_local_rank", "--master_port", port, "--module", "trainer.train", *args]
 
@@ -230,12 +225,6 @@ def _child_env() -> dict[str, str]:
     return env
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _last_error(text: str, code: int | None) -> str:
     """The line that says why: a config error, else the first exception line (the rank that failed
     first; its peers then report lost connections), else the exit code."""
@@ -250,7 +239,7 @@ def _wandb_id(run_dir: Path) -> str:
     return runs[-1].name.rsplit("-", 1)[-1] if runs else ""
 
 
-def settings_from(cfg_node: DictConfig) -> tuple[Settings, list[Layout]]:
+def settings_from(cfg_node: DictConfig) -> tuple[Settings, list[CompareLayout]]:
     """The comparison's settings and layouts from the composed config and the command line."""
     c = cfg_node.compare
     for key in ("world", "steps", "micro_batch", "global_batch", "eval_batches", "timeout_s"):
@@ -285,7 +274,7 @@ def _whole(section: DictConfig, key: str, least: int) -> None:
         raise ConfigError(f"compare.{key}", value, f"must be a whole number >= {least}")
 
 
-def compare(settings: Settings, layouts: list[Layout]) -> list[Outcome]:
+def compare(settings: Settings, layouts: list[CompareLayout]) -> list[Outcome]:
     outcomes = []
     for layout in layouts:
         outcome = check(layout, settings)

@@ -1,10 +1,10 @@
 """Fit the efficiency factors to measured runs and say how well the planner predicts them.
 
 Reads a ``trainer.compare`` report's ``results.csv`` (one row per layout). Required columns: tp, pp, dp,
-zero_stage, sequence_parallel, tokens_per_s, peak_mem_mb. Optional: micro_batch, global_batch,
-activation_checkpoint_interval (> 0 = full recompute), precision; missing ones take the trainer's
-defaults (trainer.config.schema.ParallelConfig) or the plan's global batch and precision. Rows without a
-tokens_per_s (failed runs) are skipped.
+zero_stage, sequence_parallel, tokens_per_s, peak_mem_mb. Optional: micro_batch, global_batch, precision,
+recompute and activation_checkpoint_interval (read as the trainer reads them, ``recompute_plan``); missing
+ones take the trainer's defaults (trainer.config.schema.ParallelConfig) or the plan's global batch and
+precision. Rows without a tokens_per_s (failed runs) are skipped.
 
 Fitted: the matmul efficiency and a scale on the link bandwidths (least squares on log tokens/s, grid
 search), and the runtime memory per rank (median of measured minus predicted; on CPU the peak RSS
@@ -23,8 +23,9 @@ from statistics import median
 from trainer.analysis.planner.cluster import ClusterSpec
 from trainer.analysis.planner.layouts import Layout
 from trainer.analysis.planner.predict import Prediction, predict
-from trainer.analysis.planner.shape import ModelShape
 from trainer.config.schema import BadInput, ParallelConfig
+from trainer.config.validate import recompute_plan
+from trainer.model.shape import ModelShape
 
 REQUIRED = ("tp", "pp", "dp", "zero_stage", "sequence_parallel", "tokens_per_s", "peak_mem_mb")
 MB = 2**20  # results.csv and metrics.jsonl give peak_mem_mb in MiB
@@ -98,14 +99,19 @@ def read_results(report_dir: str, global_batch: int, precision: str) -> list[Mea
 def _measured(row: dict[str, str], global_batch: int, precision: str) -> Measured:
     defaults = ParallelConfig()
     get = lambda key, default: row[key] if row.get(key, "").strip() else default  # noqa: E731
-    interval = int(get("activation_checkpoint_interval", "0"))
+    recompute, _ = recompute_plan(
+        ParallelConfig(
+            recompute=get("recompute", "none"),
+            activation_checkpoint_interval=int(get("activation_checkpoint_interval", "0")),
+        )
+    )
     layout = Layout(
         tp=int(row["tp"]),
         pp=int(row["pp"]),
         dp=int(row["dp"]),
         zero_stage=int(row["zero_stage"]),
         micro_batch=int(get("micro_batch", defaults.micro_batch)),
-        recompute="full" if interval > 0 and int(row["pp"]) > 1 else "none",
+        recompute=recompute,
         sequence_parallel=_flag(row["sequence_parallel"]),
     )
     return Measured(

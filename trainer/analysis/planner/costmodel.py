@@ -26,10 +26,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from trainer.analysis.formulas import BYTES, activation_bytes_per_layer, ring_bytes, tp_collectives
+from trainer.analysis.formulas import BYTES, activation_bytes_per_layer, tp_collectives, wire_bytes
 from trainer.analysis.planner.cluster import ClusterSpec, Link
 from trainer.analysis.planner.layouts import Layout
-from trainer.analysis.planner.shape import ModelShape
+from trainer.model.shape import ModelShape
 
 GRAD_COMM_BYTES = 4  # gradients are accumulated and reduced in fp32 (Megatron-LM; DeepSpeed's bf16 optimizer)
 ADAM_BYTES_PER_PARAM = 30
@@ -52,19 +52,19 @@ def ring_time(message_bytes: float, n: int, kind: str, link: Link, call_latency:
     if n <= 1:
         return 0.0
     steps = 2 * (n - 1) if kind == "all_reduce" else n - 1
-    return ring_bytes(message_bytes, n, kind) / link.bandwidth + steps * link.latency + call_latency
+    return wire_bytes(kind, message_bytes, n) / link.bandwidth + steps * link.latency + call_latency
 
 
 def block_flops(shape: ModelShape, layout: Layout) -> float:
     """Executed FLOPs of one block for one micro-batch (forward, backward and any recompute)."""
-    b, s, h = layout.micro_batch, shape.seq_len, shape.hidden
+    b, s, h = layout.micro_batch, shape.seq_len, shape.n_embd
     forward = 24 * b * s * h * h + 4 * b * s * s * h
     extra = {"none": 0.0, "selective": 4 * b * s * s * h, "full": forward}[layout.recompute]
     return 3 * forward + extra
 
 
 def head_flops(shape: ModelShape, layout: Layout) -> float:
-    return 6 * layout.micro_batch * shape.seq_len * shape.hidden * shape.padded_vocab(layout.tp)
+    return 6 * layout.micro_batch * shape.seq_len * shape.n_embd * shape.padded_vocab(layout.tp)
 
 
 def elementwise_bytes(shape: ModelShape, layout: Layout, precision: str, last: bool = True) -> float:
@@ -72,7 +72,7 @@ def elementwise_bytes(shape: ModelShape, layout: Layout, precision: str, last: b
     loss) for one micro-batch. Each op reads its input and writes its output, which Korthikanti et al.
     count as the activations a block stores, A: the forward moves 2A; the backward twice that, as with
     FLOPs; full recompute adds a forward, selective the attention core's share (5as/h of 34 + 5as/h)."""
-    s, b, h, a, t = shape.seq_len, layout.micro_batch, shape.hidden, shape.heads, layout.tp
+    s, b, h, a, t = shape.seq_len, layout.micro_batch, shape.n_embd, shape.n_head, layout.tp
     block = activation_bytes_per_layer(s, b, h, a, t, layout.sequence_parallel, precision)
     passes = {"none": 3.0, "selective": 3 + (5 * a * s / h) / (34 + 5 * a * s / h), "full": 4.0}[layout.recompute]
     head = 4 * s * b * h / t * (1 + shape.padded_vocab(t) / h) * BYTES[precision] / 2 if last else 0.0
@@ -100,7 +100,7 @@ def tp_calls(shape: ModelShape, layout: Layout) -> int:
         return 0
     positions = range(0 if layout.pp == 1 else l - blocks + 1, l + 3)
     found = tp_collectives(
-        l, layout.micro_batch, shape.seq_len, shape.hidden, t, layout.sequence_parallel, 4, positions
+        l, layout.micro_batch, shape.seq_len, shape.n_embd, t, layout.sequence_parallel, 4, positions
     )
     recompute = blocks * (4 if layout.sequence_parallel else 2) if layout.recompute == "full" else 0
     return sum(count for count, _ in found.values()) + recompute
@@ -110,7 +110,7 @@ def step_time(shape: ModelShape, layout: Layout, global_batch: int, precision: s
     m, p, t = layout.micro_batches(global_batch), layout.pp, layout.tp
     blocks = shape.n_layer // p
     compute = stage_compute(shape, layout, precision, cluster, last=True)
-    act = layout.micro_batch * shape.seq_len * shape.hidden * BYTES[precision]
+    act = layout.micro_batch * shape.seq_len * shape.n_embd * BYTES[precision]
     collectives = 6 if layout.recompute == "full" else 4
     tp = (
         blocks * collectives * ring_time(act, t, "all_reduce", cluster.intra)

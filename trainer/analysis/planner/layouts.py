@@ -10,9 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from trainer.analysis.planner.shape import ModelShape
-
-RECOMPUTE = ("none", "selective", "full")
+from trainer.config.validate import parallel_overrides
+from trainer.model.shape import RECOMPUTE, ModelShape
 
 
 @dataclass(frozen=True)
@@ -35,16 +34,16 @@ class Layout:
 
     def overrides(self, global_batch: int, precision: str) -> list[str]:
         """The trainer's Hydra overrides for this layout (trainer.config.schema.ParallelConfig's field names)."""
-        return [
-            f"parallel.tp={self.tp}",
-            f"parallel.pp={self.pp}",
-            f"parallel.zero_stage={self.zero_stage}",
-            f"parallel.micro_batch={self.micro_batch}",
-            f"parallel.global_batch={global_batch}",
-            f"parallel.sequence_parallel={str(self.sequence_parallel).lower()}",
-            f"parallel.recompute={self.recompute}",
-            f"parallel.precision={precision}",
-        ]
+        return parallel_overrides(
+            tp=self.tp,
+            pp=self.pp,
+            zero_stage=self.zero_stage,
+            micro_batch=self.micro_batch,
+            global_batch=global_batch,
+            sequence_parallel=self.sequence_parallel,
+            recompute=self.recompute,
+            precision=precision,
+        )
 
 
 @dataclass
@@ -60,8 +59,8 @@ def divisors(n: int) -> list[int]:
 def tensor_degrees(shape: ModelShape, gpus_per_node: int, excluded: list[str]) -> list[int]:
     degrees = []
     for tp in divisors(gpus_per_node):
-        if shape.heads % tp:
-            excluded.append(f"tp={tp}: does not divide {shape.heads} heads")
+        if shape.n_head % tp:
+            excluded.append(f"tp={tp}: does not divide {shape.n_head} heads")
         else:
             degrees.append(tp)
     return degrees

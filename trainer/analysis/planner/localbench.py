@@ -9,23 +9,17 @@ replaced by a stated estimate (loopback TCP on a laptop: about 1 GB/s and 100 µ
 from __future__ import annotations
 
 import multiprocessing as mp
-import socket
 import time
 from dataclasses import replace
 
 from trainer.analysis.planner.config import ClusterConfig
+from trainer.runtime.env import free_port
 
 ESTIMATE_BW_GBS, ESTIMATE_LATENCY_US = 1.0, 100.0
 ESTIMATE_OVERHEADS = {"gather": 4.0, "scatter": 2.5}  # torch 2.x's gloo with glibc, measured on a 2-core EPYC
 MESSAGE_BYTES = 16 * 2**20  # large enough that bandwidth, not latency, dominates
 TIMEOUT_S = 60.0
 CALLS = 5  # of each collective whose memory is measured (what glibc keeps varies by about one copy per run)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _peak_rss_since_reset() -> int:
@@ -92,7 +86,7 @@ def _run_pairs(target, extra_args: list[tuple]) -> list | None:
     ctx = mp.get_context("spawn")  # forking a process that already ran torch kernels can hang
     queue, procs = ctx.Queue(), []
     for extra in extra_args:
-        port = _free_port()
+        port = free_port()
         procs += [ctx.Process(target=target, args=(r, port, queue, *extra), daemon=True) for r in range(2)]
     for p in procs:
         p.start()

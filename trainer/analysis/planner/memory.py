@@ -16,11 +16,11 @@ the caller's buffers adds temporaries per byte moved (``Collectives``; gloo on C
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
-from trainer.analysis.formulas import BYTES, StateBytes, activation_bytes_per_layer, model_state_bytes
+from trainer.analysis.formulas import BYTES, activation_bytes_per_layer, zero_state_bytes
 from trainer.analysis.planner.layouts import Layout
-from trainer.analysis.planner.shape import ModelShape
+from trainer.model.shape import ModelShape
 from trainer.runtime.ds_config import ZERO3_MAX_LIVE_PARAMETERS, ZERO_BUCKET_ELEMENTS
 
 
@@ -53,7 +53,7 @@ class Memory:
 
 def layer_activation_bytes(shape: ModelShape, layout: Layout, precision: str) -> float:
     """Activations one block keeps for backward, per micro-batch (Korthikanti et al. 2022, Table 2)."""
-    s, b, h, a, t = shape.seq_len, layout.micro_batch, shape.hidden, shape.heads, layout.tp
+    s, b, h, a, t = shape.seq_len, layout.micro_batch, shape.n_embd, shape.n_head, layout.tp
     sp = layout.sequence_parallel
     scale = BYTES[precision] / 2  # the paper counts 16-bit activations
     if layout.recompute == "none":
@@ -66,11 +66,11 @@ def layer_activation_bytes(shape: ModelShape, layout: Layout, precision: str) ->
 def activation_bytes(shape: ModelShape, layout: Layout, global_batch: int, precision: str, first: bool) -> float:
     """A stage's activations: its blocks for the micro-batches in flight, the embedding's dropout mask
     (first stage) or the head's input and fp32 logits (last stage: 4sbh/t·(1 + V/h), Korthikanti et al.)."""
-    s, b, h, t = shape.seq_len, layout.micro_batch, shape.hidden, layout.tp
+    s, b, h, t = shape.seq_len, layout.micro_batch, shape.n_embd, layout.tp
     in_flight = min(layout.pp, layout.micro_batches(global_batch)) if first else 1
     blocks = in_flight * (shape.n_layer // layout.pp) * layer_activation_bytes(shape, layout, precision)
     if layout.recompute == "full":  # one block's full activations exist while it is recomputed
-        blocks += activation_bytes_per_layer(s, b, h, shape.heads, t, layout.sequence_parallel, precision)
+        blocks += activation_bytes_per_layer(s, b, h, shape.n_head, t, layout.sequence_parallel, precision)
     last = not first or layout.pp == 1
     embedding = in_flight * s * b * h / (t if layout.sequence_parallel else 1) if first else 0.0
     head = 4 * s * b * h / t * (1 + shape.padded_vocab(t) / h) if last else 0.0
@@ -113,19 +113,9 @@ def memory_per_gpu(
 def _stage(shape, layout, global_batch, precision, reserved, fragmentation, collectives, first) -> Memory:
     last = not first or layout.pp == 1
     psi = shape.stage_params(layout.tp, layout.pp, first, last)
-    states = model_states(psi, layout.dp, layout.zero_stage, precision)
+    states = zero_state_bytes(psi, layout.dp, layout.zero_stage, precision)
     acts = activation_bytes(shape, layout, global_batch, precision, first)
     buffers = buffer_bytes(layout, psi, precision, collectives)
     allocated = states.total + acts + buffers
     margin = allocated * fragmentation + reserved
     return Memory(states.params, states.grads, states.optimizer, acts, buffers, margin)
-
-
-def model_states(psi: float, dp: int, zero_stage: int, precision: str) -> StateBytes:
-    """Rajbhandari et al.'s model states for ``psi`` parameters on one rank. DeepSpeed's ZeRO optimizers
-    also step an fp32 partition when the model itself is fp32 (and copy it back), so fp32 at ZeRO >= 1
-    carries a 4Ψ/Nd master copy that the paper's 16Ψ leaves out."""
-    states = model_state_bytes(psi, dp, zero_stage, precision)
-    if precision == "fp32" and zero_stage >= 1:
-        return replace(states, optimizer=states.optimizer + 4 * psi / dp)
-    return states

@@ -10,7 +10,7 @@ from trainer.analysis.planner.cluster import ClusterSpec
 from trainer.analysis.planner.costmodel import StepTime, executed_flops_per_step, step_time
 from trainer.analysis.planner.layouts import Layout, enumerate_layouts
 from trainer.analysis.planner.memory import Memory, memory_per_gpu
-from trainer.analysis.planner.shape import ModelShape
+from trainer.model.shape import ModelShape
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,7 @@ def predict(shape: ModelShape, layout: Layout, global_batch: int, precision: str
     time = step_time(shape, layout, global_batch, precision, cluster)
     world = layout.tp * layout.pp * layout.dp
     tokens = global_batch * shape.seq_len
-    model_flops = tokens * flops_per_token(shape.n_layer, shape.hidden, shape.seq_len, shape.padded_vocab(layout.tp))
+    model_flops = tokens * flops_per_token(shape.n_layer, shape.n_embd, shape.seq_len, shape.padded_vocab(layout.tp))
     tflops = model_flops / world / time.total / 1e12
     hw = executed_flops_per_step(shape, layout, global_batch) / world / time.total / 1e12
     mfu = tflops * 1e12 / cluster.rank_peak(precision)

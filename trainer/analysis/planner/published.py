@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from trainer.analysis.planner.shape import ModelShape
+from trainer.model.shape import ModelShape
 
 SEQ_LEN, VOCAB = 2048, 51200
 
@@ -43,7 +43,7 @@ class PublishedRun:
         return self.gpus // 8
 
     def shape(self) -> ModelShape:
-        return ModelShape(self.n_layer, self.hidden, self.heads, SEQ_LEN, VOCAB, 1, f"{self.params_b:g}B")
+        return ModelShape(self.n_layer, self.hidden, self.heads, SEQ_LEN, VOCAB, name=f"{self.params_b:g}B")
 
 
 T1, T2 = "Table 1", "Table 2"

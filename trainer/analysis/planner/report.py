@@ -38,8 +38,8 @@ def console() -> Console:
 def header(plan: Plan) -> list[str]:
     s, c = plan.shape, plan.cluster
     lines = [
-        f"model {s.name}: {s.params() / 1e9:,.2f}B parameters (l={s.n_layer}, h={s.hidden}, a={s.heads}, "
-        f"s={s.seq_len}, V={s.vocab})",
+        f"model {s.name}: {s.params() / 1e9:,.2f}B parameters (l={s.n_layer}, h={s.n_embd}, a={s.n_head}, "
+        f"s={s.seq_len}, V={s.vocab_size})",
         f"cluster {c.name}: {c.nodes} node(s) x {c.gpus_per_node} {c.gpu} = {c.world} ranks; per rank "
         f"{c.mem_bytes / GB:.1f} GB, {c.rank_peak(plan.precision) / 1e12:.3g} TFLOP/s {plan.precision} peak, "
         f"matmul efficiency {c.compute_efficiency:.2f}",
@@ -153,10 +153,10 @@ def write_json(plan: Plan, path: str) -> None:
         "model": {
             "name": s.name,
             "n_layer": s.n_layer,
-            "n_embd": s.hidden,
-            "n_head": s.heads,
+            "n_embd": s.n_embd,
+            "n_head": s.n_head,
             "seq_len": s.seq_len,
-            "vocab_size": s.vocab,
+            "vocab_size": s.vocab_size,
             "params": s.params(),
         },
         "cluster": {

@@ -33,7 +33,7 @@ def check(cfg: PlanConfig) -> None:
     """validate_plan, then the global batch against the layouts this cluster allows (enumeration is cheap)."""
     from trainer.analysis.planner.cluster import local_ranks
     from trainer.analysis.planner.layouts import enumerate_layouts
-    from trainer.analysis.planner.shape import ModelShape
+    from trainer.model.shape import ModelShape
 
     validate_plan(cfg)
     shape, batch = ModelShape.from_config(cfg.model), global_batch(cfg)
@@ -45,7 +45,7 @@ def check(cfg: PlanConfig) -> None:
             world // (tp * pp)
             for tp in range(1, per_node + 1)
             for pp in range(1, shape.n_layer + 1)
-            if world % (tp * pp) == 0 and per_node % tp == 0 and shape.heads % tp == 0 and shape.n_layer % pp == 0
+            if world % (tp * pp) == 0 and per_node % tp == 0 and shape.n_head % tp == 0 and shape.n_layer % pp == 0
         )
         raise ConfigError(
             key,
@@ -79,7 +79,7 @@ def run(cfg: PlanConfig) -> None:
     from trainer.analysis.planner.cluster import cluster_spec
     from trainer.analysis.planner.predict import make_plan
     from trainer.analysis.planner.report import console, print_plan, write_json
-    from trainer.analysis.planner.shape import ModelShape
+    from trainer.model.shape import ModelShape
 
     check(cfg)
     if cfg.plan.calibrate:
@@ -95,7 +95,7 @@ def calibrate(cfg: PlanConfig) -> None:
     from trainer.analysis.planner.calibrate import fit, print_fit, read_results
     from trainer.analysis.planner.cluster import resolve, spec_for_world
     from trainer.analysis.planner.report import console
-    from trainer.analysis.planner.shape import ModelShape
+    from trainer.model.shape import ModelShape
 
     measured = read_results(cfg.plan.calibrate, global_batch(cfg), precision(cfg))
     resolved, notes = resolve(cfg.cluster)
