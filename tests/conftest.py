@@ -23,6 +23,29 @@ SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 VENV_BIN = Path(sys.executable).parent
 
+# Relative tolerance of every parity check of a layout against the single-process reference (losses,
+# gradient norms, resharded resumes): layouts sum in different orders, so fp32 rounding differs.
+PARITY_RTOL = 1e-5
+# Element-wise closeness of sharded against dense tensors in the in-process parallel tests.
+CLOSE = {"atol": 1e-5, "rtol": 0}
+# The layouts the launcher tests run, by name: (ranks, overrides). 0 ranks = one process, no launcher.
+# Names are the comparison's (trainer.analysis.compare.runner.parse_layout), so "pp2-dp2" is pp2 at world 4.
+LAYOUTS = {
+    "single": (0, []),
+    "dp2": (2, ["parallel=dp"]),
+    "zero1-dp2": (2, ["parallel=zero1"]),
+    "zero2-dp2": (2, ["parallel=zero2"]),
+    "zero3-dp2": (2, ["parallel=zero3"]),
+    "tp2": (2, ["parallel=tp2"]),
+    "tp2-sp": (2, ["parallel=tp2-sp"]),
+    "tp2-dp2-zero1": (4, ["parallel=tp2-zero1"]),
+    "pp2": (2, ["parallel=pp2"]),
+    "pp4": (4, ["parallel=pp4"]),
+    "tp2-pp2": (4, ["parallel=tp2-pp2"]),
+    "pp2-dp2": (4, ["parallel=pp2"]),
+    "pp2-dp2-zero1": (4, ["parallel=pp2-zero1"]),
+}
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
@@ -116,6 +139,12 @@ def run_train(run_dir: Path, overrides: list[str], ranks: int = 0, timeout: int 
             proc.communicate()
             raise
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
+def run_layout(name: str, run_dir: Path, overrides: list[str], timeout: int = 300):
+    """``run_train`` at the named layout of ``LAYOUTS`` (its overrides after ``overrides``)."""
+    ranks, extra = LAYOUTS[name]
+    return run_train(run_dir, [*overrides, *extra], ranks, timeout)
 
 
 def start_train(run_dir: Path, overrides: list[str], ranks: int = 0) -> subprocess.Popen:

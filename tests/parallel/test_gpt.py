@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from conftest import CLOSE
 from trainer.model import GPT, DenseLayers, ModelShape
 from trainer.parallel.layers import (
     TensorParallelLayers,
@@ -26,7 +27,6 @@ pytestmark = pytest.mark.multiproc
 
 SHAPE = ModelShape(n_layer=2, n_embd=64, n_head=4, seq_len=16, vocab_size=128)
 SEED, BATCH = 7, 2
-CLOSE = {"atol": 1e-5, "rtol": 0}
 
 
 def _batch() -> tuple[torch.Tensor, torch.Tensor]:

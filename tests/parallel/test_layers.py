@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from conftest import CLOSE
 from trainer.parallel.layers import (
     ColumnParallelLinear,
     RowParallelLinear,
@@ -25,7 +26,6 @@ from .spawn import run_ranks
 pytestmark = pytest.mark.multiproc
 
 B, T, IN, OUT, VOCAB = 2, 8, 16, 24, 32
-CLOSE = {"atol": 1e-5, "rtol": 0}
 
 
 def _randn(*shape: int, seed: int) -> torch.Tensor:

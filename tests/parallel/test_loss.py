@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from conftest import CLOSE
 from trainer.model.shape import padded_vocab
 from trainer.parallel.loss import vocab_parallel_cross_entropy
 from trainer.parallel.mappings import CommStats
@@ -18,7 +19,6 @@ from trainer.parallel.mappings import CommStats
 from .spawn import run_ranks
 
 B, T = 3, 5
-CLOSE = {"atol": 1e-5, "rtol": 0}
 
 
 @pytest.mark.parametrize(

@@ -13,11 +13,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import compose_config, read_metrics, run_train, tiny_corpus_overrides
+from conftest import PARITY_RTOL, compose_config, read_metrics, run_train, tiny_corpus_overrides
 from trainer.config.schema import ConfigError
-from trainer.config.validate import validate
+from trainer.config.validate import recompute_plan, validate
 from trainer.model import GPT, ModelShape, gpt
-from trainer.parallel.apply import recompute_plan
 from trainer.training.metrics import ActivationMeter
 
 SHAPE = ModelShape(n_layer=4, n_embd=64, n_head=4, seq_len=32, vocab_size=128, dropout=0.1)
@@ -107,7 +106,7 @@ def test_config_maps_to_the_model():
     def plan(*overrides):
         cfg = compose_config(["debug=smoke", *overrides])[0]
         validate(cfg, world_size=1)
-        return recompute_plan(cfg)
+        return recompute_plan(cfg.parallel)
 
     assert plan() == ("none", 1)
     assert plan("parallel.recompute=full") == ("full", 1)
@@ -123,7 +122,6 @@ def test_config_maps_to_the_model():
 # --- through the launcher ------------------------------------------------------------------------
 
 STEPS, LAYERS = 3, 4
-TOLERANCE = 1e-5
 # name -> (ranks, layout overrides, recompute override)
 LAUNCHED = {
     "tp2-full": (2, ["parallel=tp2"], "parallel.recompute=full"),
@@ -161,7 +159,7 @@ def test_launched_recompute_matches_the_same_layout(name, tmp_path, data_cache):
     deviation = max(abs(a - b) / abs(b) for mine, ref in zip(losses, reference) for a, b in zip(mine, ref))
     saved = [[rank["mem"]["activations"] for rank in r["ranks"]] for r in (plain[0], steps[0])]
     print(f"\n{name}: losses {losses}, max relative deviation {deviation:.2e}, saved bytes per rank {saved}")
-    assert deviation < TOLERANCE, (losses, reference)
+    assert deviation < PARITY_RTOL, (losses, reference)
     assert all(mine < theirs for mine, theirs in zip(*reversed(saved)))  # and it did recompute, on every rank
     if name == "tp2-full":  # the recomputed forward all-reduces again: 2 per block and micro-batch
         extra = steps[0]["tp_comm"]["all_reduce"]["count"] - plain[0]["tp_comm"]["all_reduce"]["count"]

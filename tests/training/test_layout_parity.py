@@ -10,32 +10,18 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import read_metrics, run_train, tiny_corpus_overrides
+from conftest import LAYOUTS, PARITY_RTOL, read_metrics, run_train, tiny_corpus_overrides
 
 STEPS = 10
-TOLERANCE = 1e-5
 BATCH = ["parallel.micro_batch=4", "parallel.global_batch=8"]
 LAYERS = ["model.n_layer=4"]  # enough blocks for 4 pipeline stages
 
-# name -> (ranks, overrides)
-LAYOUTS = {
-    "dp2": (2, ["parallel=dp"]),
-    "zero1-dp2": (2, ["parallel=zero1"]),
-    "zero2-dp2": (2, ["parallel=zero2"]),
-    "zero3-dp2": (2, ["parallel=zero3"]),
-    "tp2": (2, ["parallel=tp2"]),
-    "tp2-sp": (2, ["parallel=tp2-sp"]),
-    "tp2-dp2-zero1": (4, ["parallel=tp2-zero1"]),
-    "pp2": (2, ["parallel=pp2"]),
-    "pp4": (4, ["parallel=pp4"]),
-    "tp2-pp2": (4, ["parallel=tp2-pp2"]),
-    "pp2-dp2": (4, ["parallel=pp2"]),
-    "pp2-dp2-zero1": (4, ["parallel=pp2-zero1"]),
-    "pp2-uniform-ckpt": (
-        2,
-        ["parallel=pp2", "parallel.pipeline_partition=uniform", "parallel.activation_checkpoint_interval=1"],
-    ),
-}
+# Every multi-rank layout of the shared table, plus DeepSpeed's uniform partition with checkpointing.
+LAYOUTS = {name: spec for name, spec in LAYOUTS.items() if name != "single"}
+LAYOUTS["pp2-uniform-ckpt"] = (
+    2,
+    ["parallel=pp2", "parallel.pipeline_partition=uniform", "parallel.activation_checkpoint_interval=1"],
+)
 
 
 def _overrides(data_cache, *extra: str) -> list[str]:
@@ -66,7 +52,7 @@ def test_layout_matches_single_process(layout, tmp_path, data_cache, reference):
     deviation = max(abs(a - b) / abs(b) for a, b in zip(losses, reference))
     tokens_per_s = sum(r["tokens_per_s"] for r in read_metrics(run_dir) if "loss" in r) / STEPS
     print(f"\n| {layout} | {ranks} | {losses[-1]:.6f} | {deviation:.2e} | {tokens_per_s:,.0f} |")
-    assert deviation < TOLERANCE, (losses, reference)
+    assert deviation < PARITY_RTOL, (losses, reference)
     assert losses[-1] < losses[0]  # and it learns
     assert (run_dir / "checkpoints" / f"step_{STEPS}").is_dir()
     if layout == "tp2":  # per micro-batch: 4 all-reduces per layer, embedding, head, 3 in the loss

@@ -4,11 +4,12 @@ shorter than a sample, a corpus smaller than one global batch, a token cache edi
 from __future__ import annotations
 
 import numpy as np
-from test_prepare import cfg_for, decoded_documents, make_paragraphs
 
 import trainer.data.prepare as prep
 from conftest import run_train
 from trainer.data.stream import SampleStream, TokenFile
+
+from .test_prepare import cfg_for, decoded_documents, make_paragraphs
 
 
 def _quiet(_: str) -> None:

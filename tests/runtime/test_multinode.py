@@ -27,10 +27,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, child_env, free_port, read_metrics, run_train, tiny_corpus_overrides
+from conftest import PARITY_RTOL, ROOT, child_env, free_port, read_metrics, run_train, tiny_corpus_overrides
 
 STEPS = 5
-TOLERANCE = 1e-5
 RANKS_PER_NODE = 2
 LAYOUT = ["parallel=tp2-zero1"]  # world 4 = tp 2 x dp 2: each node holds one tp pair (Megatron order)
 BATCH = ["parallel.micro_batch=4", "parallel.global_batch=8"]
@@ -163,7 +162,7 @@ def test_two_nodes_train_like_one(tmp_path, data_cache, reference):
     print(f"\ntwo nodes x 2 ranks (tp2 x dp2) vs one node x 4 ranks: max rel deviation {deviation:.2e}")
     for step, (a, b) in enumerate(zip(losses, reference), 1):
         print(f"  step {step}: two nodes {a:.8f}  one node {b:.8f}")
-    assert deviation < TOLERANCE, (losses, reference)
+    assert deviation < PARITY_RTOL, (losses, reference)
 
 
 def _first_step_logged(nodes: Nodes, timeout: float) -> None:
@@ -285,7 +284,7 @@ def test_multinode_script_forwards_the_launch_id(tmp_path, data_cache, reference
     losses = _losses(tmp_path / "runs" / launch_id)
     deviation = _deviation(losses, reference)
     print(f"\nmultinode.sh (pdsh runner, 2 nodes) vs one node: max rel deviation {deviation:.2e}")
-    assert deviation < TOLERANCE, (losses, reference)
+    assert deviation < PARITY_RTOL, (losses, reference)
     assert not list(env_tmp.iterdir())  # the environment file is removed when the launch ends
 
 
@@ -326,7 +325,7 @@ def test_multinode_script_with_openmpi(tmp_path, data_cache, reference):
     losses = _losses(tmp_path / "runs" / launch_id)
     deviation = _deviation(losses, reference)
     print(f"\nmultinode.sh --launcher openmpi (2 nodes) vs one node: max rel deviation {deviation:.2e}")
-    assert deviation < TOLERANCE, (losses, reference)
+    assert deviation < PARITY_RTOL, (losses, reference)
 
 
 def test_multinode_script_commands(tmp_path):
@@ -563,4 +562,4 @@ def test_slurm_script_runs_on_two_slurm_nodes(tmp_path, data_cache, reference, s
     losses = _losses(tmp_path / "runs" / f"slurm-{job}")
     deviation = _deviation(losses, reference)
     print(f"\nslurm.sbatch on 2 Slurm nodes x 2 ranks vs one node: max rel deviation {deviation:.2e}")
-    assert deviation < TOLERANCE, (losses, reference)
+    assert deviation < PARITY_RTOL, (losses, reference)

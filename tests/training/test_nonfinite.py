@@ -7,16 +7,10 @@ import math
 
 import pytest
 
-from conftest import read_metrics, run_train, tiny_corpus_overrides
+from conftest import LAYOUTS, read_metrics, run_train, tiny_corpus_overrides
 from trainer.checkpoint.store import damage
 
-# name -> (ranks, overrides)
-LAYOUTS = {
-    "single": (0, []),
-    "zero1-dp2": (2, ["parallel=zero1"]),
-    "pp2": (2, ["parallel=pp2"]),
-    "tp2": (2, ["parallel=tp2"]),
-}
+NAMES = ("single", "zero1-dp2", "pp2", "tp2")
 
 
 def _common(data_cache, *extra: str) -> list[str]:
@@ -27,7 +21,7 @@ def _steps(run_dir) -> dict[int, dict]:
     return {r["step"]: r for r in read_metrics(run_dir) if "loss" in r}
 
 
-SLOW = [pytest.param(name, marks=pytest.mark.slow) for name in LAYOUTS if name != "single"]
+SLOW = [pytest.param(name, marks=pytest.mark.slow) for name in NAMES if name != "single"]
 
 
 @pytest.mark.parametrize("layout", ["single", *SLOW])

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, child_env, compose_config, read_metrics, run_train, tiny_corpus_overrides
+from conftest import PARITY_RTOL, ROOT, child_env, compose_config, read_metrics, run_train, tiny_corpus_overrides
 from trainer.checkpoint.store import damage
 
 # --- damaged checkpoints (one process, fast) --------------------------------------------------------
@@ -86,7 +86,6 @@ def test_keep_last_prunes_older_checkpoints(tmp_path, data_cache):
 # --- resharding (launcher, slow) ----------------------------------------------------------------------
 
 STEPS, SAVE_AT = 8, 4
-TOLERANCE = 1e-5  # relative, as for layout parity: layouts sum in different orders
 BASE = ["parallel.micro_batch=4", "parallel.global_batch=8", "model.n_layer=4", f"train.steps={STEPS}"]
 # name -> (ranks, overrides)
 LAYOUTS = {
@@ -118,7 +117,7 @@ def sources(tmp_path_factory, data_cache):
 
 
 def _close(a: float, b: float) -> bool:
-    return abs(a - b) <= TOLERANCE * abs(b)
+    return abs(a - b) <= PARITY_RTOL * abs(b)
 
 
 @pytest.mark.slow
