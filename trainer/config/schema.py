@@ -1,8 +1,8 @@
 """Typed configuration schema: every key, its type, default and allowed values, and the errors bad input raises.
 
 Hydra composes YAML from ``conf/`` on top of these dataclasses, so every field is typed and
-overridable (``parallel.zero_stage=2``). ``validate`` runs once, before any process group exists,
-and raises ``ConfigError`` with one line naming the key, its value and the fix.
+overridable (``parallel.zero_stage=2``). ``trainer.config.validate.validate`` runs once, before any
+process group exists, and raises ``ConfigError`` with one line naming the key, its value and the fix.
 """
 
 from __future__ import annotations
@@ -32,10 +32,10 @@ class ModelConfig:
     n_embd: int = MISSING  # hidden size h
     n_head: int = MISSING  # attention heads; head size = n_embd / n_head
     seq_len: int = MISSING  # context length = number of learned position embeddings
-    vocab_size: int = MISSING  # embedding rows; the tokenizer's vocabulary must fit in it
+    vocab_size: int = MISSING  # embedding rows before padding; the tokenizer's vocabulary must fit in it
     dropout: float = 0.0  # on attention probabilities, residual branches and embeddings
-    # Pad the embedding to a multiple of this (times tp), as Megatron does, for fast matmuls.
-    # 1 keeps the vocabulary exactly as published (needed for the analytic parameter count).
+    # Pad the embedding to a multiple of this times tp, as Megatron does, for fast matmuls. 1 pads only
+    # to a multiple of tp (not at all at tp=1), so the built model matches the analytic parameter count.
     make_vocab_size_divisible_by: int = 1
 
 
@@ -62,7 +62,7 @@ class ParallelConfig:
 class TokenizerConfig:
     # "train": fit a byte-level BPE on the corpus; otherwise a path to tokenizer.json or an HF directory.
     source: str = "train"
-    vocab_size: int = 8192  # for "train": target vocabulary (must be <= model.vocab_size)
+    vocab_size: int = 8192  # for "train": target vocabulary (must be > 256 and <= model.vocab_size)
 
 
 @dataclass
@@ -88,10 +88,12 @@ class OptimConfig:
     name: str = "adamw"
     lr: float = 6e-4  # peak learning rate after warmup
     min_lr: float = 6e-5  # floor of the cosine decay
-    warmup_steps: int = 100  # linear warmup from 0
+    warmup_steps: int = 100  # linear warmup: step k (1-based) uses lr * k / warmup_steps; 0 = none
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
-    weight_decay: float = 0.1  # applied to matrices only, not to biases, LayerNorm or embeddings' positions
+    # Decays every matrix (linear weights, the token embedding/tied head and the position embedding);
+    # vectors (biases, LayerNorm weights and biases) are not decayed.
+    weight_decay: float = 0.1
     grad_clip: float = 1.0  # global gradient-norm clip; 0 disables
 
 
@@ -101,7 +103,10 @@ class TrainConfig:
     steps: int = 1000  # optimizer steps
     seed: int = 1234
     device: str = "auto"  # auto | cpu | cuda
-    log_interval: int = 10  # steps between metric lines (metrics.jsonl has every step)
+    # Logged steps: every log_interval-th, the first one (also after a resume) and the last. Only they are
+    # measured (phase times, communication, memory) and written to metrics.jsonl, wandb and the console;
+    # the steps between run unmeasured and are not recorded (validation passes add their own lines).
+    log_interval: int = 10
     eval_interval: int = 200  # steps between validation passes; 0 = only at the end
     eval_batches: int = 10  # global batches of validation samples: the same set at every layout
     save_interval: int = 0  # steps between checkpoints; 0 = only at the end, -1 = never
@@ -123,7 +128,8 @@ class TrainConfig:
 
 @dataclass
 class WandbConfig:
-    mode: str = "auto"  # auto (online if an API key is set, else offline) | online | offline | disabled
+    # auto (online if WANDB_API_KEY is set, else offline) | online (offline without a key) | offline | disabled
+    mode: str = "auto"
     project: str = "gpt-trainer"
     entity: str = ""
     name: str = ""  # run name; empty = the run directory's name
