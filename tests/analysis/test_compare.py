@@ -58,6 +58,12 @@ def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path):
     assert len(lines) == 1 and message in lines[0], proc.stderr
 
 
+def test_a_comparison_in_which_nothing_ran_says_so_and_fails(tmp_path):
+    proc = _compare("compare.world=1", "compare.layouts=[dp2]", f"compare.out={tmp_path / 'out'}", timeout=120)
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "[dp2] skipped" in proc.stdout and "no layout ran" in proc.stderr
+
+
 @pytest.mark.slow
 def test_report_of_a_small_comparison(tmp_path, data_cache):
     out = tmp_path / "cmp"
@@ -87,6 +93,7 @@ def test_report_of_a_small_comparison(tmp_path, data_cache):
     by_name = {row["layout"]: row for row in layouts}
     assert [by_name[n]["status"] for n in ("baseline", "dp2", "tp2", "tp2-pp2")] == ["ok", "ok", "ok", "skipped"]
     assert (by_name["tp2"]["tp"], by_name["tp2"]["dp"], by_name["dp2"]["dp"]) == ("2", "1", "2")
+    assert by_name["dp2"]["run_dir"] == "runs/dp2"  # relative to the report's folder: the folder can move
     ranks = _read_csv(out / "ranks.csv")
     assert list(ranks[0]) == RANK_FIELDS
     assert [row["layout"] for row in ranks] == ["baseline", "dp2", "dp2", "tp2", "tp2"]

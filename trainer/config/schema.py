@@ -152,11 +152,9 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
-    run_dir: str = ""  # filled by the entry point from Hydra's output directory
 
 
 PRECISIONS = ("fp32", "bf16", "fp16")
-RECOMPUTE = ("none", "selective", "full")
 
 
 @dataclass(frozen=True)

@@ -114,7 +114,7 @@ def summarise(outcome, settings) -> LayoutResult:
         outcome.status,
         outcome.reason,
         degrees,
-        str(outcome.run_dir or ""),
+        outcome.run_dir.relative_to(settings.out).as_posix() if outcome.run_dir else "",  # as the report's folder sees it
         outcome.wandb_id,
         outcome.seconds,
     )
