@@ -27,6 +27,8 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from trainer.runtime.compat import relink_zero_moments
+
 FORMAT = "trainer-consolidated"
 VERSION = 1
 META_FILE = "meta.json"
@@ -118,10 +120,9 @@ def _relink_zero_moments(engine) -> None:
     moments, and ``safe_get_full_optimizer_state`` fails with "exp_avg not found".
     """
     zero = engine.optimizer
-    if _zero_stage(engine) in (1, 2) and hasattr(zero, "_lazy_init_hp_params_optimizer_state"):
+    if _zero_stage(engine) in (1, 2):
         if any(zero.optimizer.state.get(flat) for flat in zero.single_partition_of_fp32_groups):
-            zero._hp_optimizer_states_linked = False
-            zero._lazy_init_hp_params_optimizer_state()
+            relink_zero_moments(zero)
 
 
 def adam_step(engine) -> int:
@@ -206,8 +207,7 @@ def _create_adam_state(engine, params: list[nn.Parameter], step: int) -> None:
     zero = engine.optimizer
     for flat in zero.single_partition_of_fp32_groups:
         zero.optimizer.state[flat] = _zero_adam_state(flat, step)
-    zero._hp_optimizer_states_linked = False
-    zero._lazy_init_hp_params_optimizer_state()
+    relink_zero_moments(zero)
 
 
 def _zero_adam_state(param: torch.Tensor, step: int) -> dict[str, torch.Tensor]:

@@ -44,6 +44,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.distributed as dist
 
+from trainer.runtime.compat import wrap_pipe_instructions
+
 COMPUTE = ("ForwardPass", "BackwardPass", "OptimizerStep")
 
 
@@ -91,7 +93,8 @@ class BubbleMeter:
         # or: with meter.step() as result: engine.train_batch(it)   -> result[0] is the StageBubble
 
     Outside a step (e.g. ``eval_batch``) the handlers run untimed. ``close()`` removes the wrappers.
-    The wrappers shadow the class's ``_INSTRUCTION_MAP`` on this engine instance only.
+    The wrappers shadow the class's ``_INSTRUCTION_MAP`` on this engine instance only
+    (``trainer.runtime.compat.wrap_pipe_instructions``; close wrappers in the reverse order of creation).
     """
 
     def __init__(self, engine, synchronize: bool | None = None):
@@ -101,12 +104,7 @@ class BubbleMeter:
         self._counts: Counter[str] = Counter()
         self._active = False
         self._t0 = 0.0
-        # The map is a class attribute keyed by instruction type; handlers are plain functions the
-        # engine binds to itself. Wrap whatever map this instance sees (it may be wrapped already).
-        self._original = engine.__dict__.get("_INSTRUCTION_MAP")
-        engine._INSTRUCTION_MAP = {
-            kind: self._timed(kind.__name__, handler) for kind, handler in engine._INSTRUCTION_MAP.items()
-        }
+        self._restore = wrap_pipe_instructions(engine, self._timed)
 
     def _timed(self, name: str, handler: Callable) -> Callable:
         def run(engine, **kwargs):
@@ -167,10 +165,7 @@ class BubbleMeter:
 
     def close(self) -> None:
         """Restore the engine's instruction map as it was before this meter."""
-        if self._original is None:
-            self.engine.__dict__.pop("_INSTRUCTION_MAP", None)
-        else:
-            self.engine._INSTRUCTION_MAP = self._original
+        self._restore()
 
 
 def gather_stages(record: StageBubble, group: dist.ProcessGroup | None) -> list[StageBubble]:

@@ -43,10 +43,11 @@ import torch.distributed as dist
 from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 from torch import nn
 
-from trainer.model.gpt import Block, GPTShape, init_weights
+from trainer.model.gpt import Block, ModelShape, init_weights
 from trainer.model.layers import LayerProvider
 from trainer.parallel.dims import ParallelDims
 from trainer.parallel.grad_norm import local_grad_squares
+from trainer.runtime.compat import check_tied_weight_sync, replace_fp32_clipping
 
 TIED_KEY = "embed"
 TIED_PREFIX = f"tied_modules.{TIED_KEY}."  # PipelineModule registers tied modules under this path
@@ -61,7 +62,7 @@ class GPTEmbedding(nn.Module):
     builds the head's copy: only E, which is all the head needs.
     """
 
-    def __init__(self, shape: GPTShape, layers: LayerProvider, position: bool = True):
+    def __init__(self, shape: ModelShape, layers: LayerProvider, position: bool = True):
         super().__init__()
         self.layers = layers  # a plain object, not a module: holds the tp group, not parameters
         self.wte = layers.embedding(shape.vocab_size, shape.n_embd)
@@ -83,7 +84,7 @@ def lm_head(embedding: GPTEmbedding, x: torch.Tensor) -> torch.Tensor:
 class FinalNorm(nn.Module):
     """ln_f, then back from the block layout: (B, T or T/tp, h) -> (B, T, h)."""
 
-    def __init__(self, shape: GPTShape, layers: LayerProvider):
+    def __init__(self, shape: ModelShape, layers: LayerProvider):
         super().__init__()
         self.layers = layers
         self.ln_f = nn.LayerNorm(shape.n_embd)  # named as in the GPT: "ln_f.weight"
@@ -92,7 +93,7 @@ class FinalNorm(nn.Module):
         return self.layers.from_block_layout(self.ln_f(x))
 
 
-def layer_specs(shape: GPTShape, layers: LayerProvider, recompute_attention: bool = False) -> list[LayerSpec]:
+def layer_specs(shape: ModelShape, layers: LayerProvider, recompute_attention: bool = False) -> list[LayerSpec]:
     """The n_layer + 3 specs of the table above, in pipeline order."""
     return [
         TiedLayerSpec(TIED_KEY, GPTEmbedding, shape, layers, position=True, tied_weight_attr=["wte.weight"]),
@@ -112,8 +113,13 @@ class GPTPipe(PipelineModule):
     kernel, so torch attaches a fallback to the parameter and warns at every later backward that it
     "may lead to silently incorrect behavior". The copy is a plain data transfer: run it under
     ``no_grad``. (The class name must not be DeepSpeed's GPTModelPipe / GPT2ModelPipe, which its
-    engine special-cases.)
+    engine special-cases.) The override of DeepSpeed's private method is checked against the DeepSpeed
+    version in ``trainer.runtime.compat`` (why it stays an override: see there).
     """
+
+    def __init__(self, *args, **kwargs):
+        check_tied_weight_sync()  # before PipelineModule.__init__ calls the method
+        super().__init__(*args, **kwargs)
 
     def _synchronize_tied_weights(self) -> None:
         with torch.no_grad():
@@ -121,7 +127,7 @@ class GPTPipe(PipelineModule):
 
 
 def build_pipeline_module(
-    shape: GPTShape,
+    shape: ModelShape,
     layers: LayerProvider,
     dims: ParallelDims,
     seed: int,
@@ -267,22 +273,21 @@ def install_pipeline_clipping(engine) -> bool:
 
     This replaces the engine's ``clip_fp32_gradients`` (called in the optimizer step when
     ``gradient_clipping`` > 0, ZeRO-0, fp32) by one that clips by ``pipeline_grad_norm`` and keeps it
-    for ``get_global_grad_norm()``. Returns whether it did; a no-op elsewhere. With clipping off and
-    ZeRO-0 the norm is not computed (as in DeepSpeed).
+    for ``get_global_grad_norm()`` (``trainer.runtime.compat.replace_fp32_clipping``, for the run).
+    Returns whether it did; a no-op elsewhere. With clipping off and ZeRO-0 the norm is not computed
+    (as in DeepSpeed).
     """
     if engine.zero_optimization_stage() > 0 or engine.fp16_enabled() or engine.bfloat16_enabled():
         return False
-    if not callable(getattr(engine, "clip_fp32_gradients", None)):
-        raise RuntimeError("this DeepSpeed has no PipelineEngine.clip_fp32_gradients to replace")
 
-    def clip_fp32_gradients() -> None:
+    def clip() -> torch.Tensor:
         params = [p for p in engine.module.parameters() if p.grad is not None]
         norm = pipeline_grad_norm(params, engine.mpu)
         # DeepSpeed's coefficient: min(1, max_norm / (norm + 1e-6)); no host sync.
         coef = (engine.gradient_clipping() / (norm + 1e-6)).clamp(max=1.0)
         if params:
             torch._foreach_mul_([p.grad for p in params], coef)
-        engine._global_grad_norm = norm  # what get_global_grad_norm() returns (float() works on it)
+        return norm  # what get_global_grad_norm() returns (float() works on it)
 
-    engine.clip_fp32_gradients = clip_fp32_gradients
+    replace_fp32_clipping(engine, clip)
     return True

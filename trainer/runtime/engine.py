@@ -11,6 +11,9 @@ from typing import Any
 import torch
 from torch import nn
 
+# skip_shm_comm_op is also imported from here (tests start DeepSpeed without init_distributed)
+from trainer.runtime.compat import set_default_pg_timeout, skip_shm_comm_op
+
 
 def resolve_device(requested: str) -> torch.device:
     """auto -> cuda:<local rank> when a GPU is present, else cpu."""
@@ -50,29 +53,13 @@ def init_distributed(device: torch.device, timeout_s: int) -> tuple[int, int]:
     # Ops DeepSpeed JIT-builds (fused optimizers on GPU) go to one cache per environment instead of
     # a shared one that every other environment invalidates.
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
-    skip_shm_comm_op()
+    skip_shm_comm_op()  # process-wide for the run (trainer.runtime.compat)
     backend = "nccl" if device.type == "cuda" else "gloo"
     timeout = timedelta(seconds=timeout_s)
-    # The timeout given here covers the default group only: every later new_group (the mesh's in
-    # trainer/parallel, DeepSpeed's own) takes torch's module default (30 min gloo, 10 min nccl), so a
-    # hung peer would stall those collectives that long. Make the default ours.
-    import torch.distributed.distributed_c10d as c10d
-
-    c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = timeout
+    # The timeout given here covers the default group only; later groups take torch's module default.
+    set_default_pg_timeout(timeout)  # process-wide for the run (trainer.runtime.compat)
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False, timeout=timeout)
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
-
-
-def skip_shm_comm_op() -> None:
-    """Keep DeepSpeed from building and starting its CPU shared-memory all-reduce.
-
-    On CPU, DeepSpeed JIT-compiles that op at start-up (a minute per fresh environment) and each rank
-    creates a 66 MB /dev/shm buffer that is never unlinked, so repeated runs fill RAM. Only
-    ``inference_all_reduce`` uses it; training collectives go through torch.distributed either way.
-    """
-    import deepspeed.ops
-
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:

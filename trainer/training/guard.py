@@ -15,6 +15,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from trainer.runtime.compat import skip_optimizer_step_when
+
 
 class TooManySkips(RuntimeError):
     """Raised after ``train.max_skipped_steps`` consecutive non-finite steps."""
@@ -24,26 +26,21 @@ def install_nonfinite_skip(engine) -> bool:
     """Make a ZeRO-0 engine's optimizer step skip when any rank holds a non-finite gradient.
 
     The flag is reduced over every rank (gradients of other pipeline stages or tp shards may be the
-    bad ones); DeepSpeed reads ``optimizer.overflow`` after the step, counts the skip and holds the
-    schedule. Returns whether it installed (ZeRO-1/2/3 and fp16 have their own check).
+    bad ones); DeepSpeed then counts the skip and holds the schedule
+    (``trainer.runtime.compat.skip_optimizer_step_when``, for the run). Returns whether it installed
+    (ZeRO-1/2/3 and fp16 have their own check).
     """
     if engine.zero_optimization_stage() > 0 or engine.fp16_enabled():
         return False
     optimizer = engine.optimizer
-    apply_update = optimizer.step
 
-    def step(closure=None):
+    def any_rank_nonfinite() -> bool:
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         bad = _any_nonfinite(grads, engine.device)
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        optimizer.overflow = bool(bad.item())  # one host sync per optimizer step
-        if optimizer.overflow:
-            optimizer.zero_grad(set_to_none=True)
-            return None
-        return apply_update(closure)
+        return bool(bad.item())  # one host sync per optimizer step
 
-    optimizer.overflow = False
-    optimizer.step = step
+    skip_optimizer_step_when(engine, any_rank_nonfinite)
     return True
 
 

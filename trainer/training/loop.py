@@ -25,6 +25,7 @@ from trainer.parallel import CommStats, Mesh
 from trainer.parallel.bubble import BubbleMeter, analytic_bubble, analytic_idle_fraction, gather_stages
 from trainer.parallel.grad_norm import global_grad_norm
 from trainer.parallel.mappings import all_reduce
+from trainer.runtime.compat import wrap_pipe_instructions
 from trainer.runtime.hardware import current_rss_bytes, peak_memory_bytes
 from trainer.training.guard import SkipCounter
 from trainer.training.metrics import (
@@ -168,7 +169,7 @@ class Trainer:
     def _tap_pipeline_instructions(self) -> None:
         """Time the pipeline's instructions by phase and sample memory around backward and the
         optimizer step (measured steps only), by wrapping the engine's instruction handlers as
-        ``BubbleMeter`` does."""
+        ``BubbleMeter`` does (over its wrappers; ``fit`` undoes both at the end)."""
         clock, census = self.clock, self.census
 
         def tap(name, handler):
@@ -187,7 +188,7 @@ class Trainer:
 
             return run
 
-        self.engine._INSTRUCTION_MAP = {k: tap(k.__name__, h) for k, h in self.engine._INSTRUCTION_MAP.items()}
+        self._untap_pipeline = wrap_pipe_instructions(self.engine, tap)
 
     def _grad_norm_without_zero(self) -> float | None:
         """Without ZeRO the engine clips but does not keep the norm; compute it (measured steps only)."""
@@ -232,6 +233,9 @@ class Trainer:
                 self.measuring = False
                 window = Window()
             self.console.advance(step + 1, f"loss {result.last_loss:.4f}" if result.last_loss else "")
+        if self.pipelined:  # the engine's instruction map as it was: the last wrapper first
+            self._untap_pipeline()
+            self.bubble.close()
         return result
 
     def _begin_step(self, measure: bool) -> None:

@@ -1,0 +1,234 @@
+"""trainer.runtime.compat: the version check, and that every restorable patch restores exactly what
+was there (on small stand-ins for the DeepSpeed objects; the real engines are covered by the pipeline,
+bubble, non-finite and checkpoint tests)."""
+
+from __future__ import annotations
+
+import warnings
+from datetime import timedelta
+from types import SimpleNamespace
+
+import deepspeed
+import pytest
+import torch
+import torch.distributed.distributed_c10d as c10d
+
+from trainer.runtime import compat
+
+
+@pytest.fixture(autouse=True)
+def fresh_warnings(monkeypatch):
+    monkeypatch.setattr(compat, "_warned", set())
+
+
+def test_version_check_passes_silently_on_the_tested_version(monkeypatch):
+    monkeypatch.setattr(deepspeed, "__version__", compat.DEEPSPEED_VERSION)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        compat.check_version("p", SimpleNamespace(a=1), "a")
+        monkeypatch.setattr(deepspeed, "__version__", "0.19.2")  # another patch release: same minor
+        compat.check_version("p", SimpleNamespace(a=1), "a")
+
+
+def test_version_check_warns_once_per_patch_on_another_minor(monkeypatch):
+    monkeypatch.setattr(deepspeed, "__version__", "0.20.1")
+    owner = SimpleNamespace(a=1)
+    with pytest.warns(RuntimeWarning, match=r"'p'.*deepspeed 0\.19\.8.*0\.20\.1"):
+        compat.check_version("p", owner, "a")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        compat.check_version("p", owner, "a")  # the same patch: no second warning
+    with pytest.warns(RuntimeWarning, match="'q'"):
+        compat.check_version("q", owner, "a")
+
+
+def test_version_check_raises_on_a_missing_attribute_naming_patch_and_versions(monkeypatch):
+    monkeypatch.setattr(deepspeed, "__version__", "0.21.0")
+    with pytest.raises(RuntimeError, match=r"'p'.*deepspeed 0\.21\.0 has no 'gone'.*deepspeed 0\.19\.8"):
+        compat.check_version("p", SimpleNamespace(a=1), "a", "gone")
+    with pytest.raises(RuntimeError, match="'gone' \\(key\\)"):
+        compat.check_version("p", {"a": 1}, "gone")
+    assert compat._warned == set()  # raised before warning
+
+
+def test_version_check_of_torch_uses_the_torch_version(monkeypatch):
+    monkeypatch.setattr(torch, "__version__", "3.0.0")
+    with pytest.warns(RuntimeWarning, match=r"torch 2\.13\.0.*3\.0\.0"):
+        compat.check_version("t", c10d, "default_pg_timeout", library="torch")
+
+
+class FakeEngine:
+    """A stand-in for PipelineEngine: a class-level instruction map of plain functions."""
+
+    class ForwardPass:
+        pass
+
+    class BackwardPass:
+        pass
+
+    def _exec_forward(self, **kwargs):
+        return ("forward", kwargs)
+
+    def _exec_backward(self, **kwargs):
+        return ("backward", kwargs)
+
+    _INSTRUCTION_MAP = {ForwardPass: _exec_forward, BackwardPass: _exec_backward}
+
+
+def _run(engine, kind, **kwargs):
+    return engine._INSTRUCTION_MAP[kind](engine, **kwargs)
+
+
+def _tagging(tag, seen):
+    def wrap(name, handler):
+        def run(engine, **kwargs):
+            seen.append((tag, name))
+            return handler(engine, **kwargs)
+
+        return run
+
+    return wrap
+
+
+def test_wrap_pipe_instructions_wraps_and_restores_the_class_map():
+    engine, seen = FakeEngine(), []
+    class_map = dict(FakeEngine._INSTRUCTION_MAP)
+    restore = compat.wrap_pipe_instructions(engine, _tagging("t", seen))
+    assert _run(engine, FakeEngine.ForwardPass, buffer_id=1) == ("forward", {"buffer_id": 1})
+    assert seen == [("t", "ForwardPass")]
+    assert FakeEngine._INSTRUCTION_MAP == class_map  # the class is untouched, only this instance
+    restore()
+    assert "_INSTRUCTION_MAP" not in vars(engine)
+    assert engine._INSTRUCTION_MAP is FakeEngine._INSTRUCTION_MAP
+    restore()  # a second call changes nothing
+    assert "_INSTRUCTION_MAP" not in vars(engine)
+
+
+def test_stacked_instruction_wrappers_restore_in_reverse_order_only():
+    engine, seen = FakeEngine(), []
+    outer_restore = compat.wrap_pipe_instructions(engine, _tagging("meter", seen))
+    meter_map = engine._INSTRUCTION_MAP
+    inner_restore = compat.wrap_pipe_instructions(engine, _tagging("tap", seen))
+    _run(engine, FakeEngine.BackwardPass)
+    assert seen == [("tap", "BackwardPass"), ("meter", "BackwardPass")]
+    with pytest.raises(RuntimeError, match="patched again"):
+        outer_restore()  # would drop the later wrappers
+    inner_restore()
+    assert engine._INSTRUCTION_MAP is meter_map
+    outer_restore()
+    assert "_INSTRUCTION_MAP" not in vars(engine)
+
+
+def test_wrap_pipe_instructions_needs_the_map():
+    with pytest.raises(RuntimeError, match="_INSTRUCTION_MAP"):
+        compat.wrap_pipe_instructions(SimpleNamespace(), _tagging("t", []))
+
+
+def _zero0_engine():
+    param = torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.SGD([param], lr=1.0)
+    engine = SimpleNamespace(optimizer=optimizer, skipped_steps=0, _take_model_step=lambda: None)
+    return engine, param
+
+
+def test_optimizer_step_patch_skips_when_told_and_restores_the_original_step():
+    engine, param = _zero0_engine()
+    optimizer = engine.optimizer
+    assert "step" not in vars(optimizer) and not hasattr(optimizer, "overflow")
+    verdicts = iter([True, False])
+    restore = compat.skip_optimizer_step_when(engine, lambda: next(verdicts))
+    assert optimizer.overflow is False
+
+    param.grad = torch.ones(3)
+    optimizer.step()  # skipped: no update, gradients dropped, the engine told
+    assert optimizer.overflow is True and param.grad is None
+    torch.testing.assert_close(param.detach(), torch.ones(3))
+    param.grad = torch.ones(3)
+    optimizer.step()  # applied
+    assert optimizer.overflow is False
+    torch.testing.assert_close(param.detach(), torch.zeros(3))
+
+    restore()
+    assert "step" not in vars(optimizer) and not hasattr(optimizer, "overflow")
+    assert optimizer.step.__func__ is type(optimizer).step
+    param.grad = torch.ones(3)
+    optimizer.step()
+    torch.testing.assert_close(param.detach(), -torch.ones(3))
+
+
+def test_optimizer_step_patch_restores_a_stale_overflow_flag_away():
+    engine, param = _zero0_engine()
+    restore = compat.skip_optimizer_step_when(engine, lambda: True)
+    param.grad = torch.ones(3)
+    engine.optimizer.step()
+    assert engine.optimizer.overflow is True
+    restore()  # else DeepSpeed would count every later step as skipped
+    assert not hasattr(engine.optimizer, "overflow")
+
+
+def test_fp32_clipping_patch_reports_the_norm_and_restores_the_method():
+    class Engine:
+        def __init__(self):
+            self._global_grad_norm = None
+
+        def clip_fp32_gradients(self):
+            return "deepspeed's"
+
+    engine = Engine()
+    restore = compat.replace_fp32_clipping(engine, lambda: torch.tensor(2.5))
+    assert engine.clip_fp32_gradients() is None
+    assert float(engine._global_grad_norm) == 2.5
+    restore()
+    assert "clip_fp32_gradients" not in vars(engine)
+    assert engine.clip_fp32_gradients() == "deepspeed's"
+    with pytest.raises(RuntimeError, match="clip_fp32_gradients"):
+        compat.replace_fp32_clipping(SimpleNamespace(_global_grad_norm=None), lambda: 0.0)
+
+
+def test_default_pg_timeout_patch_restores_torch_defaults():
+    before = (c10d.default_pg_timeout, c10d.default_pg_nccl_timeout)
+    restore = compat.set_default_pg_timeout(timedelta(seconds=42))
+    try:
+        assert c10d.default_pg_timeout == c10d.default_pg_nccl_timeout == timedelta(seconds=42)
+        assert c10d._get_default_timeout("gloo") == timedelta(seconds=42)  # what new_group reads
+    finally:
+        restore()
+    assert (c10d.default_pg_timeout, c10d.default_pg_nccl_timeout) == before
+
+
+def test_shm_comm_patch_marks_the_op_unavailable_and_restores_it():
+    import deepspeed.ops
+
+    ops = deepspeed.ops.__compatible_ops__
+    before = ops["deepspeed_shm_comm"]
+    restore = compat.skip_shm_comm_op()
+    try:
+        assert ops["deepspeed_shm_comm"] is False
+    finally:
+        restore()
+    assert ops["deepspeed_shm_comm"] == before
+
+
+def test_relink_zero_moments_resets_the_flag_and_relinks():
+    calls = []
+
+    class Zero:
+        _hp_optimizer_states_linked = True
+
+        def _lazy_init_hp_params_optimizer_state(self):
+            calls.append(self._hp_optimizer_states_linked)
+            self._hp_optimizer_states_linked = True
+
+    compat.relink_zero_moments(Zero())
+    assert calls == [False]  # DeepSpeed's lazy init only links when the flag is down
+    with pytest.raises(RuntimeError, match="_lazy_init_hp_params_optimizer_state"):
+        compat.relink_zero_moments(SimpleNamespace(_hp_optimizer_states_linked=True))
+
+
+def test_the_tied_weight_override_targets_an_existing_method():
+    from deepspeed.pipe import PipelineModule
+
+    from trainer.parallel.pipeline import GPTPipe
+
+    compat.check_tied_weight_sync()
+    assert "_synchronize_tied_weights" in vars(PipelineModule) and "_synchronize_tied_weights" in vars(GPTPipe)

@@ -1,0 +1,237 @@
+"""Every place the trainer changes DeepSpeed or torch internals, each checked against the version it
+was written for.
+
+The trainer relies on a few private attributes, replaced methods and module globals of DeepSpeed
+(and one of torch). They live here, and nowhere else, so that an upgrade has one file to re-check:
+
+    patch                        target                                              undo
+    skip_shm_comm_op             deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"]   restore callable
+    set_default_pg_timeout       torch c10d default_pg_timeout, default_pg_nccl_timeout   restore callable
+    replace_fp32_clipping        engine.clip_fp32_gradients, engine._global_grad_norm      restore callable
+    wrap_pipe_instructions       PipelineEngine._INSTRUCTION_MAP (shadowed per engine)     restore callable
+    skip_optimizer_step_when     optimizer.step, optimizer.overflow (read by the engine)   restore callable
+    relink_zero_moments          ZeRO-1/2 _hp_optimizer_states_linked + its lazy init      nothing to undo
+    check_tied_weight_sync       PipelineModule._synchronize_tied_weights (overridden)     not a patch
+
+Each patch first calls ``check_version``: where an attribute it changes is missing it raises a
+RuntimeError naming the patch and both versions; where the attributes are there but the installed
+major.minor differs from the one the patch was written and tested for (``DEEPSPEED_VERSION``,
+``TORCH_VERSION``), it warns once per patch and goes on.
+
+Restore callables put back exactly what was there before (an attribute the instance did not have is
+removed again, so the class's shows through), at most once, and refuse -- RuntimeError -- while a later
+patch of the same attribute is still in place: undo patches in the reverse order.
+
+``GPTPipe._synchronize_tied_weights`` (trainer.parallel.pipeline) stays a subclass override there:
+``PipelineModule.__init__`` calls the method, so only an override is in place for that first call,
+and it changes our own modules only -- nothing global, nothing to undo. A renamed DeepSpeed method
+would make the override dead code without an error, so ``GPTPipe.__init__`` calls
+``check_tied_weight_sync`` from here.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+import warnings
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+DEEPSPEED_VERSION = "0.19.8"  # the pinned DeepSpeed every patch here was written and tested for
+TORCH_VERSION = "2.13.0"  # the pinned torch, for set_default_pg_timeout
+_TESTED = {"deepspeed": DEEPSPEED_VERSION, "torch": TORCH_VERSION}
+_warned: set[str] = set()
+_ABSENT = object()
+
+Restore = Callable[[], None]
+
+
+def _major_minor(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", version)[:2])
+
+
+def check_version(patch: str, owner: Any, *attrs: str, library: str = "deepspeed") -> None:
+    """Raise if ``owner`` (an object, or a dict for keys) lacks one of ``attrs``; warn once per patch
+    when the installed ``library``'s major.minor differs from the tested one."""
+    installed = importlib.import_module(library).__version__
+    tested = _TESTED[library]
+    for attr in attrs:
+        if not (attr in owner if isinstance(owner, dict) else hasattr(owner, attr)):
+            owner_name = getattr(owner, "__name__", type(owner).__name__)
+            where = "key" if isinstance(owner, dict) else f"attribute of {owner_name}"
+            raise RuntimeError(
+                f"compat patch {patch!r}: {library} {installed} has no {attr!r} ({where}); the patch was "
+                f"written for {library} {tested}. Install {library}=={tested} or port trainer/runtime/compat.py."
+            )
+    if _major_minor(installed) != _major_minor(tested) and patch not in _warned:
+        _warned.add(patch)
+        warnings.warn(
+            f"compat patch {patch!r} was written and tested for {library} {tested}, running on {installed}: "
+            "check it still applies (trainer/runtime/compat.py)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+def _swap(namespace: dict, key: str, value: Any, patch: str, lifo: bool = True) -> Restore:
+    """namespace[key] = value (an object's ``vars()``, a module's, or a plain dict); the returned
+    callable puts back the previous value or removes the key. ``lifo``: refuse while another value of
+    the key is in place (a later patch of it not yet undone)."""
+    previous = namespace.get(key, _ABSENT)
+    namespace[key] = value
+    done = False
+
+    def restore() -> None:
+        nonlocal done
+        if done:
+            return
+        if lifo and namespace.get(key, _ABSENT) is not value:
+            raise RuntimeError(f"compat patch {patch!r}: {key} was patched again since; undo that patch first")
+        if previous is _ABSENT:
+            namespace.pop(key, None)
+        else:
+            namespace[key] = previous
+        done = True
+
+    return restore
+
+
+def _chain(*restores: Restore) -> Restore:
+    """One callable running ``restores`` in order (list the last patch first)."""
+
+    def restore() -> None:
+        for undo in restores:
+            undo()
+
+    return restore
+
+
+def skip_shm_comm_op() -> Restore:
+    """Mark DeepSpeed's CPU shared-memory all-reduce op as unavailable.
+
+    What: ``deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False``, which
+    ``deepspeed.comm.torch.build_shm_op`` reads when the backend starts.
+    Why: on CPU DeepSpeed JIT-compiles that op at start-up (a minute per fresh environment) and each
+    rank creates a 66 MB /dev/shm buffer that is never unlinked, so repeated runs fill RAM. Only
+    ``inference_all_reduce`` uses it; training collectives go through torch.distributed either way.
+    Undo: the returned callable puts the flag back; a backend started meanwhile keeps running without
+    the op (call this before ``deepspeed.init_distributed``).
+    """
+    import deepspeed.ops
+
+    check_version("skip_shm_comm_op", deepspeed.ops, "__compatible_ops__")
+    ops = deepspeed.ops.__compatible_ops__  # built lazily by the module's __getattr__
+    check_version("skip_shm_comm_op", ops, "deepspeed_shm_comm")
+    return _swap(ops, "deepspeed_shm_comm", False, "skip_shm_comm_op")
+
+
+def set_default_pg_timeout(timeout: timedelta) -> Restore:
+    """Make ``timeout`` torch's default for every process group created from now on.
+
+    What: sets ``torch.distributed.distributed_c10d``'s module globals ``default_pg_timeout`` and
+    ``default_pg_nccl_timeout``, which ``new_group`` reads when given no timeout.
+    Why: the timeout passed to ``init_distributed`` covers the default group only; every later
+    ``new_group`` (the mesh's, DeepSpeed's own) takes torch's module default (30 min gloo, 10 min nccl),
+    so a hung peer would stall those collectives that long.
+    Undo: process-wide; the returned callable puts the old defaults back for groups created after it,
+    groups created before keep the timeout. The trainer keeps it for the whole run.
+    """
+    import torch.distributed.distributed_c10d as c10d
+
+    names = ("default_pg_timeout", "default_pg_nccl_timeout")
+    check_version("set_default_pg_timeout", c10d, *names, library="torch")
+    undo = [_swap(vars(c10d), name, timeout, "set_default_pg_timeout") for name in names]
+    return _chain(*reversed(undo))
+
+
+def replace_fp32_clipping(engine, clip: Callable[[], Any]) -> Restore:
+    """Clip an engine's fp32 gradients with ``clip`` and report the norm it returns.
+
+    What: shadows ``DeepSpeedEngine.clip_fp32_gradients`` on this engine (called in the optimizer step
+    when ``gradient_clipping`` > 0 without ZeRO, fp16 or bf16) by a function that runs ``clip()`` and
+    stores its return value in ``engine._global_grad_norm``, what ``get_global_grad_norm()`` returns.
+    Why: DeepSpeed's version (``runtime.utils.clip_grad_norm_``) takes replicated parameters from
+    model-parallel rank 0 only, so on a pipeline it drops later stages' gradients and clips by the wrong
+    norm, and it keeps no norm (see trainer.parallel.pipeline.install_pipeline_clipping).
+    Undo: the returned callable removes the shadow (the class's method again); the last norm stays.
+    """
+    check_version("replace_fp32_clipping", engine, "clip_fp32_gradients", "_global_grad_norm")
+
+    def clip_fp32_gradients() -> None:
+        engine._global_grad_norm = clip()
+
+    return _swap(vars(engine), "clip_fp32_gradients", clip_fp32_gradients, "replace_fp32_clipping")
+
+
+def wrap_pipe_instructions(engine, wrap: Callable[[str, Callable], Callable]) -> Restore:
+    """Replace each pipeline instruction handler ``h`` of ``engine`` by ``wrap(kind name, h)``.
+
+    What: ``PipelineEngine._INSTRUCTION_MAP`` (a class attribute: instruction type -> plain function
+    the engine binds to itself when executing the schedule) is shadowed on this engine instance by a
+    map of the wrapped handlers; it wraps whatever map the engine sees, so wrappers stack.
+    Why: DeepSpeed has no hook around its pipeline instructions; the bubble meter and the training
+    loop's phase clock time them this way.
+    Undo: the returned callable puts back the map the engine had (the class's where it had none of its
+    own). Undo stacked wrappers in reverse order; the other order raises.
+    """
+    check_version("wrap_pipe_instructions", engine, "_INSTRUCTION_MAP")
+    wrapped = {kind: wrap(kind.__name__, handler) for kind, handler in engine._INSTRUCTION_MAP.items()}
+    return _swap(vars(engine), "_INSTRUCTION_MAP", wrapped, "wrap_pipe_instructions")
+
+
+def skip_optimizer_step_when(engine, should_skip: Callable[[], bool]) -> Restore:
+    """Let ``should_skip()`` veto each optimizer step of ``engine``, which then counts it as skipped.
+
+    What: shadows ``engine.optimizer.step`` by one that asks ``should_skip()`` first and, on True,
+    drops the gradients (``zero_grad(set_to_none=True)``) instead of stepping; it sets
+    ``optimizer.overflow`` to the answer, which ``DeepSpeedEngine._take_model_step`` reads after the
+    step: True adds one to ``engine.skipped_steps`` and holds the learning-rate schedule.
+    Why: at ZeRO-0 without fp16, DeepSpeed applies whatever gradients it has, NaN included; fp16 and
+    ZeRO-1/2 skip through the same ``overflow`` flag.
+    Undo: the returned callable puts back the optimizer's step and removes ``overflow`` (a stale True
+    would mark every later step skipped).
+    """
+    check_version("skip_optimizer_step_when", engine, "_take_model_step", "skipped_steps", "optimizer")
+    optimizer = engine.optimizer
+    apply_update = optimizer.step
+
+    def step(closure=None):
+        optimizer.overflow = bool(should_skip())
+        if optimizer.overflow:
+            optimizer.zero_grad(set_to_none=True)
+            return None
+        return apply_update(closure)
+
+    patch = "skip_optimizer_step_when"
+    undo_overflow = _swap(vars(optimizer), "overflow", False, patch, lifo=False)  # each step rewrites it
+    return _chain(_swap(vars(optimizer), "step", step, patch), undo_overflow)
+
+
+def relink_zero_moments(zero) -> None:
+    """Point a ZeRO-1/2 optimizer's per-parameter views at its current optimizer state.
+
+    What: sets ``DeepSpeedZeroOptimizer._hp_optimizer_states_linked = False`` and calls
+    ``_lazy_init_hp_params_optimizer_state()``, which links each parameter's ``_hp_mapping`` to its slice
+    of the flat partition's state and sets the flag again.
+    Why: DeepSpeed links those views once, at the first step; state created afterwards (zeroed Adam state
+    before loading moments) or missed (after a skipped, non-finite step) is not seen, and
+    ``safe_get_full_optimizer_state`` / ``safe_set_full_optimizer_state`` fail with "exp_avg not found".
+    Undo: nothing to undo: the call leaves the flag as DeepSpeed's own first step does.
+    """
+    check_version("relink_zero_moments", zero, "_hp_optimizer_states_linked", "_lazy_init_hp_params_optimizer_state")
+    zero._hp_optimizer_states_linked = False
+    zero._lazy_init_hp_params_optimizer_state()
+
+
+def check_tied_weight_sync() -> None:
+    """Check the method ``GPTPipe`` overrides still exists in DeepSpeed's ``PipelineModule``.
+
+    What: nothing is changed here; ``GPTPipe._synchronize_tied_weights`` runs DeepSpeed's under ``no_grad``.
+    Why: DeepSpeed broadcasts tied parameters in place with autograd on; c10d's broadcast has no autograd
+    kernel, so torch warns at every later backward. A renamed method would silently bypass the override.
+    Undo: nothing to undo: an override in our own subclass changes no DeepSpeed state.
+    """
+    from deepspeed.pipe import PipelineModule
+
+    check_version("check_tied_weight_sync", PipelineModule, "_synchronize_tied_weights")
