@@ -17,7 +17,7 @@ from conftest import PARITY_RTOL, compose_config, read_metrics, run_train, tiny_
 from trainer.config.schema import ConfigError
 from trainer.config.validate import recompute_plan, validate
 from trainer.model import GPT, ModelShape, gpt
-from trainer.training.metrics import ActivationMeter
+from trainer.training.instruments import ActivationMeter
 
 SHAPE = ModelShape(n_layer=4, n_embd=64, n_head=4, seq_len=32, vocab_size=128, dropout=0.1)
 SEED, BATCH = 5, 4

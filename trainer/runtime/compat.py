@@ -11,6 +11,7 @@ The trainer relies on a few private attributes, replaced methods and module glob
     wrap_pipe_instructions       PipelineEngine._INSTRUCTION_MAP (shadowed per engine)     restore callable
     skip_optimizer_step_when     optimizer.step, optimizer.overflow (read by the engine)   restore callable
     relink_zero_moments          ZeRO-1/2 _hp_optimizer_states_linked + its lazy init      nothing to undo
+    name_comm_logs               deepspeed.comm.comm.get_debug_log_name                    restore callable
     check_tied_weight_sync       PipelineModule._synchronize_tied_weights (overridden)     not a patch
 
 Each patch first calls ``check_version``: where an attribute it changes is missing it raises a
@@ -222,6 +223,21 @@ def relink_zero_moments(zero) -> None:
     check_version("relink_zero_moments", zero, "_hp_optimizer_states_linked", "_lazy_init_hp_params_optimizer_state")
     zero._hp_optimizer_states_linked = False
     zero._lazy_init_hp_params_optimizer_state()
+
+
+def name_comm_logs(name_fn: Callable[[dict, bool], str]) -> Restore:
+    """Let ``name_fn`` name the records of DeepSpeed's communication logger.
+
+    What: replaces ``deepspeed.comm.comm.get_debug_log_name``, which ``timed_op`` calls before and
+    after every logged collective to name its record.
+    Why: the logger keys records by op name alone, but turning bytes into bytes sent needs the size of
+    the op's group (trainer.training.ds_comms.DeepSpeedComms appends "@<group size>").
+    Undo: the returned callable puts DeepSpeed's function back.
+    """
+    import deepspeed.comm.comm as ds_comm_impl
+
+    check_version("name_comm_logs", ds_comm_impl, "get_debug_log_name", "comms_logger", "timers")
+    return _swap(vars(ds_comm_impl), "get_debug_log_name", name_fn, "name_comm_logs", lifo=False)
 
 
 def check_tied_weight_sync() -> None:

@@ -11,7 +11,6 @@ and the trainer's compare one to one. Only the parallel layout is ignored: it is
 
 from __future__ import annotations
 
-import json
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -21,6 +20,19 @@ from omegaconf import DictConfig, OmegaConf
 
 from trainer.config.schema import Config
 from trainer.config.validate import validate
+from trainer.training.instruments import cpu_seconds
+from trainer.training.record import (
+    EvalRecord,
+    FitResult,
+    RankRecord,
+    StepRecord,
+    Throughput,
+    Window,
+    finish,
+    is_logged,
+    rank_fields,
+    speed_fields,
+)
 
 
 class BaselineLoop:
@@ -29,7 +41,7 @@ class BaselineLoop:
 
     def __init__(self, cfg: Config, model, stream, val, plan, throughput, metrics, console, device):
         from trainer.runtime.engine import param_groups
-        from trainer.training.metrics import ActivationMeter, PhaseClock, TensorCensus
+        from trainer.training.instruments import ActivationMeter, PhaseClock, TensorCensus
         from trainer.training.schedule import scheduler_factory
 
         o = cfg.optim
@@ -67,44 +79,43 @@ class BaselineLoop:
             self.census.sample()
         return total / accum, norm
 
-    def fit(self):
-        from trainer.training.loop import FitResult, Window
-
+    def fit(self) -> FitResult:
         t = self.cfg.train
         result = FitResult(steps=t.steps)
         self.model.train()
         window = Window()
         for step in range(t.steps):
-            self.measuring = (step + 1) % t.log_interval == 0 or step == 0 or step + 1 == t.steps
+            self.measuring = is_logged(step, 0, t.log_interval, t.steps)
             self.clock.start(self.measuring)
             lr = self.scheduler.get_last_lr()[0]
             if self.measuring:
                 self.census.reset()
-                cpu0 = _cpu()
+                cpu0 = cpu_seconds()
             t0 = time.perf_counter()
             loss, norm = self.step()
             window.steps += 1
             if self.measuring:
-                self._log(step, loss.item(), lr, norm.item(), t0, window, _cpu() - cpu0, result)
+                self._log(step, loss.item(), lr, norm.item(), t0, window, cpu_seconds() - cpu0, result)
                 window = Window()
         result.val_loss = self.evaluate()
-        self.metrics.log({"step": t.steps, "val_loss": result.val_loss, "val_ppl": result.val_ppl})
+        self.metrics.log(EvalRecord(t.steps, result.val_loss, result.val_ppl).to_dict())
         return result
 
     def _log(self, step, loss, lr, norm, t0, window, cpu_s, result) -> None:
-        from trainer.training.loop import rank_measurements, speed_record, step_line
-
         now = time.perf_counter()
         step_s = now - t0
-        record = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": norm}
-        record.update(speed_record(self.plan.tokens_per_step, step_s, window, now, self.throughput, self.device))
-        mine = {"rank": 0, "coords": {"tp": 0, "pp": 0, "dp": 0}, "positions": [0, self.cfg.model.n_layer + 3]}
-        mine.update(rank_measurements(self.model, self.device, self.census, self.activations, cpu_s, step_s))
-        mine.update(time=self.clock.breakdown(step_s), tp_comm_bytes=0, ds_comm_bytes=0, ds_comm_wire_bytes=0)
-        record["ranks"] = [mine]
-        self.metrics.log(record)
+        mine = RankRecord(
+            rank=0,
+            coords={"tp": 0, "pp": 0, "dp": 0},
+            positions=[0, self.cfg.model.n_layer + 3],
+            time=self.clock.breakdown(step_s),
+            **rank_fields(self.model, self.device, self.census, self.activations, cpu_s, step_s),
+        )
+        speed = speed_fields(self.plan.tokens_per_step, step_s, window, now, self.throughput, self.device)
+        record = StepRecord(step + 1, loss, lr, norm, 0, ranks=[mine], **speed)
+        self.metrics.log(record.to_dict())
         result.record(loss)
-        self.console.print(step_line(record, self.cfg.train.steps))
+        self.console.print(record.line(self.cfg.train.steps))
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -114,21 +125,14 @@ class BaselineLoop:
         return torch.stack(losses).mean().item()
 
 
-def _cpu() -> float:
-    from trainer.training.metrics import cpu_seconds
-
-    return cpu_seconds()
-
-
 def run(cfg: Config, cfg_node: DictConfig, run_dir: Path) -> None:
     from trainer.analysis.formulas import flops_per_token
+    from trainer.data.setup import build_streams, prepare_data
     from trainer.model import GPT, DenseLayers
     from trainer.parallel.apply import model_shape
     from trainer.runtime.engine import resolve_device
     from trainer.runtime.hardware import peak_flops
-    from trainer.training.loop import Throughput
-    from trainer.training.metrics import Console, MetricsLog
-    from trainer.training.run import build_streams, prepare_data
+    from trainer.training.output import Console, MetricsLog
     from trainer.training.tracking import start_run
 
     plan = validate(_one_process(cfg), 1)
@@ -149,10 +153,7 @@ def run(cfg: Config, cfg_node: DictConfig, run_dir: Path) -> None:
     finally:
         console.close()
         metrics.close()
-    summary = {"first_loss": result.first_loss, "last_loss": result.last_loss, "val_loss": result.val_loss}
-    summary.update(val_ppl=result.val_ppl, steps=result.steps, run_dir=str(run_dir))
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    console.print(f"done: loss {result.first_loss:.4f} -> {result.last_loss:.4f}, val_loss {result.val_loss:.4f}")
+    finish(result, run_dir, True, console, "metrics.jsonl, summary.json, config.yaml")
 
 
 def _one_process(cfg: Config) -> Config:

@@ -10,7 +10,9 @@ import json
 import os
 import socket
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -21,9 +23,11 @@ from trainer.checkpoint.resume import check_model_matches, layout_of, model_meta
 from trainer.config.schema import BadInput, BatchPlan, Config
 from trainer.data.setup import build_streams, prepare_data
 from trainer.runtime.env import world_size_from_env
+from trainer.training.record import Throughput, finish
 
 # ZeRO calls a torch collective under its deprecated name; the warning repeats every step.
 warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated")
+RUN_FILES = "metrics.jsonl, summary.json, config.yaml, ds_config.json, checkpoints/"
 
 
 def write_run_files(run_dir: Path, cfg_node: DictConfig, ds_dict: dict) -> None:
@@ -44,20 +48,23 @@ def check_same_run_dir(run_dir: Path) -> None:
         )
 
 
-def run(cfg: Config, cfg_node: DictConfig, plan: BatchPlan, run_dir: Path) -> None:
-    from trainer.analysis.formulas import flops_per_token
-    from trainer.parallel import ParallelDims, build_mesh
-    from trainer.parallel.apply import build_parallel_model, engine_extras
-    from trainer.runtime.ds_config import ds_config
-    from trainer.runtime.engine import build_engine, init_distributed, resolve_device
-    from trainer.runtime.hardware import peak_flops
-    from trainer.training.guard import NaNInjection, install_nonfinite_skip
-    from trainer.training.loop import Throughput, Trainer
-    from trainer.training.metrics import Console, MetricsLog
-    from trainer.training.schedule import scheduler_factory
-    from trainer.training.tracking import start_run
+@dataclass
+class Inputs:
+    """What a run reads before any process group starts (so refusing any of it exits cleanly)."""
 
-    # Everything that can be refused is checked before the process group starts.
+    prepared: Any  # trainer.data.prepare.PreparedData
+    dims: Any  # trainer.parallel.ParallelDims
+    coords: Any  # this rank's place in the mesh
+    stream: Any
+    val: list
+    found: Any  # the checkpoint to resume from, or None
+    start_from: Any  # the weights to start from, or None
+
+
+def check_inputs(cfg: Config, plan: BatchPlan, run_dir: Path) -> Inputs:
+    """Data, streams and checkpoints, checked before the process group starts."""
+    from trainer.parallel import ParallelDims
+
     prepared = prepare_data(cfg)
     dims = ParallelDims(world_size_from_env(), cfg.parallel.tp, cfg.parallel.pp)
     coords = dims.coords(int(os.environ.get("RANK", "0")))  # known before any process group exists
@@ -71,72 +78,109 @@ def run(cfg: Config, cfg_node: DictConfig, plan: BatchPlan, run_dir: Path) -> No
         raise BadInput(f"{found.step_dir} holds weights only (an import); start from it with train.init_from")
     if cfg.train.save_interval != -1:
         checkpoint.check_writable(run_dir)
+    return Inputs(prepared, dims, coords, stream, val, found, start_from)
+
+
+def start_ranks(cfg: Config, inputs: Inputs, run_dir: Path):
+    """The process group and the mesh; (device, rank, world, mesh)."""
+    from trainer.parallel import build_mesh
+    from trainer.runtime.engine import init_distributed, resolve_device
 
     device = resolve_device(cfg.train.device)
     rank, world = init_distributed(device, cfg.train.collective_timeout_s)
     check_same_run_dir(run_dir)
-    mesh = build_mesh(dims)
-    is_writer = rank == 0
+    mesh = build_mesh(inputs.dims)
+    c = inputs.coords
     # One line per rank, once: where it runs and its place in the mesh (multi-node debugging).
     print(
         f"rank {rank}/{world} on {socket.gethostname()} local_rank {os.environ.get('LOCAL_RANK', '0')}: "
-        f"tp {coords.tp} pp {coords.pp} dp {coords.dp}",
+        f"tp {c.tp} pp {c.pp} dp {c.dp}",
         flush=True,
     )
     # Dropout masks differ between data-parallel replicas but agree across the tp ranks of one
     # replica, whose replicated activations must stay identical. Weights are seeded by name.
-    torch.manual_seed(cfg.train.seed + 1000 * coords.pp + coords.dp)
+    torch.manual_seed(cfg.train.seed + 1000 * c.pp + c.dp)
+    return device, rank, world, mesh
 
-    built = build_parallel_model(cfg, mesh, device)
+
+def build_engine_for(cfg: Config, cfg_node: DictConfig, plan: BatchPlan, built, mesh, run_dir: Path, console):
+    """The DeepSpeed engine around the built model, with the trainer's guards installed."""
+    from trainer.parallel.apply import engine_extras
+    from trainer.runtime.ds_config import ds_config
+    from trainer.runtime.engine import build_engine
+    from trainer.training.guard import NaNInjection, install_nonfinite_skip
+    from trainer.training.schedule import scheduler_factory
+
     ds_dict, mpu = engine_extras(cfg, mesh, ds_config(cfg, plan))
-    console = Console(is_writer, cfg.train.steps, cfg.logging.progress)
-    console.print(describe(cfg, plan, built, dims, world, run_dir))
-    if is_writer:
+    if console.enabled:
         write_run_files(run_dir, cfg_node, ds_dict)
-    engine = build_engine(
-        built.model, ds_dict, cfg.optim.weight_decay, scheduler_factory(cfg.optim, cfg.train.steps), mpu
-    )
+    schedule = scheduler_factory(cfg.optim, cfg.train.steps)
+    engine = build_engine(built.model, ds_dict, cfg.optim.weight_decay, schedule, mpu)
     install_nonfinite_skip(engine)
     if cfg.train.inject_nan_steps:
         NaNInjection(engine, cfg.train.inject_nan_steps).attach(built.model)
+    return engine
+
+
+def run(cfg: Config, cfg_node: DictConfig, plan: BatchPlan, run_dir: Path) -> None:
+    from trainer.parallel.apply import build_parallel_model
+    from trainer.training.loop import LoopParts, Trainer
+    from trainer.training.output import Console
+
+    inputs = check_inputs(cfg, plan, run_dir)  # everything that can be refused, before the process group
+    device, rank, world, mesh = start_ranks(cfg, inputs, run_dir)
+    built = build_parallel_model(cfg, mesh, device)
+    console = Console(rank == 0, cfg.train.steps, cfg.logging.progress)
+    console.print(describe(cfg, plan, built, inputs.dims, world, run_dir))
+    engine = build_engine_for(cfg, cfg_node, plan, built, mesh, run_dir, console)
     saver = checkpoint.Saver(
         engine,
         mesh,
         built.dense_named_parameters,
         run_dir,
-        {"model": model_meta(cfg), "layout": layout_of(cfg, dims)},
-        prepared.tokenizer_dir,
+        {"model": model_meta(cfg), "layout": layout_of(cfg, inputs.dims)},
+        inputs.prepared.tokenizer_dir,
         cfg.train.keep_last,
     )
-    start_step = restore(engine, saver, found, start_from, stream, console)
-
-    wandb_run = (
-        start_run(cfg.logging.wandb, run_dir, OmegaConf.to_container(cfg_node, resolve=True), run_dir.name)
-        if is_writer
-        else None
-    )
-    metrics = MetricsLog(run_dir, is_writer, wandb_run)
+    start_step = restore(engine, saver, inputs.found, inputs.start_from, inputs.stream, console)
+    metrics = open_metrics(cfg, cfg_node, run_dir, rank == 0)
 
     def save(step: int) -> None:
-        path = saver.save(step, {"step": step, "stream": stream.state_dict(), "tokens": step * plan.tokens_per_step})
-        console.print(f"checkpoint {path}")
+        state = {"step": step, "stream": inputs.stream.state_dict(), "tokens": step * plan.tokens_per_step}
+        console.print(f"checkpoint {saver.save(step, state)}")
 
-    shape = built.shape
-    throughput = Throughput(
-        flops_per_token(shape.n_layer, shape.n_embd, shape.seq_len, shape.vocab_size),
-        peak_flops(device, cfg.parallel.precision),
-        world,
-    )
+    throughput = throughput_of(cfg, built.shape, device, world)
     console.print(f"peak {throughput.peak_flops_per_rank / 1e9:,.0f} GFLOP/s per rank ({device.type})")
-    trainer = Trainer(
-        engine, stream, val, cfg.train, plan, device, mesh, throughput, built.comm, metrics, console, save
+    parts = LoopParts(
+        engine, inputs.stream, inputs.val, cfg.train, plan, mesh, device, throughput, built.comm, metrics, console, save
     )
     try:
-        result = trainer.fit(start_step)
+        result = Trainer(parts).fit(start_step)
     finally:
         console.close()
         metrics.close()
-    finish(result, run_dir, is_writer, console)
+    finish(
+        result, run_dir, rank == 0, console, "metrics.jsonl, summary.json, config.yaml, ds_config.json, checkpoints/"
+    )
+
+
+def open_metrics(cfg: Config, cfg_node: DictConfig, run_dir: Path, is_writer: bool):
+    """metrics.jsonl (and the wandb run) on the writing rank; a disabled log elsewhere."""
+    from trainer.training.output import MetricsLog
+    from trainer.training.tracking import start_run
+
+    config = OmegaConf.to_container(cfg_node, resolve=True)
+    wandb_run = start_run(cfg.logging.wandb, run_dir, config, run_dir.name) if is_writer else None
+    return MetricsLog(run_dir, is_writer, wandb_run)
+
+
+def throughput_of(cfg: Config, shape, device, world: int) -> Throughput:
+    """Model FLOPs per token (what MFU counts) and the device's peak, for a built shape."""
+    from trainer.analysis.formulas import flops_per_token
+    from trainer.runtime.hardware import peak_flops
+
+    fpt = flops_per_token(shape.n_layer, shape.n_embd, shape.seq_len, shape.vocab_size)
+    return Throughput(fpt, peak_flops(device, cfg.parallel.precision), world)
 
 
 def describe(cfg: Config, plan: BatchPlan, built, dims, world: int, run_dir: Path) -> str:
@@ -147,25 +191,3 @@ def describe(cfg: Config, plan: BatchPlan, built, dims, world: int, run_dir: Pat
         f"zero {cfg.parallel.zero_stage}, sp {cfg.parallel.sequence_parallel}, "
         f"micro {plan.micro_batch} x accum {plan.grad_accum} = global {plan.global_batch} | run dir {run_dir}"
     )
-
-
-def finish(result, run_dir: Path, is_writer: bool, console) -> None:
-    summary = {
-        "first_loss": result.first_loss,
-        "last_loss": result.last_loss,
-        "val_loss": result.val_loss,
-        "val_ppl": result.val_ppl,
-        "steps": result.steps,
-        "run_dir": str(run_dir),
-    }
-    if is_writer:
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    console.print(
-        f"done: loss {_fmt(result.first_loss)} -> {_fmt(result.last_loss)}, val_loss {_fmt(result.val_loss)}, "
-        f"val_ppl {_fmt(result.val_ppl, 2)}\nresults in {run_dir} (metrics.jsonl, summary.json, config.yaml, "
-        f"ds_config.json, checkpoints/)"
-    )
-
-
-def _fmt(value: float | None, digits: int = 4) -> str:
-    return "n/a" if value is None else f"{value:.{digits}f}"

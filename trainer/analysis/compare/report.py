@@ -51,7 +51,7 @@ class RankResult:
     dp: int
     shard_params: int
     predicted_params: float
-    mem: dict[str, int]  # measured bytes by kind (trainer.training.metrics.KINDS + activations)
+    mem: dict[str, int]  # measured bytes by kind (trainer.training.instruments.KINDS + activations)
     predicted: dict[str, float]  # params, grads, master, optimizer, activations
     peak_rss: int
     cpu_percent: float
@@ -114,7 +114,9 @@ def summarise(outcome, settings) -> LayoutResult:
         outcome.status,
         outcome.reason,
         degrees,
-        outcome.run_dir.relative_to(settings.out).as_posix() if outcome.run_dir else "",  # as the report's folder sees it
+        outcome.run_dir.relative_to(settings.out).as_posix()
+        if outcome.run_dir
+        else "",  # as the report's folder sees it
         outcome.wandb_id,
         outcome.seconds,
     )
@@ -517,9 +519,10 @@ def _layout_section(r: LayoutResult) -> list[str]:
 METHODS = """\
 - **Throughput**: tokens of the global batch / wall time of the optimizer step, median over the measured
   steps (the loss all-reduce included). Achieved FLOP/s and MFU are in each run's metrics.jsonl.
-- **Memory by kind**: the tensors the engine holds, each storage counted once (trainer.training.metrics.TensorCensus):
-  parameters (a ZeRO-3 rank's partition), gradients (`.grad` and ZeRO's gradient partitions), the fp32 master
-  copy ZeRO steps (it keeps one even when the model is fp32, so ZeRO's optimizer term is 12Ψ/Nd), Adam's
+- **Memory by kind**: the tensors the engine holds, each storage counted once
+  (trainer.training.instruments.TensorCensus): parameters (a ZeRO-3 rank's partition), gradients (`.grad`
+  and ZeRO's gradient partitions), the fp32 master copy (ZeRO-1/2 keep one even when the model is fp32, so
+  their optimizer term is 12Ψ/Nd; ZeRO-3 steps its fp32 partition in place), Adam's
   moments, and ZeRO's reduce buckets ("buffers", not in the paper's count). Each kind at its high-water mark
   within a step: gradients after backward, optimizer states after the step. ZeRO-1's full gradients exist
   between micro-batches of one step, so the global batch gives every data-parallel rank at least 2.

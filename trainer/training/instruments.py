@@ -1,6 +1,6 @@
-"""Where measurements go -- metrics.jsonl in the run directory, wandb, the console (rank 0 only) -- and
-the instruments a measured step reads: phase clock, DeepSpeed's communication log, tensor memory by
-kind, saved activations.
+"""The instruments a measured step reads: phase clock, DeepSpeed's communication log
+(``trainer.training.ds_comms``), tensor memory by kind, saved activations; ``StepInstruments`` holds them
+all for one rank. Where the numbers go: ``trainer.training.output``.
 
 Instruments cost time (device syncs, object walks, Python hooks), so the loop runs them only on the
 steps it logs; every other step runs bare.
@@ -8,89 +8,17 @@ steps it logs; every other step runs bare.
 
 from __future__ import annotations
 
-import json
-import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
 from trainer.analysis.formulas import wire_bytes
-
-
-class MetricsLog:
-    """Appends one JSON object per logged step to ``metrics.jsonl`` and mirrors it to wandb."""
-
-    def __init__(self, run_dir: Path, enabled: bool, wandb_run=None):
-        self.enabled = enabled
-        self.wandb_run = wandb_run
-        self.path = run_dir / "metrics.jsonl"
-        self._file = self.path.open("a", buffering=1) if enabled else None
-        self._t0 = time.time()
-
-    def log(self, record: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        record = {**record, "time_s": round(time.time() - self._t0, 3)}
-        self._file.write(json.dumps(record) + "\n")
-        if self.wandb_run is not None:
-            self.wandb_run.log(_for_wandb(record), step=record["step"])
-
-    def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-        if self.wandb_run is not None:
-            self.wandb_run.finish()
-
-
-def _for_wandb(record: dict[str, Any]) -> dict[str, Any]:
-    """wandb charts nested dicts as namespaced keys but not lists of dicts: key each rank by name."""
-    out = {k: v for k, v in record.items() if k not in ("step", "ranks")}
-    for entry in record.get("ranks", []):
-        out[f"rank{entry['rank']}"] = {k: v for k, v in entry.items() if k != "rank"}
-    return out
-
-
-class Console:
-    """Rank 0's view of training: a rich progress bar on a terminal, plain lines otherwise."""
-
-    def __init__(self, enabled: bool, total_steps: int, progress: bool):
-        self.enabled = enabled
-        self._bar = None
-        if enabled and progress and sys.stdout.isatty():
-            from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self._bar = Progress(
-                TextColumn("step {task.completed}/{task.total}"),
-                BarColumn(),
-                TimeRemainingColumn(),
-                TextColumn("{task.fields[status]}"),
-            )
-            self._task = self._bar.add_task("train", total=total_steps, status="")
-            self._bar.start()
-
-    def print(self, line: str) -> None:
-        if not self.enabled:
-            return
-        if self._bar is not None:
-            self._bar.console.print(line)
-        else:
-            print(line, flush=True)
-
-    def advance(self, step: int, status: str) -> None:
-        if self._bar is not None:
-            self._bar.update(self._task, completed=step, status=status)
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.stop()
-
+from trainer.training.ds_comms import DeepSpeedComms
 
 # --- time -----------------------------------------------------------------------------------------
 
@@ -150,123 +78,6 @@ def cpu_seconds() -> float:
 
     times = psutil.Process().cpu_times()
     return times.user + times.system
-
-
-# --- communication ----------------------------------------------------------------------------
-
-# DeepSpeed's op names -> the kinds the analytic model counts. The message size its logger records is
-# the op's ``tensor`` argument: the input, which for an all-gather is this rank's shard.
-_DS_KINDS = {
-    "all_reduce": "all_reduce",
-    "inference_all_reduce": "all_reduce",
-    "all_gather": "all_gather",
-    "all_gather_into_tensor": "all_gather",
-    "allgather_fn": "all_gather",
-    "reduce_scatter": "reduce_scatter",
-    "reduce_scatter_tensor": "reduce_scatter",
-    "reduce_scatter_fn": "reduce_scatter",
-    "reduce": "reduce",
-    "broadcast": "broadcast",
-    "send": "send",
-    "isend": "send",
-    "recv": "recv",
-    "irecv": "recv",
-}
-_GATHERS = {"all_gather"}  # logged per shard; the full buffer is n times that
-
-
-@dataclass
-class CommTotal:
-    """One kind of collective over groups of one size, summed over a step."""
-
-    count: int = 0
-    bytes: int = 0  # full buffers (nccl-tests' "size"), like trainer.parallel.mappings.CommRecord
-    wire_bytes: float = 0.0  # what this rank sends on a ring (trainer.analysis.formulas.wire_bytes)
-    seconds: float = 0.0
-
-    def as_dict(self) -> dict:
-        return {"count": self.count, "bytes": self.bytes, "wire_bytes": self.wire_bytes, "seconds": self.seconds}
-
-
-class DeepSpeedComms:
-    """DeepSpeed's communication logger (``deepspeed.comm.comms_logger``), switched on for measured
-    steps only: every collective DeepSpeed issues (gradient reduction, ZeRO gathers and partitions,
-    pipeline sends and receives) with its message size and time. The tensor-parallel layers and the
-    loop's own reductions call torch.distributed directly and are counted by ``CommStats`` instead.
-
-    The logger keys its records by op name, not by group, but converting bytes moved needs the group
-    size: ``__init__`` replaces the name function ``timed_op`` calls (deepspeed.comm.comm's
-    ``get_debug_log_name``, DeepSpeed 0.19) with one that appends "@<group size>". Where that function
-    is missing the records keep their plain names and the group is taken as the whole world.
-    """
-
-    def __init__(self):
-        import deepspeed.comm as ds_comm
-        import deepspeed.comm.comm as ds_comm_impl
-
-        self._comm = ds_comm
-        self.logger = ds_comm_impl.comms_logger
-        if hasattr(ds_comm_impl, "get_debug_log_name"):
-            ds_comm_impl.get_debug_log_name = _name_with_group_size
-        self._world = ds_comm.get_world_size() if ds_comm.is_initialized() else 1
-
-    def start(self) -> None:
-        self.logger.reset_data()
-        self._comm.configure(enabled=True, prof_all=True, verbose=False, debug=False)
-
-    def stop(self) -> dict[str, CommTotal]:
-        self._comm.configure(enabled=False)
-        return self.totals()
-
-    def seconds(self) -> float:
-        """Seconds spent in logged ops since ``start`` (a running total, for the phase clock)."""
-        return sum(sum(v[1]) for sizes in self.logger.comms_dict.values() for v in sizes.values()) / 1e3
-
-    def totals(self) -> dict[str, CommTotal]:
-        """ "<kind>@<group size>" -> totals since ``start``."""
-        out: dict[str, CommTotal] = {}
-        for name, sizes in self.logger.get_raw_data().items():
-            op, _, group = name.partition("@")
-            kind = _DS_KINDS.get(op.strip(), op.strip())
-            n = int(group) if group.isdigit() else self._world
-            total = out.setdefault(f"{kind}@{n}", CommTotal())
-            for msg_bytes, (count, latencies_ms, *_rest) in sizes.items():
-                full = msg_bytes * (n if kind in _GATHERS else 1)
-                total.count += count
-                total.bytes += count * full
-                total.wire_bytes += count * _wire(kind, full, n)
-                total.seconds += sum(latencies_ms) / 1e3
-        return out
-
-
-def _wire(kind: str, full: float, n: int) -> float:
-    try:
-        return wire_bytes(kind, full, n)
-    except ValueError:  # barriers and other ops without a payload model
-        return 0.0
-
-
-def _name_with_group_size(func_args: dict, debug: bool) -> str:
-    """The log name DeepSpeed would use plus "@<ranks in the op's group>" (2 for point-to-point).
-
-    ``timed_op`` calls this once before the op (timer not started) and once after. Before, we also
-    empty the op's timer: DeepSpeed reads it with ``elapsed(reset=False)``, which returns the sum over
-    every call so far under that name, so without this each recorded latency would be cumulative.
-    """
-    import deepspeed.comm.comm as ds_comm_impl
-
-    name = func_args["log_name"]
-    if "group" not in func_args or _DS_KINDS.get(name) in ("send", "recv"):
-        name = f"{name}@2"
-    else:
-        try:
-            name = f"{name}@{ds_comm_impl.get_world_size(group=func_args['group'])}"
-        except Exception:  # a group this backend cannot size: keep the plain name
-            pass
-    timer = ds_comm_impl.timers(name)
-    if not timer.started_:
-        timer.reset()
-    return name
 
 
 # --- memory -------------------------------------------------------------------------------------
@@ -440,3 +251,82 @@ class _Saved:
 
 def _unpack(saved):
     return saved.tensor if isinstance(saved, _Saved) else saved
+
+
+# --- all of them, for one step ---------------------------------------------------------------------
+
+
+class StepInstruments:
+    """The instruments of one rank, switched on together for the steps the loop logs (``begin(True)``)
+    and returning what they measured as records (``trainer.training.record``).
+
+    ``tp_comm`` is the tensor-parallel layers' own counter (trainer.parallel.mappings.CommStats), reset
+    every step; DeepSpeed's collectives come from its logger.
+    """
+
+    def __init__(self, module: nn.Module, optimizer, device: torch.device, tp_comm, tp_size: int):
+        self.module, self.device, self.tp_comm, self.tp_size = module, device, tp_comm, tp_size
+        self.ds_comms = DeepSpeedComms()
+        self.clock = PhaseClock(device, self._comm_seconds)
+        self.census = TensorCensus(module, optimizer)
+        self.activations = ActivationMeter(module)
+        self.measuring = False
+        self._cpu0 = 0.0
+
+    def _comm_seconds(self) -> float:
+        return self.ds_comms.seconds() + sum(self.tp_comm[k].seconds for k in self.tp_comm.kinds())
+
+    def begin(self, measure: bool) -> None:
+        self.measuring = measure
+        self.tp_comm.reset()
+        self.clock.start(measure)
+        if measure:
+            self.ds_comms.start()
+            self.census.reset()
+            self._cpu0 = cpu_seconds()
+
+    def saving(self):
+        """Around forward passes: counts the activations saved for backward on measured steps."""
+        return self.activations.track() if self.measuring else nullcontext()
+
+    def sample_memory(self) -> None:
+        if self.measuring:
+            self.census.sample()
+
+    def end(self):
+        """Stop the measured step's collectives log; (DeepSpeed's Comm, tensor-parallel Comm, CPU seconds)."""
+        from trainer.training.record import Comm
+
+        totals = self.ds_comms.stop()  # before the loop's own reduction of the loss
+        cpu_s = cpu_seconds() - self._cpu0
+        ds = Comm(
+            {k: v.as_dict() for k, v in totals.items()},
+            sum(v.bytes for v in totals.values()),
+            sum(v.wire_bytes for v in totals.values()),
+            sum(v.seconds for v in totals.values()),
+        )
+        kinds = self.tp_comm.snapshot()
+        tp = Comm(
+            {k: {"count": r.count, "bytes": r.bytes, "seconds": round(r.seconds, 6)} for k, r in kinds.items()},
+            sum(r.bytes for r in kinds.values()),
+            sum(wire_bytes(k, r.bytes, self.tp_size) for k, r in kinds.items()),
+            sum(r.seconds for r in kinds.values()),
+        )
+        return ds, tp, cpu_s
+
+    def rank_record(self, rank: int, coords: dict, positions: list[int], step_s: float, cpu_s: float, tp, ds):
+        """This rank's RankRecord of the measured step."""
+        from trainer.training.record import RankRecord, rank_fields
+
+        return RankRecord(
+            rank=rank,
+            coords=coords,
+            positions=positions,
+            time=self.clock.breakdown(step_s),
+            tp_comm=tp,
+            ds_comm=ds,
+            **rank_fields(self.module, self.device, self.census, self.activations, cpu_s, step_s),
+        )
+
+    def close(self) -> None:
+        self.ds_comms.close()
