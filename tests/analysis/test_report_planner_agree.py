@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from trainer.analysis.compare.report import _predict
+from trainer.analysis.compare.results import predict_rank
 from trainer.analysis.compare.runner import Settings, auto_layouts, check, parse_layout
 from trainer.analysis.planner.layouts import Layout
 from trainer.analysis.planner.memory import memory_per_gpu
@@ -38,12 +38,12 @@ def test_report_and_planner_predict_the_same_model_states(name, tmp_path):
     planned = Layout(lay.tp, lay.pp, lay.dp, lay.zero, MICRO, "none", lay.sp)
     for stage in range(lay.pp):
         where = _stage_positions(shape.n_layer, lay.pp, stage)
-        report = _predict(outcome, [where.start, where.stop], stage, 0)
+        report = predict_rank(outcome, [where.start, where.stop], stage, 0)
         planner_psi = shape.stage_params(lay.tp, lay.pp, first=stage == 0, last=stage == lay.pp - 1)
         assert report["psi"] == pytest.approx(planner_psi, rel=1e-12)
     if lay.pp == 1:  # one stage: the planner's memory breakdown is this rank's
         mem = memory_per_gpu(shape, planned, GLOBAL, "fp32", reserved=0.0, fragmentation=0.0)
-        report = _predict(outcome, [0, shape.n_layer + 3], 0, 0)
+        report = predict_rank(outcome, [0, shape.n_layer + 3], 0, 0)
         assert mem.weights == pytest.approx(report["params"], rel=1e-12)
         assert mem.optimizer == pytest.approx(report["master"] + report["optimizer"], rel=1e-12)
         if lay.zero != 2:  # at ZeRO-2 the report also models DeepSpeed's partition boundaries (real param order)
