@@ -38,9 +38,9 @@ def _garbage(path):
 
 
 DAMAGE = {
-    "truncated weights": ("model-pp00.safetensors", _truncate),
+    "truncated sharded state": ("state/part_00000/__0_0.distcp", _truncate),
     "deleted deepspeed shard": ("mp_rank_00_model_states.pt", lambda p: p.unlink()),
-    "garbage moments": ("optimizer-pp00.safetensors", _garbage),
+    "garbage state index": ("state/part_00000/.metadata", _garbage),
     "no manifest (crashed save)": ("manifest.json", lambda p: p.unlink()),
 }
 
@@ -66,7 +66,7 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous(kind, saved_run, t
 def test_no_usable_checkpoint_is_one_line_and_exit_2(saved_run, tmp_path, data_cache):
     run_dir = _copy(saved_run, tmp_path)
     for tag in ("step_2", "step_4"):
-        _truncate(run_dir / "checkpoints" / tag / "model-pp00.safetensors")
+        _truncate(run_dir / "checkpoints" / tag / "state" / "part_00000" / "__0_0.distcp")
     proc = run_train(run_dir, _smoke(data_cache, "train.steps=5", "train.resume=auto"))
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
@@ -176,7 +176,7 @@ def test_exported_checkpoint_reproduces_the_runs_validation_loss(source, sources
     import torch.nn.functional as F
     from transformers import GPT2LMHeadModel
 
-    from trainer.checkpoint import consolidate
+    from trainer.checkpoint import consolidate, sharded
     from trainer.data.prepare import prepare
     from trainer.data.stream import TokenFile, eval_batches
     from trainer.model import GPT, ModelShape
@@ -196,7 +196,7 @@ def test_exported_checkpoint_reproduces_the_runs_validation_loss(source, sources
 
     meta = consolidate.read_meta(step_dir)["model"]
     ours = GPT(ModelShape(meta["n_layer"], meta["n_embd"], meta["n_head"], meta["seq_len"], meta["vocab_size"]))
-    ours.load_state_dict(consolidate.read_tensors(step_dir, "model"))
+    ours.load_state_dict(sharded.read_tensors(step_dir, "model"))
     x, _ = next(iter(eval_batches(TokenFile(prepared.val_path, prepared.dtype), cfg.model.seq_len, 4, 4, 0, 1, 1)))
     with torch.no_grad():
         assert torch.allclose(hf_model(x).logits, ours.eval()(x), atol=1e-4, rtol=0)

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
 from conftest import ROOT, child_env, small_corpus
-from trainer.checkpoint import consolidate
+from trainer.checkpoint import consolidate, sharded
 from trainer.checkpoint import store as checkpoint
 from trainer.data.tokenizer import EOT, load_tokenizer, save_tokenizer, train_bpe
 from trainer.export import main as export_main
@@ -73,15 +73,11 @@ def dense() -> GPT:
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, dense, text) -> Path:
-    """runs/<id>/ with checkpoints/step_20 as a tp·pp2 run writes it, and checkpoints/latest."""
+    """runs/<id>/ with checkpoints/step_20 holding what a tp·pp2 run writes, and checkpoints/latest."""
     run = tmp_path_factory.mktemp("run")
     step_dir = run / checkpoint.CHECKPOINTS / "step_20"
     step_dir.mkdir(parents=True)
-    state = dense.state_dict()
-    first = {k: v for k, v in state.items() if k.startswith(("wte.", "wpe.", "blocks.0."))}
-    last = {k: v for k, v in state.items() if k.startswith(("wte.", "blocks.1.", "ln_f."))}  # tied wte in both
-    consolidate.write_tensors(step_dir, "model", 0, first)
-    consolidate.write_tensors(step_dir, "model", 1, last)
+    sharded.write_tensors(step_dir, {"model": dense.state_dict()})
     layout = {"tp": 4, "pp": 2, "dp": 1, "zero_stage": 1}
     consolidate.write_meta(step_dir, {"model": SHAPE, "step": 20, "tokens": 20480, "adam_step": 20, "layout": layout})
     tok = train_bpe([text], SHAPE["vocab_size"])
@@ -178,7 +174,7 @@ def test_import_then_export_round_trips_exactly(exported, step_dir, tmp_path, ca
     meta = consolidate.read_meta(imported)
     assert meta["model"] == SHAPE and meta["step"] == 0 and meta["layout"]["source"] == "hf"
     assert checkpoint.damage(imported) is None  # manifest written, as train.init_from verifies it
-    original, back = consolidate.read_tensors(step_dir), consolidate.read_tensors(imported)
+    original, back = sharded.read_tensors(step_dir), sharded.read_tensors(imported)
     original["wte.weight"] = original["wte.weight"][: SHAPE["vocab_size"]]
     assert back.keys() == original.keys()
     assert all(torch.equal(back[k], original[k]) for k in original)
@@ -218,7 +214,7 @@ def test_import_of_a_transformers_model_computes_the_same(tmp_path, capsys, lega
     assert "no tokenizer files" in capsys.readouterr().out
     meta = consolidate.read_meta(tmp_path / "step_0")
     ours = GPT(ModelShape(**meta["model"])).eval()
-    ours.load_state_dict(consolidate.read_tensors(tmp_path / "step_0"))  # strict: exactly the GPT's names
+    ours.load_state_dict(sharded.read_tensors(tmp_path / "step_0"))  # strict: exactly the GPT's names
     idx = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(0))
     assert (ours(idx) - theirs(idx).logits).abs().max() < ATOL
 

@@ -1,18 +1,16 @@
-"""The layout-independent form of a checkpoint: full tensors under the dense GPT's names.
+"""The layout-independent form of a checkpoint: tensors under the dense GPT's names, whatever layout
+wrote them, and the engine-side helpers that read a parameter out of / write it into a running engine.
 
-Beside DeepSpeed's own files (which load back only into the layout that wrote them), every
-checkpoint directory holds
+Every checkpoint directory holds, beside DeepSpeed's own files (which load back only into the layout
+that wrote them):
 
-- ``model-pp<k>.safetensors``: the fp32 weights of pipeline stage k, each gathered to its full
-  size over tensor-parallel ranks (and over ZeRO partitions), named as in ``trainer.model.gpt.GPT``
-  (``wte.weight``, ``blocks.3.attn.qkv.weight``, ...). The tied embedding appears in the first and
-  the last stage's file; both copies are equal.
-- ``optimizer-pp<k>.safetensors``: Adam's ``exp_avg.<name>`` and ``exp_avg_sq.<name>``, same shapes.
+- ``state/``: weights and Adam moments, sharded (``trainer.checkpoint.sharded``);
 - ``meta.json``: format version, model shape, the layout that wrote it, step, tokens, Adam's step.
 
+Version 1 (whole tensors per pipeline stage, ``model-pp<k>.safetensors``) is refused with its version.
+
 That is enough to continue at any other tp·pp·dp·ZeRO layout (``load_into``) and to export to other
-tools (``trainer.export``). Each stage's tp-rank-0 / dp-rank-0 writes its own file so no rank ever
-holds more than one stage.
+tools (``trainer.export``).
 """
 
 from __future__ import annotations
@@ -24,13 +22,12 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from trainer.runtime.compat import relink_zero_moments
 
 FORMAT = "trainer-consolidated"
-VERSION = 1
+VERSION = 2  # 2: sharded state/ (DCP); 1 (whole tensors per pipeline stage) is no longer read
 META_FILE = "meta.json"
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
@@ -41,28 +38,13 @@ MOMENTS = ("exp_avg", "exp_avg_sq")
 def read_meta(step_dir: Path) -> dict[str, Any]:
     meta = json.loads((Path(step_dir) / META_FILE).read_text())
     if meta.get("format") != FORMAT or meta.get("version") != VERSION:
-        raise ValueError(f"{step_dir}: not a {FORMAT} v{VERSION} checkpoint (meta.json says {meta.get('format')!r})")
+        found = f"{meta.get('format')!r} v{meta.get('version')}"
+        raise ValueError(f"{step_dir}: not a {FORMAT} v{VERSION} checkpoint (meta.json says {found})")
     return meta
-
-
-def read_tensors(step_dir: Path, kind: str = "model") -> dict[str, torch.Tensor]:
-    """Every stage's ``<kind>-pp*.safetensors`` merged into one dict (kind: model or optimizer)."""
-    files = sorted(Path(step_dir).glob(f"{kind}-pp*.safetensors"))
-    if not files:
-        raise ValueError(f"{step_dir}: no {kind}-pp*.safetensors files")
-    merged: dict[str, torch.Tensor] = {}
-    for path in files:
-        merged.update(load_file(str(path)))
-    return merged
 
 
 def write_meta(step_dir: Path, meta: dict[str, Any]) -> None:
     (Path(step_dir) / META_FILE).write_text(json.dumps({"format": FORMAT, "version": VERSION, **meta}, indent=2))
-
-
-def write_tensors(step_dir: Path, kind: str, stage: int, tensors: dict[str, torch.Tensor]) -> None:
-    path = Path(step_dir) / f"{kind}-pp{stage:02d}.safetensors"
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path))
 
 
 # --- gathering from / scattering into a running engine -------------------------------------------
@@ -72,7 +54,7 @@ def _zero_stage(engine) -> int:
     return engine.zero_optimization_stage()
 
 
-def _full_over_dp(engine, param: nn.Parameter, key: str | None) -> torch.Tensor | None:
+def full_over_dp(engine, param: nn.Parameter, key: str | None) -> torch.Tensor | None:
     """``param`` (key None) or its Adam moment ``key``, whole over ZeRO partitions, fp32, local tp shard.
 
     Collective over the data-parallel group when ZeRO partitions the state.
@@ -87,33 +69,7 @@ def _full_over_dp(engine, param: nn.Parameter, key: str | None) -> torch.Tensor 
     return state.get(key)
 
 
-def _gather_tp(shard: torch.Tensor, param: nn.Parameter, tp_group) -> torch.Tensor:
-    if not getattr(param, "tensor_model_parallel", False) or dist.get_world_size(tp_group) == 1:
-        return shard
-    parts = [torch.empty_like(shard) for _ in range(dist.get_world_size(tp_group))]
-    dist.all_gather(parts, shard.contiguous(), group=tp_group)  # checkpoint traffic, not counted as training comm
-    return torch.cat(parts, dim=param.partition_dim)
-
-
-def gather_full(engine, named: Iterable[tuple[str, nn.Parameter]], mesh) -> tuple[dict, dict]:
-    """(weights, moments) of this stage at full size; every rank of the stage must call it.
-
-    Moments are empty before the optimizer's first step (Adam creates its state lazily).
-    """
-    weights: dict[str, torch.Tensor] = {}
-    moments: dict[str, torch.Tensor] = {}
-    _relink_zero_moments(engine)
-    for name, param in named:
-        weights[name] = _gather_tp(_full_over_dp(engine, param, None), param, mesh.tp_group)
-        for key in MOMENTS:
-            value = _full_over_dp(engine, param, key)
-            if value is not None:
-                local = value.float().reshape(_full_shape(param))
-                moments[f"{key}.{name}"] = _gather_tp(local, param, mesh.tp_group)
-    return weights, moments
-
-
-def _relink_zero_moments(engine) -> None:
+def relink_moments(engine) -> None:
     """Point ZeRO-1/2's per-parameter views at the optimizer's current state.
 
     DeepSpeed 0.19.8 builds those views once; after a skipped (non-finite) step they can miss the
@@ -146,52 +102,53 @@ def _fit_rows(full: torch.Tensor, rows: int) -> torch.Tensor:
     return torch.cat([full, full.new_zeros((rows - full.shape[0], *full.shape[1:]))])
 
 
-def _full_shape(param: nn.Parameter) -> torch.Size:
+def local_shape(param: nn.Parameter) -> torch.Size:
     """This rank's shape of ``param`` (ZeRO-3 empties the tensor and keeps the shape aside)."""
     return param.ds_shape if hasattr(param, "ds_shape") else param.shape
 
 
 def _full_rows(param: nn.Parameter, tp_group) -> int:
-    rows = _full_shape(param)[0]
+    rows = local_shape(param)[0]
     return rows * dist.get_world_size(tp_group) if getattr(param, "tensor_model_parallel", False) else rows
 
 
 @torch.no_grad()
-def load_into(engine, named: Iterable[tuple[str, nn.Parameter]], mesh, weights: dict, moments: dict, step: int) -> bool:
-    """Copy full weights (and Adam moments, where the optimizer allows) into this rank's shards.
+def load_into(engine, named: list[tuple[str, nn.Parameter]], items: Iterable, mesh, moments: bool, step: int) -> bool:
+    """Copy saved weights (and Adam moments, where the optimizer allows) into this rank's shards.
 
-    Returns whether the moments were restored: with ZeRO-3, or before the optimizer holds state it
-    can address, they start from zero and the caller says so.
+    ``items`` yields ``(name, param, {kind: tensor})`` for the parameters in ``named``, each tensor this
+    rank's tp shard or the whole tensor (``to_layout`` cuts it). Returns whether the moments were
+    restored: with ZeRO-3 they start from zero and the caller says so.
     """
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
-    named = list(named)
     stage = _zero_stage(engine)
-    restore_moments = bool(moments) and stage < 3
+    restore_moments = moments and stage < 3
     if restore_moments:
         _create_adam_state(engine, [p for _, p in named], step)
-    tp_group = mesh.tp_group
-    for name, param in named:
-        full = weights[name]
-        if name == "wte.weight":
-            full = _fit_rows(full, _full_rows(param, tp_group))
-        local = _shard(full, param, tp_group).to(param.device)
+    for name, param, saved in items:
+        local = to_layout(saved["model"], name, param, mesh.tp_group).to(param.device)
         if stage > 0:
             safe_set_full_fp32_param(param, local)
         if stage < 3:
             param.copy_(local.to(param.dtype))
-        if not restore_moments:
-            continue
-        for key in MOMENTS:
-            value = moments[f"{key}.{name}"]
-            if name == "wte.weight":
-                value = _fit_rows(value, full.shape[0])
-            value = _shard(value, param, tp_group).to(param.device)
+        for key in MOMENTS if restore_moments else ():
+            value = to_layout(saved[key], name, param, mesh.tp_group).to(param.device)
             if stage > 0:
                 safe_set_full_optimizer_state(param, value, key)
             else:
                 engine.optimizer.state[param][key].copy_(value)
     return restore_moments
+
+
+def to_layout(saved: torch.Tensor, name: str, param: nn.Parameter, tp_group) -> torch.Tensor:
+    """A saved tensor as this rank holds it: already its tp shard, or cut from the whole tensor (the
+    embedding first padded or trimmed to this layout's vocabulary)."""
+    if saved.shape == local_shape(param):
+        return saved
+    if name == "wte.weight":
+        saved = _fit_rows(saved, _full_rows(param, tp_group))
+    return _shard(saved, param, tp_group)
 
 
 def _create_adam_state(engine, params: list[nn.Parameter], step: int) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 from trainer.checkpoint import store as checkpoint
 from trainer.checkpoint.consolidate import read_meta
 from trainer.config.schema import BadInput, Config, ConfigError
+from trainer.runtime.hardware import memory_window
 
 
 def model_meta(cfg: Config) -> dict:
@@ -43,17 +44,21 @@ def check_model_matches(cfg: Config, step_dir: Path) -> None:
             )
 
 
-def restore(engine, saver, found, start_from, stream, console) -> int:
-    """Resume (same layout: exact; other layout: resharded) or start from given weights; the start step."""
+def restore(engine, saver, found, start_from, stream, console) -> tuple[int, dict | None]:
+    """Resume (same layout: exact; other layout: resharded) or start from given weights: the start step
+    and this rank's time and memory of the load (None when nothing was loaded)."""
     if found is None:
-        if start_from is not None:
+        if start_from is None:
+            return 0, None
+        with memory_window() as io:
             checkpoint.init_weights_from(engine, start_from.step_dir, saver.mesh, saver.named_params)
-            console.print(f"initialised weights from {start_from.step_dir}")
-        return 0
+        io["state_bytes"] = 0
+        console.print(f"initialised weights from {start_from.step_dir}")
+        return 0, io
     for why in found.skipped:
         console.print(f"warning: skipping damaged checkpoint {why}")
     resumed = checkpoint.load(engine, found, saver.mesh, saver.named_params, saver.meta["layout"])
     if resumed.stream is not None:
         stream.load_state_dict(resumed.stream)
     console.print(f"resumed from {found.step_dir} at step {resumed.step} ({resumed.how})")
-    return resumed.step
+    return resumed.step, resumed.io

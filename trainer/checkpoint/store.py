@@ -1,7 +1,8 @@
 """Checkpoints: atomic saves, verified resume, and continuing at another parallel layout.
 
 ``<run_dir>/checkpoints/step_<n>/`` holds DeepSpeed's files for every rank (they load back only
-into the layout that wrote them), the layout-independent form (``trainer.checkpoint.consolidate``), one RNG
+into the layout that wrote them), the layout-independent form (``trainer.checkpoint.consolidate``,
+written and read shard by shard: ``trainer.checkpoint.sharded``), one RNG
 file per rank, the tokenizer, the resolved ``config.yaml``, and ``manifest.json`` (size and SHA-256
 of every file).
 
@@ -26,8 +27,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from trainer.checkpoint import consolidate
+from trainer.checkpoint import consolidate, sharded
 from trainer.config.schema import BadInput
+from trainer.runtime.hardware import memory_window
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -180,9 +182,11 @@ class Saver:
         return self.run_dir / CHECKPOINTS
 
     def save(self, step: int, client_state: dict[str, Any]) -> Path:
-        """Write and publish ``step_<step>``; a failed write raises SaveError and publishes nothing."""
+        """Write and publish ``step_<step>``; a failed write raises SaveError and publishes nothing.
+        ``self.io`` then holds this rank's time, memory and bytes of the save."""
         try:
-            return self._save(step, client_state)
+            with memory_window() as self.io:
+                return self._save(step, client_state)
         except OSError as err:
             latest = self.root / LATEST
             newest = latest.read_text().strip() if latest.is_file() else "none"
@@ -202,6 +206,7 @@ class Saver:
         dist.barrier()
         self.engine.save_checkpoint(str(staging), tag=tag, client_state=client_state, save_latest=False)
         self._write_consolidated(staging / tag, step, client_state)
+        self.io["state_bytes"] = sharded.rank_file_bytes(staging / tag, dist.get_rank())
         _save_rng(staging / tag, dist.get_rank())
         dist.barrier()
         if is_writer:
@@ -210,11 +215,7 @@ class Saver:
         return self.root / tag
 
     def _write_consolidated(self, step_dir: Path, step: int, client_state: dict[str, Any]) -> None:
-        weights, moments = consolidate.gather_full(self.engine, self.named_params(), self.mesh)
-        coords = self.mesh.coords
-        if coords.tp == 0 and coords.dp == 0:
-            consolidate.write_tensors(step_dir, "model", coords.pp, weights)
-            consolidate.write_tensors(step_dir, "optimizer", coords.pp, moments)
+        sharded.save(self.engine, self.named_params(), self.mesh, step_dir)  # each rank its own slices
         if self.mesh.rank == 0:
             sched = self.engine.lr_scheduler
             consolidate.write_meta(
@@ -286,36 +287,48 @@ class Resumed:
     tokens: int
     stream: dict[str, int] | None
     how: str  # what was restored, for the log
+    io: dict[str, float]  # this rank's time and memory of the load
 
 
 def load(engine, found: Found, mesh, named_params, layout: dict[str, Any]) -> Resumed:
     """Continue from ``found``: DeepSpeed's own files at the same layout (exact: optimizer, RNG),
     otherwise the layout-independent form (weights and Adam moments resharded; RNG not carried)."""
+    with memory_window() as io:
+        resumed = _load(engine, found, mesh, named_params, layout)
+    io["state_bytes"] = sharded.rank_file_bytes(found.step_dir, mesh.rank)
+    return Resumed(resumed.step, resumed.tokens, resumed.stream, resumed.how, io)
+
+
+def _load(engine, found: Found, mesh, named_params, layout: dict[str, Any]) -> Resumed:
     meta = consolidate.read_meta(found.step_dir)
     if meta.get("layout") == layout:
         _, client = engine.load_checkpoint(str(found.root), tag=found.tag)
         if client is None:
             raise RuntimeError(f"DeepSpeed could not load {found.step_dir}")
         _load_rng(found.step_dir, mesh.rank)
-        return Resumed(client["step"], client.get("tokens", 0), client.get("stream"), "same layout, exact")
-    restored = consolidate.load_into(
-        engine,
-        named_params(),
-        mesh,
-        consolidate.read_tensors(found.step_dir, "model"),
-        consolidate.read_tensors(found.step_dir, "optimizer"),
-        meta["adam_step"],
-    )
+        return Resumed(client["step"], client.get("tokens", 0), client.get("stream"), "same layout, exact", {})
+    restored = _load_sharded(engine, found.step_dir, mesh, named_params, moments=True, step=meta["adam_step"])
     _fast_forward(engine.lr_scheduler, meta["lr_last_epoch"])
     engine.global_steps = meta["step"]  # DeepSpeed's own count, as its files would have restored it
     moments = "Adam moments resharded" if restored else "Adam moments restart from zero (ZeRO-3 target)"
     how = f"resharded from {_layout_str(meta.get('layout'))} to {_layout_str(layout)}: weights and {moments}"
-    return Resumed(meta["step"], meta.get("tokens", 0), meta.get("stream"), how)
+    return Resumed(meta["step"], meta.get("tokens", 0), meta.get("stream"), how, {})
 
 
 def init_weights_from(engine, step_dir: Path, mesh, named_params) -> None:
     """``train.init_from``: weights only (a fresh optimizer and schedule), from any layout or an import."""
-    consolidate.load_into(engine, named_params(), mesh, consolidate.read_tensors(step_dir, "model"), {}, 0)
+    _load_sharded(engine, step_dir, mesh, named_params, moments=False, step=0)
+
+
+def _load_sharded(engine, step_dir: Path, mesh, named_params, moments: bool, step: int) -> bool:
+    """Read this rank's slices of the layout-independent form and hand them to the engine; whether the
+    Adam moments were restored (not into ZeRO-3, not from weights-only state)."""
+    named = list(named_params())
+    saved = sharded.saved_shapes(step_dir)
+    moments = moments and engine.zero_optimization_stage() < 3 and any(k.startswith("exp_avg.") for k in saved)
+    kinds = sharded.KINDS if moments else ("model",)
+    items = sharded.load_parts(named, mesh, step_dir, kinds, engine.device.type)
+    return consolidate.load_into(engine, named, items, mesh, moments, step)
 
 
 def _fast_forward(scheduler, last_epoch: int) -> None:

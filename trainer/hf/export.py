@@ -3,10 +3,10 @@
     python -m trainer.export CHECKPOINT OUT_DIR [--tokenizer DIR]
 
 CHECKPOINT is a step directory (``runs/<id>/checkpoints/step_<n>``), a checkpoints directory (the
-step its ``latest`` file names) or a run directory. The checkpoint's layout-independent files
-(``trainer.checkpoint.consolidate``) hold full tensors whatever tp·pp·dp wrote them, so every layout exports the
-same way. OUT_DIR receives config.json, model.safetensors (fp32, head tied to the embedding),
-generation_config.json and the tokenizer files; ``GPT2LMHeadModel.from_pretrained(OUT_DIR)`` and
+step its ``latest`` file names) or a run directory. The checkpoint's layout-independent state
+(``trainer.checkpoint.consolidate``) holds the tensors under the dense GPT's names whatever tp·pp·dp wrote
+them, so every layout exports the same way. OUT_DIR receives config.json, model.safetensors (fp32, head tied
+to the embedding), generation_config.json and the tokenizer files; ``GPT2LMHeadModel.from_pretrained(OUT_DIR)`` and
 ``AutoTokenizer.from_pretrained(OUT_DIR)`` load it offline.
 """
 
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from trainer.checkpoint import consolidate
+from trainer.checkpoint import consolidate, sharded
 from trainer.checkpoint import store as checkpoint
 from trainer.config.schema import BadInput
 from trainer.hf import convert as hf
@@ -117,7 +117,7 @@ def export(checkpoint_path: Path, out: Path, tokenizer: Path | None) -> str:
     check_output_dir(out)
     meta = consolidate.read_meta(step_dir)
     model = _model_shape(meta, step_dir)
-    state = consolidate.read_tensors(step_dir, "model")
+    state = sharded.read_tensors(step_dir, "model")
     hf.check_ours(state, model)  # before writing anything
     src = _tokenizer_source(step_dir, tokenizer)
     with staged(out) as tmp:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from trainer.checkpoint import consolidate
+from trainer.checkpoint import consolidate, sharded
 from trainer.checkpoint import store as checkpoint
 from trainer.config.schema import BadInput
 from trainer.hf import convert as hf
@@ -75,7 +75,7 @@ def import_hf(hf_dir: Path, out: Path) -> str:
     model = hf.model_shape(read_config(hf_dir))
     state = hf.from_hf(load_hf_state(hf_dir), model)
     with staged(out) as tmp:
-        consolidate.write_tensors(tmp, "model", 0, state)
+        sharded.write_tensors(tmp, {"model": state})
         layout = {"source": "hf", "path": str(hf_dir.resolve())}
         consolidate.write_meta(tmp, {"model": model, "step": 0, "tokens": 0, "adam_step": 0, "layout": layout})
         has_tokenizer = write_tokenizer(hf_dir, tmp / checkpoint.TOKENIZER_DIR)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import zlib
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -97,7 +98,7 @@ class GPT(nn.Module):
         self,
         shape: ModelShape,
         layers: LayerProvider | None = None,
-        seed: int = 0,
+        seed: int | None = 0,  # None: leave the weights to init_weights (e.g. once ZeRO-3 partitioned them)
         recompute: str = "none",
         checkpoint_every: int = 1,
     ):
@@ -113,7 +114,7 @@ class GPT(nn.Module):
         selective = recompute == "selective"
         self.blocks = nn.ModuleList(Block(shape, self.layers, selective) for _ in range(shape.n_layer))
         self.ln_f = nn.LayerNorm(shape.n_embd)
-        if self.wte.weight.device.type != "meta":
+        if seed is not None and self.wte.weight.device.type != "meta":
             self.init_weights(seed)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
@@ -152,7 +153,7 @@ def _sequential(blocks: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def init_weights(module: nn.Module, seed: int, n_layer: int, prefix: str = "") -> None:
+def init_weights(module: nn.Module, seed: int, n_layer: int, prefix: str = "", whole=None) -> None:
     """GPT-2 initialisation of ``module``'s parameters, independent of the parallel layout.
 
     Every parameter is drawn at its full size from a generator seeded by (seed, its name in the
@@ -160,20 +161,27 @@ def init_weights(module: nn.Module, seed: int, n_layer: int, prefix: str = "") -
     or pp and however the modules were constructed. ``prefix`` is ``module``'s path inside the
     GPT (a pipeline stage holding block 3 passes "blocks.3"). Weights ~ N(0, 0.02), residual
     projections ~ N(0, 0.02/sqrt(2·n_layer)), biases 0, LayerNorm (1, 0).
+
+    ``whole(param)``, if given, is a context in which a partitioned parameter is whole and writable
+    (ZeRO-3's ``GatheredParameters``): parameters are then drawn one at a time.
     """
-    residual_std = 0.02 / math.sqrt(2 * n_layer)
     for mod_name, sub, name, param in _leaf_params(module):
         qualified = ".".join(part for part in (prefix, mod_name, name) if part)
-        if isinstance(sub, nn.LayerNorm):
-            param.fill_(1.0 if name == "weight" else 0.0)
-            continue
-        if name == "bias":
-            param.zero_()
-            continue
-        std = residual_std if getattr(sub, "residual_init", False) else 0.02
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(qualified.encode()))
-        full = torch.empty(_full_shape(sub, name)).normal_(0.0, std, generator=gen)
-        param.copy_(sub.shard_param(name, full) if hasattr(sub, "shard_param") else full)
+        with whole(param) if whole is not None else nullcontext():
+            _init_param(sub, name, param, qualified, seed, n_layer)
+
+
+def _init_param(sub: nn.Module, name: str, param: nn.Parameter, qualified: str, seed: int, n_layer: int) -> None:
+    if isinstance(sub, nn.LayerNorm):
+        param.fill_(1.0 if name == "weight" else 0.0)
+        return
+    if name == "bias":
+        param.zero_()
+        return
+    std = 0.02 / math.sqrt(2 * n_layer) if getattr(sub, "residual_init", False) else 0.02
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(qualified.encode()))
+    full = torch.empty(_full_shape(sub, name)).normal_(0.0, std, generator=gen)
+    param.copy_(sub.shard_param(name, full) if hasattr(sub, "shard_param") else full)
 
 
 def _leaf_params(model: nn.Module):
@@ -186,4 +194,5 @@ def _leaf_params(model: nn.Module):
 def _full_shape(module: nn.Module, name: str) -> torch.Size:
     if hasattr(module, "full_param_shape"):
         return module.full_param_shape(name)
-    return getattr(module, name).shape
+    param = getattr(module, name)
+    return getattr(param, "ds_shape", param.shape)  # ZeRO-3 keeps a partitioned parameter's shape aside

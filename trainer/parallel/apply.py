@@ -6,7 +6,8 @@
 3. SP grads   replicated parameters that see 1/tp of the tokens get their gradients summed
               over the tp group during backward (composes with ZeRO's own hooks)
 4. engine     deepspeed.initialize(..., mpu=mesh) in trainer.runtime.engine: ZeRO partitions over the
-              dp group; the gradient norm counts each shard once
+              dp group; the gradient norm counts each shard once. ZeRO-3 partitions earlier, while
+              the GPT is built (deepspeed.zero.Init), so no rank ever holds the whole model
 """
 
 from __future__ import annotations
@@ -48,13 +49,16 @@ class ParallelModel:
         return dense_named_parameters(self.model, self.shape.n_layer)
 
 
-def build_parallel_model(cfg: Config, mesh: Mesh, device: torch.device) -> ParallelModel:
+def build_parallel_model(cfg: Config, mesh: Mesh, device: torch.device, ds_dict: dict) -> ParallelModel:
     p = cfg.parallel
     shape = model_shape(cfg)
     comm = CommStats()
     layers = DenseLayers() if p.tp == 1 else TensorParallelLayers(mesh.tp_group, comm, p.sequence_parallel)
     recompute, every = recompute_plan(cfg.parallel)
-    if p.pp == 1:
+    if p.pp == 1 and p.zero_stage == 3:
+        model = _build_partitioned(cfg, shape, layers, mesh, ds_dict, recompute, every)
+        num_params = model.num_params()
+    elif p.pp == 1:
         model = GPT(shape, layers, cfg.train.seed, recompute, every).to(device)
         num_params = model.num_params()
     else:
@@ -67,6 +71,19 @@ def build_parallel_model(cfg: Config, mesh: Mesh, device: torch.device) -> Paral
     if p.sequence_parallel:
         register_sequence_parallel_grad_hooks(model, mesh.tp_group, comm)
     return ParallelModel(model, shape, comm, num_params, shape.narayanan_params())
+
+
+def _build_partitioned(cfg: Config, shape: ModelShape, layers, mesh: Mesh, ds_dict: dict, recompute, every) -> GPT:
+    """ZeRO-3: each layer's parameters are partitioned over dp as it is built, then drawn one at a time
+    under their names (the same weights as at every other layout)."""
+    from trainer.model.gpt import init_weights
+    from trainer.runtime.engine import zero3_construction
+
+    context, whole = zero3_construction(ds_dict, mesh.dp_group)
+    with context:
+        model = GPT(shape, layers, None, recompute, every)
+    init_weights(model, cfg.train.seed, shape.n_layer, whole=whole)
+    return model
 
 
 def engine_extras(cfg: Config, mesh: Mesh, ds_dict: dict) -> tuple[dict, Mesh | None]:

@@ -109,6 +109,16 @@ def group_rank(group: dist.ProcessGroup | None) -> int:
 # --- primitives -------------------------------------------------------------------------------
 
 
+def gather_objects(obj, group: dist.ProcessGroup | None = None) -> list:
+    """Every rank's ``obj`` in group-rank order, on every rank (pickled; for records, not tensors). Not
+    counted: it carries measurements, outside the measured step."""
+    if not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return [obj]
+    everyone: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(everyone, obj, group=group)
+    return everyone
+
+
 def split(x: torch.Tensor, dim: int, group: dist.ProcessGroup) -> torch.Tensor:
     """This rank's chunk of ``x`` along ``dim`` (local; no communication)."""
     size = group_size(group)

@@ -37,7 +37,10 @@ def ds_config(cfg: Config, plan: BatchPlan) -> dict[str, Any]:
 
 # ZeRO buffer sizes in elements; trainer.analysis.planner.memory sizes its buffers from the same numbers.
 ZERO_BUCKET_ELEMENTS = int(5e7)
-ZERO3_MAX_LIVE_PARAMETERS = int(1e9)  # DeepSpeed's default, stated so the planner and the run agree
+# ZeRO-3 keeps at most this many gathered parameters alive (and re-uses them within this distance)
+# instead of DeepSpeed's default 1e9, which lets every rank hold the whole gathered model of up to 1B
+# parameters: with the bucket size, a rank's gathered weights stay within a bucket's worth.
+ZERO3_MAX_LIVE_PARAMETERS = ZERO_BUCKET_ELEMENTS
 
 
 def _zero(stage: int) -> dict[str, Any]:

@@ -62,6 +62,16 @@ def init_distributed(device: torch.device, timeout_s: int) -> tuple[int, int]:
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
 
 
+def shutdown() -> None:
+    """Tear the process groups down before the interpreter exits: left to exit-time destructors, gloo's
+    worker threads can outlive their group and abort the process (std::terminate) after a good run."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Decay matrices (linear and embedding weights); leave biases and LayerNorm parameters alone."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -90,3 +100,23 @@ def build_engine(model: nn.Module, ds_dict: dict[str, Any], weight_decay: float,
         # DeepSpeed's clipping at ZeRO-0 ignores replicated parameters of later stages.
         install_pipeline_clipping(engine)
     return engine
+
+
+def zero3_construction(ds_dict: dict[str, Any], dp_group):
+    """(context, whole): build a module inside ``context`` and ZeRO-3 partitions each parameter over the
+    data-parallel group as its layer is created, so no rank ever holds the whole model; ``whole(param)``
+    gathers one parameter, writable, and re-partitions it on exit (rank 0's values, broadcast).
+    """
+    import deepspeed
+
+    def whole(param):
+        return deepspeed.zero.GatheredParameters([param], modifier_rank=0)
+
+    context = deepspeed.zero.Init(
+        data_parallel_group=dp_group,
+        # The parameters' dtype comes from the config (fp32, bf16 or fp16). Not ``dtype=``: DeepSpeed 0.19
+        # ignores it on an accelerator without fp16 (the CPU) and builds in bf16.
+        config_dict_or_path=ds_dict,
+        mem_efficient_linear=False,  # keep torch's own linear: the same kernels at every ZeRO stage
+    )
+    return context, whole

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import resource
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -54,6 +56,41 @@ def peak_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def reset_peak_rss() -> bool:
+    """Start a new peak-RSS window for this process (Linux: writing 5 to /proc/self/clear_refs resets
+    VmHWM, so what came before does not hide what comes after); False where that is impossible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return True
+
+
+def peak_rss_since_reset() -> int:
+    """This process's peak resident memory in bytes since ``reset_peak_rss`` (VmHWM), or over its whole
+    life where /proc is absent."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+@contextmanager
+def memory_window() -> Iterator[dict[str, float]]:
+    """Measure the block: the yielded dict gets ``seconds``, ``rss_before_bytes`` and ``peak_rss_bytes``
+    (this process's peak resident memory inside the block, where the peak can be reset)."""
+    out: dict[str, float] = {"rss_before_bytes": current_rss_bytes()}
+    resettable = reset_peak_rss()
+    start = time.perf_counter()
+    try:
+        yield out
+    finally:
+        out["seconds"] = time.perf_counter() - start
+        out["peak_rss_bytes"] = peak_rss_since_reset() if resettable else float("nan")
 
 
 def current_rss_bytes() -> int:

@@ -17,13 +17,13 @@ import torch.distributed as dist
 
 from trainer.config.schema import BatchPlan, TrainConfig
 from trainer.parallel import CommStats, Mesh
+from trainer.parallel.mappings import gather_objects
 from trainer.training.guard import SkipCounter
 from trainer.training.instruments import StepInstruments
 from trainer.training.output import Console, MetricsLog
 from trainer.training.record import (
     EvalRecord,
     FitResult,
-    RankRecord,
     StepRecord,
     Throughput,
     Window,
@@ -113,7 +113,7 @@ class Trainer:
             lr=lr,
             grad_norm=grad_norm,
             skipped_steps=self.p.engine.skipped_steps,
-            ranks=_gather(mine),
+            ranks=gather_objects(mine),  # every rank's, in rank order (outside the timed step)
             tp_comm=tp,
             ds_comm=ds,
             pipe=pipe,
@@ -140,12 +140,3 @@ class Trainer:
         if interval == -1 or not (last or (interval > 0 and (step + 1) % interval == 0)):
             return
         self.p.save(step + 1)
-
-
-def _gather(mine: RankRecord) -> list[RankRecord]:
-    """Every rank's record of this step, in rank order (one all_gather_object, outside the timed step)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return [mine]
-    everyone: list[RankRecord | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, mine)
-    return everyone

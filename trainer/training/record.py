@@ -113,6 +113,30 @@ class EvalRecord:
         return asdict(self)
 
 
+@dataclass
+class CheckpointRecord:
+    """A checkpoint written or read, measured on every rank (lists in rank order)."""
+
+    step: int
+    checkpoint_io: str  # save | load
+    checkpoint_s: list[float]
+    checkpoint_rss_before_bytes: list[int]  # resident memory just before
+    checkpoint_peak_rss_bytes: list[int]  # the peak inside (NaN where it cannot be reset)
+    checkpoint_state_bytes: list[int]  # this rank's file of the sharded state
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def line(self) -> str:
+        mb = 2**20
+        growth = max(p - b for p, b in zip(self.checkpoint_peak_rss_bytes, self.checkpoint_rss_before_bytes))
+        return (
+            f"checkpoint {self.checkpoint_io} step {self.step}: {max(self.checkpoint_s):.1f} s, "
+            f"{max(self.checkpoint_state_bytes) / mb:,.0f} MB sharded state per rank (largest), "
+            f"peak RSS {max(self.checkpoint_peak_rss_bytes) / mb:,.0f} MB (+{growth / mb:,.0f} MB over before)"
+        )
+
+
 # Bubble fields of a pipelined step (StepRecord.pipe): per stage, beside the 1F1B prediction.
 PIPE_FIELDS = ("pipe_idle_fraction", "pipe_idle_fraction_analytic", "pipe_bubble_ratio", "pipe_bubble_ratio_analytic")
 
@@ -125,6 +149,7 @@ def jsonl_fields() -> dict[str, list[str]]:
         "step": plain(StepRecord, ("tp_comm", "ds_comm", "pipe")) + comm + list(PIPE_FIELDS) + ["time_s"],
         "rank": plain(RankRecord, ("tp_comm", "ds_comm")) + comm,
         "eval": plain(EvalRecord, ()),
+        "checkpoint": plain(CheckpointRecord, ()),
     }
 
 

@@ -103,17 +103,12 @@ def start_ranks(cfg: Config, inputs: Inputs, run_dir: Path):
     return device, rank, world, mesh
 
 
-def build_engine_for(cfg: Config, cfg_node: DictConfig, plan: BatchPlan, built, mesh, run_dir: Path, console):
+def build_engine_for(cfg: Config, built, ds_dict: dict, mpu):
     """The DeepSpeed engine around the built model, with the trainer's guards installed."""
-    from trainer.parallel.apply import engine_extras
-    from trainer.runtime.ds_config import ds_config
     from trainer.runtime.engine import build_engine
     from trainer.training.guard import NaNInjection, install_nonfinite_skip
     from trainer.training.schedule import scheduler_factory
 
-    ds_dict, mpu = engine_extras(cfg, mesh, ds_config(cfg, plan))
-    if console.enabled:
-        write_run_files(run_dir, cfg_node, ds_dict)
     schedule = scheduler_factory(cfg.optim, cfg.train.steps)
     engine = build_engine(built.model, ds_dict, cfg.optim.weight_decay, schedule, mpu)
     install_nonfinite_skip(engine)
@@ -123,16 +118,21 @@ def build_engine_for(cfg: Config, cfg_node: DictConfig, plan: BatchPlan, built, 
 
 
 def run(cfg: Config, cfg_node: DictConfig, plan: BatchPlan, run_dir: Path) -> None:
-    from trainer.parallel.apply import build_parallel_model
+    from trainer.parallel.apply import build_parallel_model, engine_extras
+    from trainer.runtime.ds_config import ds_config
+    from trainer.runtime.engine import shutdown
     from trainer.training.loop import LoopParts, Trainer
     from trainer.training.output import Console
 
     inputs = check_inputs(cfg, plan, run_dir)  # everything that can be refused, before the process group
     device, rank, world, mesh = start_ranks(cfg, inputs, run_dir)
-    built = build_parallel_model(cfg, mesh, device)
+    ds_dict, mpu = engine_extras(cfg, mesh, ds_config(cfg, plan))
+    built = build_parallel_model(cfg, mesh, device, ds_dict)
     console = Console(rank == 0, cfg.train.steps, cfg.logging.progress)
     console.print(describe(cfg, plan, built, inputs.dims, world, run_dir))
-    engine = build_engine_for(cfg, cfg_node, plan, built, mesh, run_dir, console)
+    if rank == 0:
+        write_run_files(run_dir, cfg_node, ds_dict)
+    engine = build_engine_for(cfg, built, ds_dict, mpu)
     saver = checkpoint.Saver(
         engine,
         mesh,
@@ -142,12 +142,15 @@ def run(cfg: Config, cfg_node: DictConfig, plan: BatchPlan, run_dir: Path) -> No
         inputs.prepared.tokenizer_dir,
         cfg.train.keep_last,
     )
-    start_step = restore(engine, saver, inputs.found, inputs.start_from, inputs.stream, console)
     metrics = open_metrics(cfg, cfg_node, run_dir, rank == 0)
+    start_step, loaded = restore(engine, saver, inputs.found, inputs.start_from, inputs.stream, console)
+    if loaded is not None:
+        log_checkpoint_io(start_step, "load", loaded, metrics, console)
 
     def save(step: int) -> None:
         state = {"step": step, "stream": inputs.stream.state_dict(), "tokens": step * plan.tokens_per_step}
         console.print(f"checkpoint {saver.save(step, state)}")
+        log_checkpoint_io(step, "save", saver.io, metrics, console)
 
     throughput = throughput_of(cfg, built.shape, device, world)
     console.print(f"peak {throughput.peak_flops_per_rank / 1e9:,.0f} GFLOP/s per rank ({device.type})")
@@ -159,9 +162,20 @@ def run(cfg: Config, cfg_node: DictConfig, plan: BatchPlan, run_dir: Path) -> No
     finally:
         console.close()
         metrics.close()
-    finish(
-        result, run_dir, rank == 0, console, "metrics.jsonl, summary.json, config.yaml, ds_config.json, checkpoints/"
-    )
+    finish(result, run_dir, rank == 0, console, RUN_FILES)
+    shutdown()
+
+
+def log_checkpoint_io(step: int, kind: str, mine: dict, metrics, console) -> None:
+    """Every rank's time, memory and bytes of a checkpoint save or load, as one record (collective)."""
+    from trainer.parallel.mappings import gather_objects
+    from trainer.training.record import CheckpointRecord
+
+    ranks = gather_objects(mine)
+    fields = ("seconds", "rss_before_bytes", "peak_rss_bytes", "state_bytes")
+    record = CheckpointRecord(step, kind, *([r.get(f, 0) for r in ranks] for f in fields))
+    metrics.log(record.to_dict())
+    console.print(record.line())
 
 
 def open_metrics(cfg: Config, cfg_node: DictConfig, run_dir: Path, is_writer: bool):

@@ -22,13 +22,6 @@ TIMEOUT_S = 60.0
 CALLS = 5  # of each collective whose memory is measured (what glibc keeps varies by about one copy per run)
 
 
-def _peak_rss_since_reset() -> int:
-    """This process's peak RSS in bytes since the last reset (Linux: writing 5 to clear_refs resets
-    VmHWM, so what imports once touched does not hide what comes after)."""
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
-
-
 def _overhead_worker(rank: int, port: int, queue, kind: str) -> None:
     """One of two gloo ranks: how much this process's peak RSS grows, per byte of the full buffer, over a
     few calls of one collective, as ZeRO repeats it every step. gloo gathers and scatters through per-rank
@@ -38,21 +31,22 @@ def _overhead_worker(rank: int, port: int, queue, kind: str) -> None:
     import torch
     import torch.distributed as dist
 
+    from trainer.runtime.hardware import peak_rss_since_reset, reset_peak_rss
+
     # newer torch deprecates these names; they are the ones DeepSpeed 0.19 calls, so they are measured
     warnings.filterwarnings("ignore", category=FutureWarning)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     full, shard = torch.ones(MESSAGE_BYTES // 4), torch.ones(MESSAGE_BYTES // 8)
     dist.barrier()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    before = _peak_rss_since_reset()
+    reset_peak_rss()
+    before = peak_rss_since_reset()
     for _ in range(CALLS):
         if kind == "gather":
             dist.all_gather_into_tensor(full, shard)
         else:
             dist.reduce_scatter_tensor(shard, full)
-    grown = _peak_rss_since_reset() - before
+    grown = peak_rss_since_reset() - before
     dist.destroy_process_group()
     if rank == 0:
         queue.put((kind, grown / MESSAGE_BYTES))

@@ -1,0 +1,54 @@
+"""No rank holds more than its share while a checkpoint is written or read.
+
+gpt2-medium (355M parameters) at ZeRO-3 on 4 ranks: a rank's share of the model states is
+16 B × 355M / 4 ≈ 1.4 GB. Gathering a stage's weights and both Adam moments, as saves once did, would add
+12 B × 355M ≈ 4.3 GB to every rank. The sharded save adds at most one part's slices (``PART_ELEMENTS``
+parameters, three fp32 tensors each, over 4 ranks) and one whole parameter (gathered over ZeRO's
+partition, with the backend's temporaries): ``BOUND`` below. Loading at the same layout (DeepSpeed's own
+files) and resharding onto 2 ranks (the sharded state, read part by part) stay within the same bound.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import read_metrics, run_train, tiny_corpus_overrides
+from trainer.checkpoint.sharded import PART_ELEMENTS
+
+MB = 2**20
+LARGEST = 50257 * 1024 * 4  # the token embedding, the model's largest tensor (bytes)
+# One part's slices on one of 4 ranks, plus the largest tensor whole four times over (ZeRO-3's gather,
+# gloo's copy of it, the tensor-parallel-local copy and the chunk being cut from it), plus 256 MB for
+# what the C allocator keeps and DeepSpeed's own files.
+BOUND = 3 * PART_ELEMENTS * 4 / 4 + 4 * LARGEST + 256 * MB
+MODEL = ["model=gpt2-medium", "model.seq_len=64", "parallel.micro_batch=1", "parallel.global_batch=4"]
+
+
+def _records(run_dir, kind: str) -> list[dict]:
+    return [r for r in read_metrics(run_dir) if r.get("checkpoint_io") == kind]
+
+
+def _growth(record: dict) -> list[int]:
+    return [p - b for p, b in zip(record["checkpoint_peak_rss_bytes"], record["checkpoint_rss_before_bytes"])]
+
+
+@pytest.mark.slow
+def test_save_and_load_stay_within_the_share(tmp_path, data_cache):
+    run_dir = tmp_path / "run"
+    common = [*MODEL, "parallel=zero3", *tiny_corpus_overrides(data_cache), "logging.wandb.mode=disabled"]
+    common += ["train.eval_batches=1", "train.eval_interval=0", "logging.progress=false"]
+    proc = run_train(run_dir, [*common, "train.steps=1"], ranks=4, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_train(run_dir, [*common, "train.steps=2", "train.resume=auto"], ranks=4, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    resharded = tmp_path / "resharded"
+    resume = f"train.resume={run_dir / 'checkpoints'}"
+    proc = run_train(resharded, [*common, "train.steps=3", resume, "train.save_interval=-1"], ranks=2, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    saves, loads = _records(run_dir, "save"), _records(run_dir, "load") + _records(resharded, "load")
+    assert len(saves) == 2 and len(loads) == 2 and "resharded from" in proc.stdout
+    for record in saves + loads:
+        grown = _growth(record)
+        print(f"\n{record['checkpoint_io']} step {record['step']}: +{[round(g / MB) for g in grown]} MB per rank")
+        assert max(grown) < BOUND, (record, BOUND / MB)
+    assert min(saves[0]["checkpoint_state_bytes"]) > 0  # every rank wrote its own slices

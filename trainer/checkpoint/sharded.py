@@ -1,0 +1,278 @@
+"""The layout-independent form of a checkpoint, written and read shard by shard with
+``torch.distributed.checkpoint`` (DCP).
+
+Why DCP: it writes each rank's slices of a tensor with their global shape and offsets (one file per
+rank plus a ``.metadata`` index), reads back at any other sharding only the stored chunks a rank's
+slices overlap, and the ecosystem reads it (``torch.distributed.checkpoint.format_utils.dcp_to_torch_save``
+turns a part into one ``torch.save`` file). DeepSpeed's universal checkpoint would need DeepSpeed to
+know how the project's own tensor-parallel layers split each parameter; DCP only needs the split.
+
+Keys are the dense GPT's parameter names (``trainer.model.gpt.GPT``) under three prefixes:
+
+    model.<name>        fp32 weights
+    exp_avg.<name>      Adam's first moment   (absent before the optimizer's first step)
+    exp_avg_sq.<name>   Adam's second moment
+
+Every tensor is a DTensor over the ranks of its pipeline stage, arranged (tp, dp):
+
+    tp  split as the layer splits it: Shard(partition_dim) for Megatron's column / row / vocabulary-
+        parallel weights, Replicate() for the rest (LayerNorms, row-parallel biases, positions)
+    dp  each tp shard cut into dp chunks along dim 0 (Shard(0), torch.chunk's rule)
+
+so a rank writes 1/(tp·dp) of its stage. The parameters go in parts of at most ``PART_ELEMENTS``
+elements each (``state/part_<k>/``, one DCP checkpoint per part, in parameter order): a rank holds
+one part's slices at a time, plus one parameter's tp shard whole (gathered over ZeRO's partition when
+saving, over dp when loading). The last stage's copy of the tied embedding is not written (the first
+stage's is the same tensor: DeepSpeed all-reduces their gradients).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from trainer.checkpoint.consolidate import MOMENTS, full_over_dp, local_shape, relink_moments
+from trainer.parallel.dims import Coords, Mesh
+from trainer.runtime.ds_config import ZERO_BUCKET_ELEMENTS
+
+STATE_DIR = "state"  # the sharded state inside a step directory: one DCP checkpoint per part
+PART_ELEMENTS = ZERO_BUCKET_ELEMENTS  # parameter elements per part (times 3 with both Adam moments)
+KINDS = ("model", *MOMENTS)
+
+
+def key(kind: str, name: str) -> str:
+    return f"{kind}.{name}"
+
+
+def part_dir(step_dir: Path, part: int) -> Path:
+    return Path(step_dir) / STATE_DIR / f"part_{part:05d}"
+
+
+def part_dirs(step_dir: Path) -> list[Path]:
+    return sorted((Path(step_dir) / STATE_DIR).glob("part_*"))
+
+
+def parts(named: list[tuple[str, nn.Parameter]], tp: int) -> list[list[tuple[str, nn.Parameter]]]:
+    """Consecutive parameters, each run at most PART_ELEMENTS elements (whole tensors; a larger tensor
+    is a part of its own)."""
+    out: list[list[tuple[str, nn.Parameter]]] = [[]]
+    size = 0
+    for name, param in named:
+        n = tp_global_shape(local_shape(param), param, tp).numel()
+        if out[-1] and size + n > PART_ELEMENTS:
+            out.append([])
+            size = 0
+        out[-1].append((name, param))
+        size += n
+    return out
+
+
+# --- layout ------------------------------------------------------------------------------------------
+
+
+def stage_device_mesh(mesh: Mesh, device_type: str):
+    """The DeviceMesh of this rank's pipeline stage, dims (tp, dp), over the mesh's existing groups."""
+    from torch.distributed.device_mesh import DeviceMesh
+
+    dims, pp = mesh.dims, mesh.coords.pp
+    ranks = [[dims.rank(Coords(tp=t, dp=d, pp=pp)) for d in range(dims.dp)] for t in range(dims.tp)]
+    return DeviceMesh.from_group(
+        [mesh.tp_group, mesh.dp_group], device_type, mesh=torch.tensor(ranks), mesh_dim_names=("tp", "dp")
+    )
+
+
+def _tp_placement(param: nn.Parameter):
+    from torch.distributed.tensor import Replicate, Shard
+
+    return Shard(param.partition_dim) if getattr(param, "tensor_model_parallel", False) else Replicate()
+
+
+def tp_global_shape(local: torch.Size, param: nn.Parameter, tp: int) -> torch.Size:
+    """The whole tensor's shape from this rank's tp shard (Megatron's splits are even)."""
+    if not getattr(param, "tensor_model_parallel", False):
+        return torch.Size(local)
+    shape = list(local)
+    shape[param.partition_dim] *= tp
+    return torch.Size(shape)
+
+
+def dp_chunk(tensor: torch.Tensor, dp: int, index: int) -> torch.Tensor:
+    """Chunk ``index`` of ``dp`` along dim 0 by torch.chunk's rule (DTensor's Shard(0)), as its own
+    storage; empty where the rule leaves this index none."""
+    pieces = tensor.chunk(dp, 0)
+    return pieces[index].clone() if index < len(pieces) else tensor[:0].clone()
+
+
+def _as_dtensor(local: torch.Tensor, device_mesh, tp_placement, shape: torch.Size):
+    from torch.distributed.tensor import DTensor, Shard
+
+    stride = torch.empty(shape, device="meta").stride()
+    return DTensor.from_local(
+        local.contiguous(), device_mesh, [tp_placement, Shard(0)], run_check=False, shape=shape, stride=stride
+    )
+
+
+def _saved_here(name: str, mesh: Mesh) -> bool:
+    """Every parameter but the last stage's copy of the tied embedding (position l+2)."""
+    return not (name == "wte.weight" and mesh.coords.pp > 0)
+
+
+def _part_count(named: list, mesh: Mesh) -> int:
+    """The number of parts every rank takes part in: the most any stage has (collective)."""
+    count = torch.tensor(len(parts(named, mesh.dims.tp)))
+    if dist.is_initialized():
+        dist.all_reduce(count, op=dist.ReduceOp.MAX)
+    return int(count)
+
+
+# --- saving ------------------------------------------------------------------------------------------
+
+
+def save(engine, named: Iterable[tuple[str, nn.Parameter]], mesh: Mesh, step_dir: Path) -> None:
+    """Write this rank's slices of weights and Adam moments, part by part; collective over the world."""
+    import torch.distributed.checkpoint as dcp
+
+    named = list(named)
+    device_mesh = stage_device_mesh(mesh, engine.device.type)
+    mine = parts(named, mesh.dims.tp)
+    relink_moments(engine)
+    for k in range(_part_count(named, mesh)):
+        state = _part_state(engine, mine[k] if k < len(mine) else [], mesh, device_mesh)
+        dcp.save(state, checkpoint_id=str(part_dir(step_dir, k)))
+        del state  # one part's slices at a time
+
+
+def _part_state(engine, named: list, mesh: Mesh, device_mesh) -> dict:
+    dp, dp_rank = mesh.dims.dp, mesh.coords.dp
+    state = {}
+    for name, param in named:
+        for kind in KINDS:
+            value = full_over_dp(engine, param, None if kind == "model" else kind)  # collective over dp
+            if value is None or not _saved_here(name, mesh):
+                continue
+            local = value.detach().float().reshape(local_shape(param))
+            shape = tp_global_shape(local.shape, param, mesh.dims.tp)
+            state[key(kind, name)] = _as_dtensor(dp_chunk(local, dp, dp_rank), device_mesh, _tp_placement(param), shape)
+            del value, local  # one parameter's tp shard at a time
+    return state
+
+
+def rank_file_bytes(step_dir: Path, rank: int) -> int:
+    """Bytes of the sharded state that ``rank`` wrote (DCP names its files ``__<rank>_0.distcp``)."""
+    return sum(p.stat().st_size for p in (Path(step_dir) / STATE_DIR).glob(f"part_*/__{rank}_*.distcp"))
+
+
+# --- loading -----------------------------------------------------------------------------------------
+
+
+def saved_shapes(step_dir: Path) -> dict[str, tuple[int, torch.Size]]:
+    """Every key of a step directory's sharded state: (its part, its global shape). Reads the indexes only."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    out = {}
+    for k, path in enumerate(part_dirs(step_dir)):
+        metadata = FileSystemReader(str(path)).read_metadata()
+        for name, item in metadata.state_dict_metadata.items():
+            if hasattr(item, "size"):
+                out[name] = (k, torch.Size(item.size))
+    return out
+
+
+def load_parts(named: list[tuple[str, nn.Parameter]], mesh: Mesh, step_dir: Path, kinds, device_type: str) -> Iterator:
+    """Read this rank's slices part by part (collective over the world per part) and yield, for each of
+    its parameters, ``(name, param, {kind: tensor})``: the tp shard of each saved tensor, or the whole
+    tensor where the saved shape is not this layout's (the embedding under another vocabulary padding).
+    The caller hands each parameter to the engine before the next part is read."""
+    import torch.distributed.checkpoint as dcp
+
+    saved, device_mesh = saved_shapes(step_dir), stage_device_mesh(mesh, device_type)
+    by_part: dict[int, list] = {}
+    for name, param in named:
+        by_part.setdefault(saved[key("model", name)][0], []).append((name, param))
+    for k, path in enumerate(part_dirs(step_dir)):
+        state = _target_state(by_part.get(k, []), kinds, saved, mesh, device_mesh)
+        dcp.load(state, checkpoint_id=str(path))  # every rank, every part: the load is collective
+        for name, param in by_part.get(k, []):
+            yield name, param, {kind: _joined(state.pop(key(kind, name)), param, mesh) for kind in kinds}
+
+
+def _target_state(named: list, kinds, saved: dict, mesh: Mesh, device_mesh) -> dict:
+    """Empty DTensors in this layout's split (or, where the shape differs, the saved tensor's dp chunks)."""
+    from torch.distributed.tensor import Replicate
+
+    state = {}
+    for name, param in named:
+        ours = tp_global_shape(local_shape(param), param, mesh.dims.tp)
+        for kind in kinds:
+            shape = saved[key(kind, name)][1]
+            whole = shape != ours  # another vocabulary padding: read it all, cut it afterwards
+            local = torch.empty(shape if whole else local_shape(param))
+            chunk = dp_chunk(local, mesh.dims.dp, mesh.coords.dp)
+            state[key(kind, name)] = _as_dtensor(
+                chunk, device_mesh, Replicate() if whole else _tp_placement(param), shape
+            )
+    return state
+
+
+def _joined(tensor, param: nn.Parameter, mesh: Mesh) -> torch.Tensor:
+    """A DTensor's dp chunks joined again on every dp rank (collective over dp; uneven chunks padded)."""
+    chunk, dp = tensor.to_local(), mesh.dims.dp
+    if dp == 1:
+        return chunk
+    rows = tensor.shape[0] if tensor.placements[0].is_replicate() else local_shape(param)[0]
+    sizes = [len(piece) for piece in torch.empty(rows, 0).chunk(dp, 0)]
+    sizes += [0] * (dp - len(sizes))
+    padded = torch.zeros((max(sizes), *chunk.shape[1:]), dtype=chunk.dtype)
+    padded[: chunk.shape[0]] = chunk
+    pieces = [torch.empty_like(padded) for _ in range(dp)]
+    dist.all_gather(pieces, padded, group=mesh.dp_group)  # checkpoint traffic, not training communication
+    return torch.cat([piece[:size] for piece, size in zip(pieces, sizes)])
+
+
+# --- whole tensors, one at a time, without a process group (export, import, tests) -------------------
+
+
+def tensor_names(step_dir: Path, kind: str = "model") -> list[str]:
+    """The parameter names saved under ``kind`` (model, exp_avg or exp_avg_sq), in saved order."""
+    prefix = f"{kind}."
+    return [k[len(prefix) :] for k in saved_shapes(step_dir) if k.startswith(prefix)]
+
+
+def read_tensor(step_dir: Path, kind: str, name: str) -> torch.Tensor:
+    """One saved tensor, whole (reads only its chunks)."""
+    import torch.distributed.checkpoint as dcp
+
+    part, shape = saved_shapes(step_dir)[key(kind, name)]
+    state = {key(kind, name): torch.empty(shape)}
+    with _one_process():
+        dcp.load(state, checkpoint_id=str(part_dir(step_dir, part)), no_dist=True)
+    return state[key(kind, name)]
+
+
+def read_tensors(step_dir: Path, kind: str = "model") -> dict[str, torch.Tensor]:
+    """Every saved tensor of ``kind``, whole: for small models (tests, checks); tools stream with
+    ``read_tensor``."""
+    return {name: read_tensor(step_dir, kind, name) for name in tensor_names(step_dir, kind)}
+
+
+def write_tensors(step_dir: Path, tensors: dict[str, dict[str, torch.Tensor]]) -> None:
+    """{kind: {name: whole tensor}} as a one-process sharded state in one part (imports and tests)."""
+    import torch.distributed.checkpoint as dcp
+
+    state = {key(kind, name): t.detach().float().contiguous() for kind, ts in tensors.items() for name, t in ts.items()}
+    with _one_process():
+        dcp.save(state, checkpoint_id=str(part_dir(step_dir, 0)), no_dist=True)
+
+
+@contextmanager
+def _one_process():
+    """DCP warns on every call without a process group that it assumes one process: that is the intent."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"torch\.distributed is disabled")
+        yield
