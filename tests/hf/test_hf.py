@@ -277,3 +277,30 @@ def test_more_bad_inputs_in_process(exported, step_dir, tmp_path, capsys):
     assert usage.value.code == 2
     assert_one_line_error(capsys.readouterr().err, "usage:")
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_weights_are_written_a_tensor_at_a_time(tmp_path):
+    """The streaming writer holds one tensor at a time and writes what safetensors itself would read back."""
+    import gc
+    import weakref
+
+    from safetensors.torch import load_file
+
+    from trainer.hf.files import write_safetensors
+
+    tensors = {f"t{i}": torch.randn(3 + i, 5) for i in range(4)}
+    alive: list[weakref.ref] = []
+
+    def produce(name):
+        gc.collect()
+        assert all(ref() is None for ref in alive), "an earlier tensor is still held"
+        tensor = tensors[name].clone()
+        alive.append(weakref.ref(tensor))
+        return tensor
+
+    items = [(name, lambda name=name: produce(name)) for name in tensors]
+    write_safetensors(
+        tmp_path / "w.safetensors", items, {n: tuple(t.shape) for n, t in tensors.items()}, {"format": "pt"}
+    )
+    back = load_file(str(tmp_path / "w.safetensors"))
+    assert all(torch.equal(back[n], t) for n, t in tensors.items()) and len(alive) == 4

@@ -200,6 +200,7 @@ def load_parts(named: list[tuple[str, nn.Parameter]], mesh: Mesh, step_dir: Path
         dcp.load(state, checkpoint_id=str(path))  # every rank, every part: the load is collective
         for name, param in by_part.get(k, []):
             yield name, param, {kind: _joined(state.pop(key(kind, name)), param, mesh) for kind in kinds}
+        del state  # before the next part is read
 
 
 def _target_state(named: list, kinds, saved: dict, mesh: Mesh, device_mesh) -> dict:
@@ -262,12 +263,33 @@ def read_tensors(step_dir: Path, kind: str = "model") -> dict[str, torch.Tensor]
 
 
 def write_tensors(step_dir: Path, tensors: dict[str, dict[str, torch.Tensor]]) -> None:
-    """{kind: {name: whole tensor}} as a one-process sharded state in one part (imports and tests)."""
+    """{kind: {name: whole tensor}} as a one-process sharded state (tests, small models)."""
+    write_stream(step_dir, ((kind, name, lambda t=t: t) for kind, ts in tensors.items() for name, t in ts.items()))
+
+
+def write_stream(step_dir: Path, items: Iterable) -> int:
+    """A one-process sharded state from ``(kind, name, produce)`` items, each tensor produced only when
+    its part is written (at most PART_ELEMENTS parameters held at once). Returns the parameter count."""
     import torch.distributed.checkpoint as dcp
 
-    state = {key(kind, name): t.detach().float().contiguous() for kind, ts in tensors.items() for name, t in ts.items()}
-    with _one_process():
-        dcp.save(state, checkpoint_id=str(part_dir(step_dir, 0)), no_dist=True)
+    part: dict[str, torch.Tensor] = {}
+    count, written = 0, 0
+
+    def flush() -> None:
+        nonlocal part, written
+        with _one_process():
+            dcp.save(part, checkpoint_id=str(part_dir(step_dir, written)), no_dist=True)
+        part, written = {}, written + 1
+
+    for kind, name, produce in items:
+        tensor = produce().detach().float().contiguous()
+        if part and sum(t.numel() for t in part.values()) + tensor.numel() > PART_ELEMENTS:
+            flush()
+        part[key(kind, name)] = tensor
+        count += tensor.numel() if kind == "model" else 0
+    if part or not written:
+        flush()
+    return count
 
 
 @contextmanager

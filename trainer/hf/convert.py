@@ -21,6 +21,7 @@ permutation or a transpose: exact, so a round trip gives bit-identical tensors.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -149,7 +150,7 @@ def _qkv_from_hf(t: torch.Tensor, n_head: int) -> torch.Tensor:
     return per_head.reshape(rows.shape).contiguous()
 
 
-def _expected_shapes(model: dict[str, int]) -> dict[str, tuple[int, ...]]:
+def expected_shapes(model: dict[str, int]) -> dict[str, tuple[int, ...]]:
     """Our parameter names and full shapes for ``model`` (the keys of GPT(shape).state_dict())."""
     h, s, V = model["n_embd"], model["seq_len"], model["vocab_size"]
     shapes: dict[str, tuple[int, ...]] = {
@@ -169,21 +170,26 @@ def _expected_shapes(model: dict[str, int]) -> dict[str, tuple[int, ...]]:
 
 
 def check_ours(state: dict[str, torch.Tensor], model: dict[str, int]) -> None:
-    """Raise Unsupported unless ``state`` holds exactly the GPT's parameters at ``model``'s shape.
+    """Raise Unsupported unless ``state`` holds exactly the GPT's parameters at ``model``'s shape."""
+    check_shapes({name: tuple(t.shape) for name, t in state.items()}, model)
+
+
+def check_shapes(shapes: dict[str, tuple[int, ...]], model: dict[str, int]) -> None:
+    """``check_ours`` from the tensors' shapes alone (a checkpoint's index, before reading any tensor).
 
     ``wte.weight`` may have more rows than ``model["vocab_size"]``: tensor parallelism pads the
     vocabulary (``trainer.model.shape.padded_vocab``).
     """
-    expected = _expected_shapes(model)
-    missing = sorted(set(expected) - set(state))
-    extra = sorted(set(state) - set(expected))
+    expected = expected_shapes(model)
+    missing = sorted(set(expected) - set(shapes))
+    extra = sorted(set(shapes) - set(expected))
     if missing or extra:
         what = f"missing {missing[:3]}" if missing else f"unexpected {extra[:3]}"
         raise Unsupported(
             f"the weights do not match meta.json's model {model}: {what}; is meta.json from this checkpoint?"
         )
     for name, shape in expected.items():
-        got = tuple(state[name].shape)
+        got = tuple(shapes[name])
         padded_wte = name == "wte.weight" and got[1:] == shape[1:] and got[0] >= shape[0]
         if got != shape and not padded_wte:
             raise Unsupported(
@@ -191,21 +197,50 @@ def check_ours(state: dict[str, torch.Tensor], model: dict[str, int]) -> None:
             )
 
 
+def hf_plan(model: dict[str, int]) -> list[tuple[str, str, Callable[[torch.Tensor], torch.Tensor]]]:
+    """(HF name, our name, conversion) for every tensor GPT2LMHeadModel stores, in its order: what
+    ``to_hf`` does to a whole state dict, one tensor at a time (for writing a tensor at a time)."""
+    vocab, heads = model["vocab_size"], model["n_head"]
+    plan = [(f"{HF_PREFIX}wte.weight", "wte.weight", lambda t: t[:vocab].float().clone())]
+    plan += [(f"{HF_PREFIX}{name}", name, _plain) for name in _TOP_PARAMS]
+    for i in range(model["n_layer"]):
+        ours, hf = f"blocks.{i}.", f"{HF_PREFIX}h.{i}."
+        for suffix in ("weight", "bias"):
+            plan.append(
+                (f"{hf}attn.c_attn.{suffix}", f"{ours}attn.qkv.{suffix}", lambda t: _qkv_to_hf(t.float(), heads))
+            )
+        for our_suffix, hf_suffix, transposed in _BLOCK_PARAMS:
+            plan.append((hf + hf_suffix, ours + our_suffix, _transposed if transposed else _plain))
+    return plan
+
+
+def ours_plan(model: dict[str, int]) -> list[tuple[str, str, Callable[[torch.Tensor], torch.Tensor]]]:
+    """(our name, HF name, conversion): ``hf_plan`` backwards, one tensor at a time (``from_hf``'s work)."""
+    heads = model["n_head"]
+    plan = []
+    for hf_name, ours, convert in hf_plan(model):
+        if ".attn.c_attn." in hf_name:
+            convert = lambda t: _qkv_from_hf(t.float(), heads)  # noqa: E731
+        elif ours == "wte.weight":
+            convert = _plain
+        plan.append((ours, hf_name, convert))  # a transpose or a copy is its own inverse
+    return plan
+
+
+def _plain(t: torch.Tensor) -> torch.Tensor:
+    return t.float().contiguous()
+
+
+def _transposed(t: torch.Tensor) -> torch.Tensor:
+    return t.float().t().contiguous()
+
+
 def to_hf(state: dict[str, torch.Tensor], model: dict[str, int]) -> dict[str, torch.Tensor]:
     """Our dense state dict -> GPT2LMHeadModel's, fp32, without ``lm_head.weight`` (tied to wte,
     which is how transformers itself saves GPT-2). Vocabulary padding rows are dropped: they are an
     artifact of the tensor-parallel layout, and the tp=1 model has ``model["vocab_size"]`` rows."""
     check_ours(state, model)
-    out = {f"{HF_PREFIX}wte.weight": state["wte.weight"][: model["vocab_size"]].float().clone()}
-    out.update({f"{HF_PREFIX}{name}": state[name].float().contiguous() for name in _TOP_PARAMS})
-    for i in range(model["n_layer"]):
-        ours, hf = f"blocks.{i}.", f"{HF_PREFIX}h.{i}."
-        for suffix in ("weight", "bias"):
-            out[f"{hf}attn.c_attn.{suffix}"] = _qkv_to_hf(state[f"{ours}attn.qkv.{suffix}"].float(), model["n_head"])
-        for our_suffix, hf_suffix, transposed in _BLOCK_PARAMS:
-            t = state[ours + our_suffix].float()
-            out[hf + hf_suffix] = (t.t() if transposed else t).contiguous()
-    return out
+    return {hf: convert(state[ours]) for hf, ours, convert in hf_plan(model)}
 
 
 def check_tied(hf_state: dict[str, torch.Tensor]) -> None:

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from trainer.checkpoint import consolidate, sharded
 from trainer.checkpoint import store as checkpoint
 from trainer.config.schema import BadInput
 from trainer.hf import convert as hf
-from trainer.hf.files import check_output_dir, copy_tokenizer_files, staged
+from trainer.hf.files import check_output_dir, copy_tokenizer_files, staged, write_safetensors
 
 HF_WEIGHTS = "model.safetensors"
 
@@ -88,16 +90,27 @@ def _save_bare_tokenizer(tok, dst: Path) -> None:
         PreTrainedTokenizerFast(tokenizer_object=tok, clean_up_tokenization_spaces=False).save_pretrained(dst)
 
 
-def write_hf_model(out: Path, state: dict, model: dict[str, int], eos_token_id: int | None) -> None:
-    """config.json, generation_config.json and model.safetensors of the GPT-2 equivalent of ``state``."""
-    from safetensors.torch import save_file
+def write_hf_model(out: Path, step_dir: Path, model: dict[str, int], eos_token_id: int | None) -> None:
+    """config.json, generation_config.json and model.safetensors of the GPT-2 equivalent of the step's
+    weights, read, converted and written one tensor at a time (peak: the largest tensor)."""
     from transformers import GenerationConfig, GPT2Config
 
     config = GPT2Config(**hf.gpt2_config(model, eos_token_id))
     config.save_pretrained(out)
     GenerationConfig.from_model_config(config).save_pretrained(out)
+    items = [
+        (hf_name, lambda ours=ours, convert=convert: convert(sharded.read_tensor(step_dir, "model", ours)))
+        for hf_name, ours, convert in hf.hf_plan(model)
+    ]
     # The "pt" format tag is what transformers writes and expects in the safetensors header.
-    save_file(hf.to_hf(state, model), str(out / HF_WEIGHTS), metadata={"format": "pt"})
+    write_safetensors(out / HF_WEIGHTS, items, hf_shapes(model), metadata={"format": "pt"})
+
+
+def hf_shapes(model: dict[str, int]) -> dict[str, tuple[int, ...]]:
+    """Every HF tensor's shape, known before any is read (the file's header comes first)."""
+    meta = {name: torch.empty(shape, device="meta") for name, shape in hf.expected_shapes(model).items()}
+    meta["wte.weight"] = torch.empty(model["vocab_size"], model["n_embd"], device="meta")
+    return {hf_name: tuple(convert(meta[ours]).shape) for hf_name, ours, convert in hf.hf_plan(model)}
 
 
 def _model_shape(meta: dict, step_dir: Path) -> dict[str, int]:
@@ -117,12 +130,12 @@ def export(checkpoint_path: Path, out: Path, tokenizer: Path | None) -> str:
     check_output_dir(out)
     meta = consolidate.read_meta(step_dir)
     model = _model_shape(meta, step_dir)
-    state = sharded.read_tensors(step_dir, "model")
-    hf.check_ours(state, model)  # before writing anything
+    shapes = {name: tuple(shape) for name, (_, shape) in sharded.saved_shapes(step_dir).items()}
+    hf.check_shapes({k.removeprefix("model."): v for k, v in shapes.items() if k.startswith("model.")}, model)
     src = _tokenizer_source(step_dir, tokenizer)
     with staged(out) as tmp:
         eot = write_tokenizer(src, tmp, model["vocab_size"])
-        write_hf_model(tmp, state, model, eot)
+        write_hf_model(tmp, step_dir, model, eot)
     return (
         f"exported {step_dir} (step {meta.get('step')}) to {out}: GPT-2 with {model['n_layer']} layers, "
         f"n_embd {model['n_embd']}, {model['n_head']} heads, vocab {model['vocab_size']}, context {model['seq_len']}"

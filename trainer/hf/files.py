@@ -4,10 +4,15 @@ tokenizer files they carry along."""
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import os
 import shutil
+import struct
 from collections.abc import Iterator
 from pathlib import Path
+
+import torch
 
 from trainer.config.schema import BadInput
 
@@ -60,3 +65,25 @@ def copy_tokenizer_files(src: Path, dst: Path) -> bool:
 
 
 # --- export ---------------------------------------------------------------------------------------
+
+
+def write_safetensors(path: Path, items, shapes: dict[str, tuple[int, ...]], metadata: dict[str, str]) -> None:
+    """A safetensors file written a tensor at a time: the header (every name, dtype F32, shape and byte
+    range) first, then each ``produce()`` of ``items`` ((name, produce) pairs, in order), so the peak is
+    one tensor, not the model. The same bytes ``safetensors.torch.save_file`` writes for fp32 tensors."""
+    header: dict[str, object] = {"__metadata__": metadata}
+    offset = 0
+    for name, _ in items:
+        size = 4 * math.prod(shapes[name])
+        header[name] = {"dtype": "F32", "shape": list(shapes[name]), "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned, as safetensors pads it
+    with open(path, "wb") as handle:
+        handle.write(struct.pack("<Q", len(encoded)) + encoded)
+        for name, produce in items:
+            tensor = produce().to(torch.float32).contiguous()
+            if tuple(tensor.shape) != tuple(shapes[name]):
+                raise ValueError(f"{name}: produced shape {list(tensor.shape)}, the header says {list(shapes[name])}")
+            handle.write(tensor.numpy().tobytes())
+            del tensor  # before the next one is produced

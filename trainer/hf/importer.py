@@ -70,12 +70,48 @@ def write_tokenizer(hf_dir: Path, dst: Path) -> bool:
     return True
 
 
+def safetensors_index(hf_dir: Path) -> dict[str, Path] | None:
+    """HF tensor name -> its safetensors file (one file, or shards with an index); None for other formats."""
+    from safetensors import safe_open
+
+    single, index = hf_dir / "model.safetensors", hf_dir / "model.safetensors.index.json"
+    if index.is_file():
+        return {name: hf_dir / file for name, file in json.loads(index.read_text())["weight_map"].items()}
+    if single.is_file():
+        with safe_open(str(single), "pt") as f:
+            return dict.fromkeys(f.keys(), single)
+    return None
+
+
+def streamed_tensors(hf_dir: Path, model: dict[str, int]):
+    """(kind, our name, produce) for every tensor, read from the safetensors files one at a time; None
+    when the files are not GPT2LMHeadModel's current names (transformers then loads the model whole)."""
+    from safetensors import safe_open
+
+    where = safetensors_index(hf_dir)
+    plan = hf.ours_plan(model)
+    if where is None or any(hf_name not in where for _, hf_name, _ in plan):
+        return None
+
+    def read(name: str) -> torch.Tensor:
+        with safe_open(str(where[name]), "pt") as f:
+            return f.get_tensor(name)
+
+    wte = f"{hf.HF_PREFIX}wte.weight"
+    if "lm_head.weight" in where:
+        hf.check_tied({"lm_head.weight": read("lm_head.weight"), wte: read(wte)})
+    return [("model", ours, lambda h=hf_name, c=convert: c(read(h))) for ours, hf_name, convert in plan]
+
+
 def import_hf(hf_dir: Path, out: Path) -> str:
     check_output_dir(out)  # before the (possibly long) load
     model = hf.model_shape(read_config(hf_dir))
-    state = hf.from_hf(load_hf_state(hf_dir), model)
+    items = streamed_tensors(hf_dir, model)
+    if items is None:
+        state = hf.from_hf(load_hf_state(hf_dir), model)
+        items = [("model", name, lambda t=t: t) for name, t in state.items()]
     with staged(out) as tmp:
-        sharded.write_tensors(tmp, {"model": state})
+        params = sharded.write_stream(tmp, items)
         layout = {"source": "hf", "path": str(hf_dir.resolve())}
         consolidate.write_meta(tmp, {"model": model, "step": 0, "tokens": 0, "adam_step": 0, "layout": layout})
         has_tokenizer = write_tokenizer(hf_dir, tmp / checkpoint.TOKENIZER_DIR)
@@ -83,7 +119,6 @@ def import_hf(hf_dir: Path, out: Path) -> str:
     overrides = " ".join(f"model.{k}={v}" for k, v in model.items())
     if has_tokenizer:
         overrides += f" data.tokenizer.source={out / checkpoint.TOKENIZER_DIR}"
-    params = sum(t.numel() for t in state.values())
     note = "" if has_tokenizer else " (no tokenizer files in HF_DIR)"
     return (
         f"imported {hf_dir} to {out}: {params:,} parameters{note}; train from it with train.init_from={out} {overrides}"
