@@ -71,7 +71,10 @@ def measure(repo: Path, layout: str, extra: list[str], work: Path) -> dict:
 
 def row(m: dict) -> str:
     cells = [m["layout"], f"{m['step_dir_mb']:,.0f}"]
-    cells += [f"{m['peak_mb'][0]:,.0f} / {m['sum_peak_mb'][0]:,.0f}", f"{m['peak_mb'][1]:,.0f} / {m['sum_peak_mb'][1]:,.0f}"]
+    cells += [
+        f"{m['peak_mb'][0]:,.0f} / {m['sum_peak_mb'][0]:,.0f}",
+        f"{m['peak_mb'][1]:,.0f} / {m['sum_peak_mb'][1]:,.0f}",
+    ]
     for kind in ("save", "load"):
         rec = next((r for r in m["records"] if r["checkpoint_io"] == kind), None)
         if rec is None:
@@ -90,8 +93,10 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     print(f"trainer at {args.repo}: {' '.join(MODEL + args.overrides)}, 4 ranks")
-    print("| layout | step dir MB | peak RSS MB, max rank / sum (1 step + save) | (resume + 1 step) "
-          "| save (in-run) | load (in-run) |")
+    print(
+        "| layout | step dir MB | peak RSS MB, max rank / sum (1 step + save) | (resume + 1 step) "
+        "| save (in-run) | load (in-run) |"
+    )
     print("|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as work:
         for layout in args.layouts:
