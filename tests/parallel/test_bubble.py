@@ -9,7 +9,8 @@ import math
 import pytest
 import torch
 
-from trainer.parallel.bubble import analytic_bubble, analytic_idle_fraction
+from trainer.analysis.formulas import pipeline_bubble as analytic_bubble
+from trainer.analysis.formulas import pipeline_idle_fraction as analytic_idle_fraction
 
 from .spawn import run_ranks
 from .test_pipeline import MICRO, SEED, SHAPE, start_deepspeed

@@ -16,8 +16,8 @@ and ``instructions`` has the seconds of each instruction kind (where the idle ti
 Which formula a measured number compares to. With p stages, m micro-batches, equal stages and free
 communication, 1F1B keeps each stage busy m·(t_f + t_b) of a step of (m + p - 1)·(t_f + t_b), so:
 
-    idle_fraction = idle_s / step_s     ~ (p - 1) / (m + p - 1)   ``analytic_idle_fraction(p, m)``
-    bubble_ratio  = idle_s / compute_s  ~ (p - 1) / m             ``analytic_bubble(p, m)``
+    idle_fraction = idle_s / step_s     ~ (p - 1) / (m + p - 1)   ``pipeline_idle_fraction(p, m)``
+    bubble_ratio  = idle_s / compute_s  ~ (p - 1) / m             ``pipeline_bubble(p, m)``
 
 The second is Narayanan et al. (2021)'s "bubble time fraction": bubble time over ideal compute time.
 Measured values exceed the formulas by the communication and optimizer time the model leaves out,
@@ -49,23 +49,6 @@ from trainer.runtime.compat import wrap_pipe_instructions
 COMPUTE = ("ForwardPass", "BackwardPass", "OptimizerStep")
 
 
-def analytic_bubble(p: int, m: int) -> float:
-    """(p - 1) / m: 1F1B / GPipe bubble time over ideal compute time (Narayanan et al. 2021)."""
-    _check(p, m)
-    return (p - 1) / m
-
-
-def analytic_idle_fraction(p: int, m: int) -> float:
-    """(p - 1) / (m + p - 1): the same bubble as a fraction of the whole step's time."""
-    _check(p, m)
-    return (p - 1) / (m + p - 1)
-
-
-def _check(p: int, m: int) -> None:
-    if p < 1 or m < 1:
-        raise ValueError(f"need p >= 1 stages and m >= 1 micro-batches, got p={p}, m={m}")
-
-
 @dataclass(frozen=True)
 class StageBubble:
     """One step of one pipeline stage; ``dataclasses.asdict`` gives a loggable dict."""
@@ -76,8 +59,8 @@ class StageBubble:
     step_s: float
     compute_s: float
     idle_s: float
-    idle_fraction: float  # idle_s / step_s, compare analytic_idle_fraction(p, m)
-    bubble_ratio: float  # idle_s / compute_s, compare analytic_bubble(p, m)
+    idle_fraction: float  # idle_s / step_s, compare formulas.pipeline_idle_fraction(p, m)
+    bubble_ratio: float  # idle_s / compute_s, compare formulas.pipeline_bubble(p, m)
     instructions: dict[str, float] = field(default_factory=dict)  # seconds per instruction kind
     counts: dict[str, int] = field(default_factory=dict)  # executions per instruction kind
 
