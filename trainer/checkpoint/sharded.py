@@ -39,10 +39,9 @@ from torch import nn
 
 from trainer.checkpoint.consolidate import MOMENTS, full_over_dp, local_shape, relink_moments
 from trainer.parallel.dims import Coords, Mesh
-from trainer.runtime.ds_config import ZERO_BUCKET_ELEMENTS
 
 STATE_DIR = "state"  # the sharded state inside a step directory: one DCP checkpoint per part
-PART_ELEMENTS = ZERO_BUCKET_ELEMENTS  # parameter elements per part (times 3 with both Adam moments)
+PART_ELEMENTS = int(5e7)  # parameter elements per part (times 3 with both Adam moments), over a stage's ranks
 KINDS = ("model", *MOMENTS)
 
 

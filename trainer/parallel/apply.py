@@ -78,11 +78,13 @@ def _build_partitioned(cfg: Config, shape: ModelShape, layers, mesh: Mesh, ds_di
     under their names (the same weights as at every other layout)."""
     from trainer.model.gpt import init_weights
     from trainer.runtime.engine import zero3_construction
+    from trainer.runtime.hardware import release_free_memory
 
     context, whole = zero3_construction(ds_dict, mesh.dp_group)
     with context:
         model = GPT(shape, layers, None, recompute, every)
     init_weights(model, cfg.train.seed, shape.n_layer, whole=whole)
+    release_free_memory()  # the per-parameter gathers' temporaries
     return model
 
 

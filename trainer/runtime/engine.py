@@ -87,6 +87,7 @@ def build_engine(model: nn.Module, ds_dict: dict[str, Any], weight_decay: float,
     from deepspeed.runtime.pipe.engine import PipelineEngine
 
     from trainer.parallel.pipeline import install_pipeline_clipping
+    from trainer.runtime.hardware import release_free_memory
 
     engine, *_ = deepspeed.initialize(
         model=model,
@@ -96,6 +97,7 @@ def build_engine(model: nn.Module, ds_dict: dict[str, Any], weight_decay: float,
         mpu=mpu,
         dist_init_required=False,
     )
+    release_free_memory()  # what the optimizer's set-up copied and freed
     if isinstance(engine, PipelineEngine):
         # DeepSpeed's clipping at ZeRO-0 ignores replicated parameters of later stages.
         install_pipeline_clipping(engine)
