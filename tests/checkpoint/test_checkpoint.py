@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from conftest import LAYOUTS as SHARED
 from conftest import PARITY_RTOL, ROOT, child_env, compose_config, read_metrics, run_train, tiny_corpus_overrides
 from trainer.checkpoint.store import damage
 
@@ -88,12 +89,12 @@ def test_keep_last_prunes_older_checkpoints(tmp_path, data_cache):
 STEPS, SAVE_AT = 8, 4
 BASE = ["parallel.micro_batch=4", "parallel.global_batch=8", "model.n_layer=4", f"train.steps={STEPS}"]
 # name -> (ranks, overrides)
-LAYOUTS = {
-    "tp1-pp1": (0, []),
-    "tp1-pp2": (2, ["parallel=pp2"]),
-    "tp2-pp1": (2, ["parallel=tp2"]),
-    "tp2-pp2": (4, ["parallel=tp2-pp2"]),
-    "zero1-dp2": (2, ["parallel=zero1"]),
+LAYOUTS = {  # the shared table's layouts under the names the resharding matrix reads best with
+    "tp1-pp1": SHARED["single"],
+    "tp1-pp2": SHARED["pp2"],
+    "tp2-pp1": SHARED["tp2"],
+    "tp2-pp2": SHARED["tp2-pp2"],
+    "zero1-dp2": SHARED["zero1-dp2"],
 }
 RESHARDS = [("tp2-pp2", "tp1-pp1"), ("tp2-pp2", "tp1-pp2"), ("tp2-pp2", "tp2-pp1"), ("tp1-pp1", "tp2-pp2")]
 RESHARDS += [("tp2-pp2", "zero1-dp2")]
