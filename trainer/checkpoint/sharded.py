@@ -212,8 +212,8 @@ def _target_state(named: list, kinds, saved: dict, mesh: Mesh, device_mesh) -> d
         for kind in kinds:
             shape = saved[key(kind, name)][1]
             whole = shape != ours  # another vocabulary padding: read it all, cut it afterwards
-            local = torch.empty(shape if whole else local_shape(param))
-            chunk = dp_chunk(local, mesh.dims.dp, mesh.coords.dp)
+            split = torch.empty(shape if whole else local_shape(param), device="meta")  # shapes only
+            chunk = torch.zeros(dp_chunk(split, mesh.dims.dp, mesh.coords.dp).shape)
             state[key(kind, name)] = _as_dtensor(
                 chunk, device_mesh, Replicate() if whole else _tp_placement(param), shape
             )
