@@ -1,7 +1,7 @@
 """A model no rank could hold whole, trained, saved, resumed and resharded at ZeRO-3 on this machine, with
 every rank's peak resident memory beside the planner's prediction for its layout.
 
-    .venv/bin/python benchmarks/zero3_share.py [model=gpt2-large] [extra overrides...]
+    .venv/bin/python benchmarks/zero3_share.py [--work DIR] [model=gpt2-large] [extra overrides...]
 
 Runs (each through the deepspeed launcher, every rank's RSS sampled from outside every 0.2 s):
     1. 4 ranks, ZeRO-3: 2 steps, then a save
@@ -13,6 +13,7 @@ cluster=cpu-local with the same model, batch and world), their ratio, and the su
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -52,15 +53,20 @@ def report(name: str, watch, predicted: float, run_dir: Path) -> None:
 
 
 def main() -> None:
-    model = [a for a in sys.argv[1:] if a.startswith("model=")] or ["model=gpt2-large"]
-    extra = [a for a in sys.argv[1:] if not a.startswith("model=")]
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", help="keep the runs (logs, checkpoints) here; default: a temporary directory")
+    args, overrides = parser.parse_known_args()
+    model = [a for a in overrides if a.startswith("model=")] or ["model=gpt2-large"]
+    extra = [a for a in overrides if not a.startswith("model=")]
     common = [*model, *BATCH, "parallel=zero3", "train.eval_batches=1", "train.eval_interval=0", *extra]
     common += ["logging.progress=false"]
     print(f"{' '.join(common)}\n")
     print("| run | peak RSS per rank GB | planner GB/rank | measured / planner | sum of peaks GB |")
     print("|---|---|---|---|---|")
-    with tempfile.TemporaryDirectory() as work:
-        first, second = Path(work) / "dp4", Path(work) / "dp2"
+    with tempfile.TemporaryDirectory() as scratch:
+        work = Path(args.work or scratch)
+        work.mkdir(parents=True, exist_ok=True)
+        first, second = work / "dp4", work / "dp2"
         _, watch = launch(REPO, first, [*common, "train.steps=2"])
         report("4 ranks: 2 steps + save", watch, predicted_gb(model, 4), first)
         _, watch = launch(REPO, first, [*common, "train.steps=3", "train.resume=auto", "train.save_interval=-1"])

@@ -352,29 +352,37 @@ def test_collective_call_latency_costs_each_call_once():
 def test_zero_buffers_are_sized_from_the_trainers_deepspeed_config():
     """The planner and the run read the same bucket and live-parameter limits."""
     from trainer.config.validate import batch_plan
-    from trainer.runtime.ds_config import ZERO3_MAX_LIVE_PARAMETERS, ZERO_BUCKET_ELEMENTS, ds_config
+    from trainer.runtime.ds_config import (
+        ZERO3_MAX_LIVE_PARAMETERS,
+        ZERO3_SUB_GROUP_ELEMENTS,
+        ZERO_BUCKET_ELEMENTS,
+        ds_config,
+    )
 
     cfg, _ = compose_config(["parallel.zero_stage=3"])
     zero = ds_config(cfg, batch_plan(cfg, 1))["zero_optimization"]
     assert zero["reduce_bucket_size"] == zero["stage3_prefetch_bucket_size"] == ZERO_BUCKET_ELEMENTS
     assert zero["stage3_max_live_parameters"] == zero["stage3_max_reuse_distance"] == ZERO3_MAX_LIVE_PARAMETERS
+    assert zero["sub_group_size"] == ZERO3_SUB_GROUP_ELEMENTS
 
 
-def test_zero_buffers_count_the_bucket_live_weights_and_backend_copies():
+def test_zero_buffers_count_the_bucket_live_weights_step_and_backend_copies():
     from trainer.analysis.planner.memory import Collectives, buffer_bytes
-    from trainer.runtime.ds_config import ZERO3_MAX_LIVE_PARAMETERS, ZERO_BUCKET_ELEMENTS
+    from trainer.runtime.ds_config import ZERO3_MAX_LIVE_PARAMETERS, ZERO3_SUB_GROUP_ELEMENTS, ZERO_BUCKET_ELEMENTS
 
     small, gloo = 1e6, Collectives(gather=4.0, scatter=2.5)
+    step = 4 * small / 4  # AdamW's fp32 temporary over the rank's quarter of the parameters
     assert buffer_bytes(_layout(1, 1, 4, 0), small, "fp32", gloo) == 0  # ZeRO-0: gradients all-reduced in place
-    # ZeRO-1/2: the touched part of the reduce bucket, plus gloo's copies of the all-gathered weights
-    assert buffer_bytes(_layout(1, 1, 4, 2), small, "fp32") == 4 * small
-    assert buffer_bytes(_layout(1, 1, 4, 1), small, "fp32", gloo) == 4 * small + 4.0 * 4 * small
-    # ZeRO-3: bucket + every weight live (under the limit) + copies of one gather and one reduce-scatter
+    # ZeRO-1/2: the touched part of the reduce bucket, the step, plus gloo's copies of the all-gathered weights
+    assert buffer_bytes(_layout(1, 1, 4, 2), small, "fp32") == 4 * small + step
+    assert buffer_bytes(_layout(1, 1, 4, 1), small, "fp32", gloo) == 4 * small + step + 4.0 * 4 * small
+    # ZeRO-3: bucket + every weight live (under the limit) + the step + copies of one gather and one reduce-scatter
     z3 = buffer_bytes(_layout(1, 1, 4, 3), small, "fp32", gloo)
-    assert z3 == pytest.approx(4 * small * (1 + 1 + 4.0 + 2.5))
-    # a large stage on NCCL: one bf16 bucket and the live-parameter cap, no copies
+    assert z3 == pytest.approx(4 * small * (1 + 1 + 4.0 + 2.5) + step)
+    # a large stage on NCCL: one bf16 bucket, the live-parameter cap and one fp32 sub-group stepped, no copies
     big = 20e9
-    assert buffer_bytes(_layout(1, 1, 64, 3), big, "bf16") == 2 * (ZERO_BUCKET_ELEMENTS + ZERO3_MAX_LIVE_PARAMETERS)
+    expected = 2 * (ZERO_BUCKET_ELEMENTS + ZERO3_MAX_LIVE_PARAMETERS) + 4 * ZERO3_SUB_GROUP_ELEMENTS
+    assert buffer_bytes(_layout(1, 1, 64, 3), big, "bf16") == expected
 
 
 def test_gloo_gathers_and_scatters_through_temporaries():

@@ -12,6 +12,7 @@ rank starts in a fraction of a second instead of re-importing torch (seconds per
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from datetime import timedelta
 
@@ -47,3 +48,15 @@ def _worker(rank: int, fn, world_size: int, port: int, timeout_s: float, args: t
         fn(rank, world_size, *args)
     finally:
         dist.destroy_process_group()
+
+
+def start_deepspeed(rank: int, world: int):
+    """Adopt the spawned gloo group as DeepSpeed's (without its CPU shared-memory op, as the trainer)."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK="0")
+    import deepspeed  # heavy: only in the ranks
+
+    from trainer.runtime.compat import skip_shm_comm_op
+
+    skip_shm_comm_op()
+    deepspeed.init_distributed(dist_backend="gloo")
+    return deepspeed

@@ -12,8 +12,8 @@ import torch
 from trainer.analysis.formulas import pipeline_bubble as analytic_bubble
 from trainer.analysis.formulas import pipeline_idle_fraction as analytic_idle_fraction
 
-from .spawn import run_ranks
-from .test_pipeline import MICRO, SEED, SHAPE, start_deepspeed
+from .spawn import run_ranks, start_deepspeed
+from .test_pipeline import MICRO, SEED, SHAPE
 
 M = 4  # micro-batches per step
 

@@ -8,8 +8,6 @@ sequence-parallel gradient hooks to run before ZeRO-2 consumes gradients during 
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
@@ -22,20 +20,14 @@ from trainer.parallel import (
     register_sequence_parallel_grad_hooks,
 )
 
-from .spawn import run_ranks
+from .spawn import run_ranks, start_deepspeed
 
 SHAPE = ModelShape(n_layer=2, n_embd=64, n_head=4, seq_len=16, vocab_size=128)
 SEED = 3
 
 
 def _check_zero2(rank: int, world: int) -> None:
-    import deepspeed  # heavy: only in the ranks
-
-    from trainer.runtime.engine import skip_shm_comm_op
-
-    skip_shm_comm_op()  # as the trainer does: no JIT build, no leaked /dev/shm buffer
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK="0")
-    deepspeed.init_distributed(dist_backend="gloo")  # adopts the process group already started
+    deepspeed = start_deepspeed(rank, world)
     mesh = build_mesh(ParallelDims(world, tp=2))
     tokens = torch.randint(0, SHAPE.vocab_size, (2, SHAPE.seq_len + 1), generator=torch.Generator().manual_seed(0))
     idx, targets = tokens[:, :-1], tokens[:, 1:]

@@ -14,8 +14,6 @@ Every run checks, on every rank:
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 import torch.distributed as dist
@@ -24,24 +22,12 @@ from trainer.model import GPT, DenseLayers, ModelShape
 from trainer.model.gpt import Block
 from trainer.parallel.pipeline import dense_param_name, dense_prefix
 
-from .spawn import run_ranks
+from .spawn import run_ranks, start_deepspeed
 
 SHAPE = ModelShape(n_layer=4, n_embd=64, n_head=4, seq_len=16, vocab_size=128)
 SEED = 3
 MICRO, ACCUM, STEPS = 2, 4, 3
 LR, WEIGHT_DECAY, CLIP = 1e-2, 0.1, 1.0
-
-
-def start_deepspeed(rank: int, world: int):
-    """Adopt the spawned gloo group as DeepSpeed's (without its CPU shared-memory op, as the trainer)."""
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK="0")
-    import deepspeed  # heavy: only in the ranks
-
-    from trainer.runtime.engine import skip_shm_comm_op
-
-    skip_shm_comm_op()
-    deepspeed.init_distributed(dist_backend="gloo")
-    return deepspeed
 
 
 def ds_config(dims, zero: int, sequence_parallel: bool) -> dict:

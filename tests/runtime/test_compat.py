@@ -232,3 +232,78 @@ def test_the_tied_weight_override_targets_an_existing_method():
 
     compat.check_tied_weight_sync()
     assert "_synchronize_tied_weights" in vars(PipelineModule) and "_synchronize_tied_weights" in vars(GPTPipe)
+
+
+def _bounded_collectives_match(rank: int, world: int) -> None:
+    import deepspeed.comm as ds_dist
+    import deepspeed.comm.comm as ds_comm
+
+    ds_dist.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, verbose=False)
+    backend = ds_comm.cdb
+    # Integer values: every sum is exact, so pieces and whole calls must agree bit for bit.
+    per_rank = 23  # not a multiple of the piece size: the last piece is short
+    mine = torch.arange(per_rank, dtype=torch.float32) + 100 * rank
+    full = torch.arange(world * per_rank, dtype=torch.float32) * (rank + 1)
+
+    def both() -> tuple[torch.Tensor, torch.Tensor]:
+        gathered, scattered = torch.empty(world * per_rank), torch.empty(per_rank)
+        backend.all_gather_into_tensor(output_tensor=gathered, input_tensor=mine, async_op=True).wait()
+        backend.reduce_scatter_tensor(output_tensor=scattered, input_tensor=full, op=ds_dist.ReduceOp.SUM)
+        return gathered, scattered
+
+    whole = both()
+    restore = compat.bound_gloo_collectives(max_elements=2 * world)  # pieces of 2 elements per rank
+    assert "all_gather_into_tensor" in vars(backend) and "reduce_scatter_tensor" in vars(backend)
+    pieces = both()
+    restore()
+    assert "all_gather_into_tensor" not in vars(backend) and "reduce_scatter_tensor" not in vars(backend)
+    for got, want in zip(pieces, whole):
+        assert torch.equal(got, want)
+    assert torch.equal(whole[0].view(world, per_rank)[1], torch.arange(per_rank) + 100.0)
+    assert torch.equal(whole[1], (torch.arange(per_rank) + rank * per_rank) * sum(range(1, world + 1)))
+
+
+def test_bounded_gloo_collectives_give_the_whole_calls_results_and_restore():
+    from tests.parallel.spawn import run_ranks
+
+    run_ranks(_bounded_collectives_match, 3)
+
+
+def _zero3_steps(share: bool) -> tuple[list[torch.Tensor], object]:
+    import deepspeed
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 4))
+    config = {
+        "train_batch_size": 2,
+        "optimizer": {"type": "AdamW", "params": {"lr": 0.1, "torch_adam": True}},
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+    }
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
+    if share:
+        assert compat.share_zero3_fp32_partitions(engine.optimizer) == sum(p.ds_numel for p in model.parameters())
+    data = torch.randn(2, 8)
+    for _ in range(2):
+        engine.backward(engine(data).square().mean())
+        engine.step()
+    with deepspeed.zero.GatheredParameters(list(model.parameters())):
+        return [p.detach().clone() for p in model.parameters()], engine.optimizer
+
+
+def _zero3_shared_partitions_train_the_same(rank: int, world: int) -> None:
+    from tests.parallel.spawn import start_deepspeed
+
+    start_deepspeed(rank, world)
+    copied, _ = _zero3_steps(share=False)
+    shared, zero = _zero3_steps(share=True)
+    for fp32_flat, model_flat in zip(zero.fp32_partitioned_groups_flat, zero.fp16_partitioned_groups_flat):
+        assert fp32_flat.data_ptr() == model_flat.data_ptr()  # one copy of the weights, stepped in place
+    for got, want in zip(shared, copied):
+        assert torch.equal(got, want)
+    assert compat.share_zero3_fp32_partitions(zero) == 0  # already shared: nothing more to free
+
+
+def test_zero3_fp32_partitions_shared_with_the_model_train_bit_for_bit_the_same():
+    from tests.parallel.spawn import run_ranks
+
+    run_ranks(_zero3_shared_partitions_train_the_same, 1)

@@ -71,8 +71,8 @@ def has_master_copy(precision: str, zero_stage: int) -> bool:
 
     Mixed precision always does (bf16/fp16 weights, fp32 master weights). In fp32 the ZeRO-1/2 optimizers
     still step a cloned fp32 partition and copy it back; ZeRO-3 steps its fp32 parameter partition in
-    place (``stage3.py``, ``_create_fp32_partitions``: no clone when the dtypes match); ZeRO-0 steps the
-    parameters themselves.
+    place (DeepSpeed means to, and the trainer makes it: ``compat.share_zero3_fp32_partitions``); ZeRO-0
+    steps the parameters themselves.
     """
     return precision != "fp32" or zero_stage in (1, 2)
 

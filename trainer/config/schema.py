@@ -120,6 +120,12 @@ class TrainConfig:
     # Seconds a collective may wait for its peers; a dead rank then stops the others instead of
     # hanging them (the launcher exits non-zero).
     collective_timeout_s: int = 600
+    # The C heap of CPU ranks (glibc). "lean": every allocation of 1 MiB or more is its own mapping and goes
+    # back to the system when freed, so a rank's resident memory follows its live tensors (what lets a
+    # model near the machine's memory train; costs CPU speed, docs/checkpoints.md); "glibc": glibc's own
+    # threshold, which climbs to 32 MiB and keeps freed temporaries resident; "auto": lean for CPU ranks
+    # at ZeRO-3 (chosen to save memory), glibc otherwise. GPU memory is not affected.
+    host_heap: str = "auto"
     # Consecutive steps with a non-finite loss or gradient (each skipped) before the run stops; 0 = never.
     max_skipped_steps: int = 10
     # Fault injection for tests: optimizer steps (1-based) whose activations are made NaN.
@@ -155,6 +161,7 @@ class Config:
 
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+HOST_HEAPS = ("auto", "lean", "glibc")
 
 
 @dataclass(frozen=True)

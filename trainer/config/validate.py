@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 
-from trainer.config.schema import PRECISIONS, BatchPlan, Config, ConfigError, ParallelConfig
+from trainer.config.schema import HOST_HEAPS, PRECISIONS, BatchPlan, Config, ConfigError, ParallelConfig
 from trainer.model.shape import RECOMPUTE
 
 
@@ -75,6 +75,8 @@ def validate(cfg: Config, world_size: int) -> BatchPlan:
     _positive("train.log_interval", t.log_interval)
     _positive("train.eval_batches", t.eval_batches)
     _positive("train.collective_timeout_s", t.collective_timeout_s)
+    if t.host_heap not in HOST_HEAPS:
+        raise ConfigError("train.host_heap", t.host_heap, f"must be one of {', '.join(HOST_HEAPS)}")
     if t.eval_interval < 0:
         raise ConfigError("train.eval_interval", t.eval_interval, "must be >= 0 (0 = only at the end)")
     if t.resume not in ("", "auto") and not os.path.isdir(t.resume):

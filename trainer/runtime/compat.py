@@ -11,7 +11,9 @@ The trainer relies on a few private attributes, replaced methods and module glob
     wrap_pipe_instructions       PipelineEngine._INSTRUCTION_MAP (shadowed per engine)     restore callable
     skip_optimizer_step_when     optimizer.step, optimizer.overflow (read by the engine)   restore callable
     relink_zero_moments          ZeRO-1/2 _hp_optimizer_states_linked + its lazy init      nothing to undo
+    share_zero3_fp32_partitions  ZeRO-3 fp32_partitioned_groups_flat[i].data               nothing to undo
     name_comm_logs               deepspeed.comm.comm.get_debug_log_name                    restore callable
+    bound_gloo_collectives       the comm backend's all_gather_into_tensor, reduce_scatter_tensor   restore callable
     check_tied_weight_sync       PipelineModule._synchronize_tied_weights (overridden)     not a patch
 
 Each patch first calls ``check_version``: where an attribute it changes is missing it raises a
@@ -35,7 +37,7 @@ from __future__ import annotations
 import importlib
 import re
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from typing import Any
 
@@ -125,6 +127,71 @@ def skip_shm_comm_op() -> Restore:
     ops = deepspeed.ops.__compatible_ops__  # built lazily by the module's __getattr__
     check_version("skip_shm_comm_op", ops, "deepspeed_shm_comm")
     return _swap(ops, "deepspeed_shm_comm", False, "skip_shm_comm_op")
+
+
+class _Done:
+    """The handle of a collective that already ran (what DeepSpeed waits on after an async call)."""
+
+    def wait(self, *_args, **_kwargs) -> bool:
+        return True
+
+    def is_completed(self) -> bool:
+        return True
+
+
+def bound_gloo_collectives(max_elements: int) -> Restore:
+    """Run DeepSpeed's all-gathers and reduce-scatters over gloo in pieces of at most ``max_elements``.
+
+    What: wraps ``all_gather_into_tensor`` and ``reduce_scatter_tensor`` of DeepSpeed's communication
+    backend (``deepspeed.comm.comm.cdb``, a ``TorchBackend``), which every ZeRO gather and gradient
+    reduce-scatter goes through. A call on a gloo group with a larger gathered output / scattered input
+    runs as consecutive calls on matching slices of every rank's part (the same elements meet the same
+    partners, so the result is the same; only gloo's internal summation blocks may differ). Calls on
+    other backends pass straight through; an async call runs synchronously and returns a done handle.
+    Why: gloo copies the whole tensor into temporaries (measured: about once the gathered output, once
+    the scattered input), and ZeRO-3 gathers and reduce-scatters a parameter larger than its buckets in
+    one call: gpt2-large's 64M-element embedding then costs each rank ~250 MB at once, twice per step.
+    Undo: the returned callable removes the wrappers (call after ``deepspeed.init_distributed``).
+    """
+    import deepspeed.comm.comm as ds_comm
+    import torch.distributed as dist
+
+    backend = ds_comm.cdb
+    check_version("bound_gloo_collectives", backend, "all_gather_into_tensor", "reduce_scatter_tensor")
+    gather, scatter = backend.all_gather_into_tensor, backend.reduce_scatter_tensor
+
+    def on_gloo(group, elements: int) -> bool:
+        return elements > max_elements and dist.get_backend(group) == "gloo"
+
+    def all_gather_into_tensor(output_tensor, input_tensor, group=None, async_op=False):
+        if not on_gloo(group, output_tensor.numel()):
+            return gather(output_tensor, input_tensor, group=group, async_op=async_op)
+        world, mine = dist.get_world_size(group), input_tensor.view(-1)
+        rows = output_tensor.view(world, -1)
+        for lo, hi in _pieces(mine.numel(), max(1, max_elements // world)):
+            piece = output_tensor.new_empty(world * (hi - lo))
+            gather(piece, mine[lo:hi], group=group, async_op=False)
+            rows[:, lo:hi].copy_(piece.view(world, -1))
+        return _Done()
+
+    def reduce_scatter_tensor(output_tensor, input_tensor, op=None, group=None, async_op=False):
+        kwargs = {} if op is None else {"op": op}
+        if not on_gloo(group, input_tensor.numel()):
+            return scatter(output_tensor, input_tensor, group=group, async_op=async_op, **kwargs)
+        world, mine = dist.get_world_size(group), output_tensor.view(-1)
+        rows = input_tensor.view(world, -1)
+        for lo, hi in _pieces(mine.numel(), max(1, max_elements // world)):
+            scatter(mine[lo:hi], rows[:, lo:hi].contiguous().view(-1), group=group, **kwargs)
+        return _Done()
+
+    return _chain(
+        _swap(vars(backend), "reduce_scatter_tensor", reduce_scatter_tensor, "bound_gloo_collectives"),
+        _swap(vars(backend), "all_gather_into_tensor", all_gather_into_tensor, "bound_gloo_collectives"),
+    )
+
+
+def _pieces(n: int, size: int) -> Iterator[tuple[int, int]]:
+    return ((lo, min(n, lo + size)) for lo in range(0, n, size))
 
 
 def set_default_pg_timeout(timeout: timedelta) -> Restore:
@@ -223,6 +290,29 @@ def relink_zero_moments(zero) -> None:
     check_version("relink_zero_moments", zero, "_hp_optimizer_states_linked", "_lazy_init_hp_params_optimizer_state")
     zero._hp_optimizer_states_linked = False
     zero._lazy_init_hp_params_optimizer_state()
+
+
+def share_zero3_fp32_partitions(zero) -> int:
+    """Let a ZeRO-3 optimizer that already works in fp32 step its parameter partitions in place.
+
+    What: for each sub-group whose "fp32" partition is a separate copy of a partition that is itself
+    fp32 and on the same device, points the copy's ``.data`` at the partition (the same tensor object
+    stays in the optimizer's parameter groups and state) and frees the copy. Returns the elements freed.
+    Why: ``DeepSpeedZeroOptimizer_Stage3._create_fp32_partitions`` means to skip the copy when the dtypes
+    and devices match, but compares ``tensor.device`` with a device *name* (a str, never equal to a
+    ``torch.device``), so fp32 training keeps every weight twice: 4 bytes per parameter per rank more
+    than ZeRO-3's share (0.77 GB per rank for gpt2-large on 4 ranks). After the step DeepSpeed copies
+    the fp32 partition into the model's, which is then a copy onto itself.
+    Call right after ``deepspeed.initialize``, before the first step.
+    """
+    check_version("share_zero3_fp32_partitions", zero, "fp16_partitioned_groups_flat", "fp32_partitioned_groups_flat")
+    freed = 0
+    for model_flat, fp32_flat in zip(zero.fp16_partitioned_groups_flat, zero.fp32_partitioned_groups_flat):
+        same_kind = model_flat.dtype == fp32_flat.dtype and model_flat.device == fp32_flat.device
+        if same_kind and fp32_flat.data_ptr() != model_flat.data_ptr():
+            fp32_flat.data = model_flat.data
+            freed += model_flat.numel()
+    return freed
 
 
 def name_comm_logs(name_fn: Callable[[dict, bool], str]) -> Restore:

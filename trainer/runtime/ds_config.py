@@ -36,11 +36,17 @@ def ds_config(cfg: Config, plan: BatchPlan) -> dict[str, Any]:
 
 
 # ZeRO buffer sizes in elements; trainer.analysis.planner.memory sizes its buffers from the same numbers.
-ZERO_BUCKET_ELEMENTS = int(5e7)
+# 1e7 (40 MB in fp32) keeps buckets a small fraction of a rank's share for models that fill a device
+# (gpt2-large at ZeRO-3 on 4 CPU ranks needs it) and is still large enough to amortise a collective's
+# latency (Megatron-Core's gradient buckets are 4e7 elements).
+ZERO_BUCKET_ELEMENTS = int(1e7)
 # ZeRO-3 keeps at most this many gathered parameters alive (and re-uses them within this distance)
 # instead of DeepSpeed's default 1e9, which lets every rank hold the whole gathered model of up to 1B
 # parameters: with the bucket size, a rank's gathered weights stay within a bucket's worth.
 ZERO3_MAX_LIVE_PARAMETERS = ZERO_BUCKET_ELEMENTS
+# ZeRO-3 steps its optimizer over sub-groups of this many elements of a rank's partition (DeepSpeed's
+# default, 1e9, steps the whole partition at once, and AdamW's temporaries are the size of what it steps).
+ZERO3_SUB_GROUP_ELEMENTS = ZERO_BUCKET_ELEMENTS
 
 
 def _zero(stage: int) -> dict[str, Any]:
@@ -56,5 +62,6 @@ def _zero(stage: int) -> dict[str, Any]:
             stage3_prefetch_bucket_size=ZERO_BUCKET_ELEMENTS,
             stage3_max_live_parameters=ZERO3_MAX_LIVE_PARAMETERS,
             stage3_max_reuse_distance=ZERO3_MAX_LIVE_PARAMETERS,
+            sub_group_size=ZERO3_SUB_GROUP_ELEMENTS,
         )
     return zero

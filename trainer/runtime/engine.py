@@ -12,7 +12,13 @@ import torch
 from torch import nn
 
 # skip_shm_comm_op is also imported from here (tests start DeepSpeed without init_distributed)
-from trainer.runtime.compat import set_default_pg_timeout, skip_shm_comm_op
+from trainer.runtime.compat import (
+    bound_gloo_collectives,
+    set_default_pg_timeout,
+    share_zero3_fp32_partitions,
+    skip_shm_comm_op,
+)
+from trainer.runtime.ds_config import ZERO_BUCKET_ELEMENTS
 
 
 def resolve_device(requested: str) -> torch.device:
@@ -59,6 +65,8 @@ def init_distributed(device: torch.device, timeout_s: int) -> tuple[int, int]:
     # The timeout given here covers the default group only; later groups take torch's module default.
     set_default_pg_timeout(timeout)  # process-wide for the run (trainer.runtime.compat)
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False, timeout=timeout)
+    if backend == "gloo":  # ZeRO's collectives of a tensor larger than a bucket, in bucket-sized pieces
+        bound_gloo_collectives(ZERO_BUCKET_ELEMENTS)  # process-wide for the run (trainer.runtime.compat)
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
 
 
@@ -97,6 +105,8 @@ def build_engine(model: nn.Module, ds_dict: dict[str, Any], weight_decay: float,
         mpu=mpu,
         dist_init_required=False,
     )
+    if ds_dict["zero_optimization"]["stage"] == 3:
+        share_zero3_fp32_partitions(engine.optimizer)  # fp32: no second copy of the weights (compat)
     release_free_memory()  # what the optimizer's set-up copied and freed
     if isinstance(engine, PipelineEngine):
         # DeepSpeed's clipping at ZeRO-0 ignores replicated parameters of later stages.

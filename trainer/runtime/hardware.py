@@ -69,6 +69,21 @@ def release_free_memory() -> None:
         pass
 
 
+# glibc's mallopt parameter for the mmap threshold, and the threshold of a lean heap: every allocation
+# of 1 MiB or more gets its own mapping, unmapped when freed (a fixed threshold also stops glibc from
+# raising it as large blocks are freed, which is what keeps freed temporaries resident otherwise).
+_M_MMAP_THRESHOLD = -3
+LEAN_MMAP_THRESHOLD = 1 << 20
+
+
+def pin_mmap_threshold(threshold: int = LEAN_MMAP_THRESHOLD) -> bool:
+    """Make this process's C heap lean (see ``train.host_heap``); False where the C library is not glibc."""
+    try:
+        return ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, threshold) == 1
+    except (OSError, AttributeError):
+        return False
+
+
 def reset_peak_rss() -> bool:
     """Start a new peak-RSS window for this process (Linux: writing 5 to /proc/self/clear_refs resets
     VmHWM, so what came before does not hide what comes after); False where that is impossible."""

@@ -85,8 +85,11 @@ def start_ranks(cfg: Config, inputs: Inputs, run_dir: Path):
     """The process group and the mesh; (device, rank, world, mesh)."""
     from trainer.parallel import build_mesh
     from trainer.runtime.engine import init_distributed, resolve_device
+    from trainer.runtime.hardware import pin_mmap_threshold
 
     device = resolve_device(cfg.train.device)
+    if lean_heap(cfg, device):
+        pin_mmap_threshold()
     rank, world = init_distributed(device, cfg.train.collective_timeout_s)
     check_same_run_dir(run_dir)
     mesh = build_mesh(inputs.dims)
@@ -101,6 +104,13 @@ def start_ranks(cfg: Config, inputs: Inputs, run_dir: Path):
     # replica, whose replicated activations must stay identical. Weights are seeded by name.
     torch.manual_seed(cfg.train.seed + 1000 * c.pp + c.dp)
     return device, rank, world, mesh
+
+
+def lean_heap(cfg: Config, device: torch.device) -> bool:
+    """Whether this rank's C heap is lean (``train.host_heap``): auto picks it for CPU ranks at ZeRO-3."""
+    if cfg.train.host_heap == "auto":
+        return device.type == "cpu" and cfg.parallel.zero_stage == 3
+    return cfg.train.host_heap == "lean"
 
 
 def build_engine_for(cfg: Config, built, ds_dict: dict, mpu):

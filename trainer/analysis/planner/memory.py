@@ -10,7 +10,8 @@ activations while it is recomputed. Under 1F1B the first stage holds min(p, m) m
 Buffers are what DeepSpeed (0.19) allocates beside the model states, sized by the trainer's ds_config:
 ZeRO-1/2 reduce gradients through one bucket and all-gather updated weights straight into the flat
 weight group; ZeRO-3 also keeps gathered weights live (up to ``stage3_max_live_parameters``) and
-gathers up to ``stage3_prefetch_bucket_size`` at once. A backend that cannot gather or reduce-scatter in
+gathers up to ``stage3_prefetch_bucket_size`` at once; the optimizer step adds a temporary the size of
+what it steps at once (``sub_group_size`` at ZeRO-3). A backend that cannot gather or reduce-scatter in
 the caller's buffers adds temporaries per byte moved (``Collectives``; gloo on CPU, measured).
 """
 
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 from trainer.analysis.formulas import BYTES, activation_bytes_per_layer, zero_state_bytes
 from trainer.analysis.planner.layouts import Layout
 from trainer.model.shape import ModelShape
-from trainer.runtime.ds_config import ZERO3_MAX_LIVE_PARAMETERS, ZERO_BUCKET_ELEMENTS
+from trainer.runtime.ds_config import ZERO3_MAX_LIVE_PARAMETERS, ZERO3_SUB_GROUP_ELEMENTS, ZERO_BUCKET_ELEMENTS
 
 
 @dataclass(frozen=True)
@@ -43,7 +44,8 @@ class Memory:
     grads: float
     optimizer: float
     activations: float
-    buffers: float  # ZeRO: the reduce bucket, the backend's collective temporaries, ZeRO-3's gathered weights
+    # ZeRO: the reduce bucket, the step's temporary, the backend's collective temporaries, ZeRO-3's gathered weights
+    buffers: float
     margin: float  # allocator fragmentation + the reserved context (the cluster's stated numbers)
 
     @property
@@ -84,13 +86,23 @@ def buffer_bytes(layout: Layout, psi: float, precision: str, collectives: Collec
         return 0.0
     nbytes = BYTES[precision]
     reduce_bucket = min(ZERO_BUCKET_ELEMENTS, psi) * nbytes
+    step = step_bytes(layout, psi)
     if layout.zero_stage < 3:  # one all-gather of the whole updated weight group per step
-        return reduce_bucket + collectives.gather * psi * nbytes
+        return reduce_bucket + step + collectives.gather * psi * nbytes
     # ZeRO-3 all-gathers up to a prefetch bucket at a time, keeps what it gathered live until it is
     # used again (the trainer keeps DeepSpeed's reuse distance), and reduce-scatters each full bucket.
     live = min(ZERO3_MAX_LIVE_PARAMETERS, psi) * nbytes
     gathered_at_once = min(ZERO_BUCKET_ELEMENTS, psi) * nbytes
-    return reduce_bucket + live + collectives.gather * gathered_at_once + collectives.scatter * reduce_bucket
+    return reduce_bucket + step + live + collectives.gather * gathered_at_once + collectives.scatter * reduce_bucket
+
+
+def step_bytes(layout: Layout, psi: float) -> float:
+    """The optimizer step's temporary: AdamW allocates one fp32 tensor the size of what it steps at once
+    (its denominator), which is a rank's whole partition at ZeRO-1/2 and one sub-group of it at ZeRO-3."""
+    partition = psi / layout.dp
+    if layout.zero_stage == 3:
+        partition = min(ZERO3_SUB_GROUP_ELEMENTS, partition)
+    return BYTES["fp32"] * partition
 
 
 def memory_per_gpu(
