@@ -383,6 +383,21 @@ def test_zero_buffers_count_the_bucket_live_weights_step_and_backend_copies():
     big = 20e9
     expected = 2 * (ZERO_BUCKET_ELEMENTS + ZERO3_MAX_LIVE_PARAMETERS) + 4 * ZERO3_SUB_GROUP_ELEMENTS
     assert buffer_bytes(_layout(1, 1, 64, 3), big, "bf16") == expected
+    # a parameter larger than the buckets (an embedding) is gathered and its gradient reduced whole
+    embedding = 5 * ZERO_BUCKET_ELEMENTS
+    grown = buffer_bytes(_layout(1, 1, 64, 3), big, "bf16", largest=embedding)
+    assert grown == expected + 2 * 2 * (embedding - ZERO_BUCKET_ELEMENTS)
+    # ZeRO-1/2 reduce through buckets whatever the sizes
+    assert buffer_bytes(_layout(1, 1, 4, 2), small, "fp32", largest=embedding) == 4 * small + step
+
+
+def test_the_largest_tensor_is_the_embedding_where_a_stage_holds_it():
+    from trainer.model.shape import ModelShape
+
+    shape = ModelShape(n_layer=12, n_embd=768, n_head=12, seq_len=1024, vocab_size=50257, vocab_multiple=128)
+    assert shape.largest_tensor(tp=1) == 50304 * 768
+    assert shape.largest_tensor(tp=2) == 50432 * 768 / 2  # padded to a multiple of 2·128
+    assert shape.largest_tensor(tp=2, embedding=False) == 4 * 768 * 768 / 2
 
 
 def test_gloo_gathers_and_scatters_through_temporaries():
@@ -426,3 +441,18 @@ def test_calibration_on_the_committed_world4_reports(report):
     errors = [(m.label, round(mem / (m.peak_mem_mb * 2**20) - 1, 3)) for m, _, mem in result.rows]
     assert len(errors) == 12 and max(abs(e) for _, e in errors) < 0.15, errors
     assert result.spearman >= 0.8
+
+
+def test_cpu_ranks_at_zero3_count_no_allocator_slack():
+    """The trainer makes a CPU rank's C heap lean at ZeRO-3 (train.host_heap=auto), so freed memory leaves
+    the process and the planner adds no fragmentation there; other stages and GPUs keep the cluster's."""
+    from trainer.config.schema import lean_heap
+
+    assert lean_heap("auto", True, 3) and not lean_heap("auto", True, 2) and not lean_heap("auto", False, 3)
+    assert lean_heap("lean", False, 0) and not lean_heap("glibc", True, 3)
+    cpu = replace(SMALL_CPU, gpu="cpu", fragmentation=0.2)
+    for gpu, zero, slack in [("cpu", 3, 0.0), ("cpu", 2, 0.2), ("A100", 3, 0.2)]:
+        spec = cluster_spec(replace(cpu, gpu=gpu))
+        memory = predict(TINY, _layout(1, 1, 4, zero, 2), 8, "fp32", spec).memory
+        allocated = memory.total - memory.margin
+        assert memory.margin == pytest.approx(spec.reserved_bytes + slack * allocated)

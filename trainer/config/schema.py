@@ -164,6 +164,14 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 HOST_HEAPS = ("auto", "lean", "glibc")
 
 
+def lean_heap(host_heap: str, on_cpu: bool, zero_stage: int) -> bool:
+    """Whether a rank's C heap is lean (``train.host_heap``): ``auto`` makes it lean for CPU ranks at
+    ZeRO-3, the stage chosen to save memory. The trainer pins it; the planner then counts no allocator slack."""
+    if host_heap == "auto":
+        return on_cpu and zero_stage == 3
+    return host_heap == "lean"
+
+
 @dataclass(frozen=True)
 class BatchPlan:
     """Batch sizes derived from the config and the world size, solved in one place."""

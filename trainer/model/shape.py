@@ -89,6 +89,12 @@ class ModelShape:
         hi = self.n_layer + 3 if last else lo + per_stage + (1 if first else 0)
         return self.padded(tp).rank_params(tp, range(lo, hi))
 
+    def largest_tensor(self, tp: int = 1, embedding: bool = True) -> float:
+        """Elements of the largest single parameter on one tp rank: the vocabulary embedding on a stage
+        that holds it (V·h/t, padded), else an MLP weight (4h²/t)."""
+        mlp = 4 * self.n_embd * self.n_embd / tp
+        return max(mlp, self.padded_vocab(tp) * self.n_embd / tp) if embedding else mlp
+
     def narayanan_params(self) -> int:
         """P = 12·l·h²·(1 + 13/(12h) + (V+s)/(12·l·h)) (Narayanan et al. 2021, eq. 2), in integers;
         it leaves out the final LayerNorm (2h)."""

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from trainer.checkpoint import store as checkpoint
 from trainer.checkpoint.consolidate import read_meta
 from trainer.checkpoint.resume import check_model_matches, layout_of, model_meta, restore
-from trainer.config.schema import BadInput, BatchPlan, Config
+from trainer.config.schema import BadInput, BatchPlan, Config, lean_heap
 from trainer.data.setup import build_streams, prepare_data
 from trainer.runtime.env import world_size_from_env
 from trainer.training.record import Throughput, finish
@@ -88,7 +88,7 @@ def start_ranks(cfg: Config, inputs: Inputs, run_dir: Path):
     from trainer.runtime.hardware import pin_mmap_threshold
 
     device = resolve_device(cfg.train.device)
-    if lean_heap(cfg, device):
+    if lean_heap(cfg.train.host_heap, device.type == "cpu", cfg.parallel.zero_stage):
         pin_mmap_threshold()
     rank, world = init_distributed(device, cfg.train.collective_timeout_s)
     check_same_run_dir(run_dir)
@@ -104,13 +104,6 @@ def start_ranks(cfg: Config, inputs: Inputs, run_dir: Path):
     # replica, whose replicated activations must stay identical. Weights are seeded by name.
     torch.manual_seed(cfg.train.seed + 1000 * c.pp + c.dp)
     return device, rank, world, mesh
-
-
-def lean_heap(cfg: Config, device: torch.device) -> bool:
-    """Whether this rank's C heap is lean (``train.host_heap``): auto picks it for CPU ranks at ZeRO-3."""
-    if cfg.train.host_heap == "auto":
-        return device.type == "cpu" and cfg.parallel.zero_stage == 3
-    return cfg.train.host_heap == "lean"
 
 
 def build_engine_for(cfg: Config, built, ds_dict: dict, mpu):

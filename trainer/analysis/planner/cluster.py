@@ -43,6 +43,7 @@ class ClusterSpec:
     pooled: bool = False
     rank_cap: float = 1.0
     collectives: Collectives = Collectives()  # the backend's collective temporaries (memory)
+    cpu: bool = False  # the ranks are CPU processes (their memory is the C heap's)
 
     @property
     def world(self) -> int:
@@ -128,6 +129,7 @@ def cluster_spec(c: ClusterConfig, notes: tuple[str, ...] = ()) -> ClusterSpec:
         pooled=c.shared,
         rank_cap=rank_cap(share, c.cpu_cores) if c.shared else 1.0,
         collectives=Collectives(c.gather_overhead, c.scatter_overhead),
+        cpu=c.gpu.lower().startswith("cpu"),
     )
 
 

@@ -79,21 +79,27 @@ def activation_bytes(shape: ModelShape, layout: Layout, global_batch: int, preci
     return blocks + embedding + head
 
 
-def buffer_bytes(layout: Layout, psi: float, precision: str, collectives: Collectives = Collectives()) -> float:
-    """DeepSpeed's ZeRO buffers on a rank whose stage holds ``psi`` parameters (before dp partitioning).
-    Only touched memory counts: a CPU rank never faults in the unused tail of an oversized bucket."""
+def buffer_bytes(
+    layout: Layout, psi: float, precision: str, collectives: Collectives = Collectives(), largest: float = 0.0
+) -> float:
+    """DeepSpeed's ZeRO buffers on a rank whose stage holds ``psi`` parameters (before dp partitioning),
+    the largest of them ``largest`` elements. Only touched memory counts: a CPU rank never faults in the
+    unused tail of an oversized bucket."""
     if layout.zero_stage == 0:
         return 0.0
     nbytes = BYTES[precision]
-    reduce_bucket = min(ZERO_BUCKET_ELEMENTS, psi) * nbytes
+    bucket = min(ZERO_BUCKET_ELEMENTS, psi)
     step = step_bytes(layout, psi)
     if layout.zero_stage < 3:  # one all-gather of the whole updated weight group per step
-        return reduce_bucket + step + collectives.gather * psi * nbytes
+        return bucket * nbytes + step + collectives.gather * psi * nbytes
     # ZeRO-3 all-gathers up to a prefetch bucket at a time, keeps what it gathered live until it is
     # used again (the trainer keeps DeepSpeed's reuse distance), and reduce-scatters each full bucket.
-    live = min(ZERO3_MAX_LIVE_PARAMETERS, psi) * nbytes
-    gathered_at_once = min(ZERO_BUCKET_ELEMENTS, psi) * nbytes
-    return reduce_bucket + step + live + collectives.gather * gathered_at_once + collectives.scatter * reduce_bucket
+    # One parameter larger than that (the vocabulary embedding) is gathered, and its gradient
+    # reduce-scattered, whole; the backend's temporaries stay bucket-sized (on gloo the trainer runs
+    # larger collectives in pieces: trainer.runtime.compat.bound_gloo_collectives).
+    live = max(min(ZERO3_MAX_LIVE_PARAMETERS, psi), largest) * nbytes
+    gradient = max(bucket, largest) * nbytes
+    return gradient + step + live + (collectives.gather + collectives.scatter) * bucket * nbytes
 
 
 def step_bytes(layout: Layout, psi: float) -> float:
@@ -127,7 +133,8 @@ def _stage(shape, layout, global_batch, precision, reserved, fragmentation, coll
     psi = shape.stage_params(layout.tp, layout.pp, first, last)
     states = zero_state_bytes(psi, layout.dp, layout.zero_stage, precision)
     acts = activation_bytes(shape, layout, global_batch, precision, first)
-    buffers = buffer_bytes(layout, psi, precision, collectives)
+    largest = shape.largest_tensor(layout.tp, embedding=first or last)
+    buffers = buffer_bytes(layout, psi, precision, collectives, largest)
     allocated = states.total + acts + buffers
     margin = allocated * fragmentation + reserved
     return Memory(states.params, states.grads, states.optimizer, acts, buffers, margin)

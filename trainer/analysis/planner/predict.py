@@ -10,6 +10,7 @@ from trainer.analysis.planner.cluster import ClusterSpec
 from trainer.analysis.planner.costmodel import StepTime, executed_flops_per_step, step_time
 from trainer.analysis.planner.layouts import Layout, enumerate_layouts
 from trainer.analysis.planner.memory import Memory, memory_per_gpu
+from trainer.config.schema import lean_heap
 from trainer.model.shape import ModelShape
 
 
@@ -41,8 +42,11 @@ class Plan:
 
 
 def predict(shape: ModelShape, layout: Layout, global_batch: int, precision: str, cluster: ClusterSpec) -> Prediction:
+    # A lean C heap (the trainer's default for CPU ranks at ZeRO-3) hands freed memory back: no slack.
+    lean = lean_heap("auto", cluster.cpu, layout.zero_stage)
+    fragmentation = 0.0 if lean else cluster.fragmentation
     memory = memory_per_gpu(
-        shape, layout, global_batch, precision, cluster.reserved_bytes, cluster.fragmentation, cluster.collectives
+        shape, layout, global_batch, precision, cluster.reserved_bytes, fragmentation, cluster.collectives
     )
     time = step_time(shape, layout, global_batch, precision, cluster)
     world = layout.tp * layout.pp * layout.dp
