@@ -95,9 +95,10 @@ LAYOUTS = {  # the shared table's layouts under the names the resharding matrix 
     "tp2-pp1": SHARED["tp2"],
     "tp2-pp2": SHARED["tp2-pp2"],
     "zero1-dp2": SHARED["zero1-dp2"],
+    "zero3-dp2": SHARED["zero3-dp2"],
 }
 RESHARDS = [("tp2-pp2", "tp1-pp1"), ("tp2-pp2", "tp1-pp2"), ("tp2-pp2", "tp2-pp1"), ("tp1-pp1", "tp2-pp2")]
-RESHARDS += [("tp2-pp2", "zero1-dp2")]
+RESHARDS += [("tp2-pp2", "zero1-dp2"), ("tp2-pp2", "zero3-dp2")]
 
 
 def _run(run_dir, layout: str, data_cache, *extra: str):

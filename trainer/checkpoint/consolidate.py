@@ -114,16 +114,15 @@ def _full_rows(param: nn.Parameter, tp_group) -> int:
 
 @torch.no_grad()
 def load_into(engine, named: list[tuple[str, nn.Parameter]], items: Iterable, mesh, moments: bool, step: int) -> bool:
-    """Copy saved weights (and Adam moments, where the optimizer allows) into this rank's shards.
+    """Copy saved weights (and Adam moments, when ``moments``) into this rank's shards.
 
     ``items`` yields ``(name, param, {kind: tensor})`` for the parameters in ``named``, each tensor this
-    rank's tp shard or the whole tensor (``to_layout`` cuts it). Returns whether the moments were
-    restored: with ZeRO-3 they start from zero and the caller says so.
+    rank's tp shard or the whole tensor (``to_layout`` cuts it). Returns whether the moments were restored.
     """
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
     stage = _zero_stage(engine)
-    restore_moments = moments and stage < 3
+    restore_moments = moments
     if restore_moments:
         _create_adam_state(engine, [p for _, p in named], step)
     for name, param, saved in items:
@@ -155,13 +154,19 @@ def _create_adam_state(engine, params: list[nn.Parameter], step: int) -> None:
     """Give Adam zeroed state at ``step`` for every parameter, so the moments can be written in.
 
     torch's Adam creates its state at the first step; ZeRO-1/2 link each parameter to its slice of
-    the flat partition's state only after that (``_lazy_init_hp_params_optimizer_state``).
+    the flat partition's state only after that (``_lazy_init_hp_params_optimizer_state``); ZeRO-3 keys
+    the state by each sub-group's flat fp32 partition, where ``set_full_hp_param`` finds a parameter's slice.
     """
-    if _zero_stage(engine) == 0:
+    stage = _zero_stage(engine)
+    if stage == 0:
         for param in params:
             engine.optimizer.state[param] = _zero_adam_state(param, step)
         return
     zero = engine.optimizer
+    if stage == 3:
+        for flat in zero.fp32_partitioned_groups_flat:
+            zero.optimizer.state[flat] = _zero_adam_state(flat, step)
+        return
     for flat in zero.single_partition_of_fp32_groups:
         zero.optimizer.state[flat] = _zero_adam_state(flat, step)
     relink_zero_moments(zero)

@@ -310,7 +310,7 @@ def _load(engine, found: Found, mesh, named_params, layout: dict[str, Any]) -> R
     restored = _load_sharded(engine, found.step_dir, mesh, named_params, moments=True, step=meta["adam_step"])
     _fast_forward(engine.lr_scheduler, meta["lr_last_epoch"])
     engine.global_steps = meta["step"]  # DeepSpeed's own count, as its files would have restored it
-    moments = "Adam moments resharded" if restored else "Adam moments restart from zero (ZeRO-3 target)"
+    moments = "Adam moments resharded" if restored else "Adam moments restart from zero (the checkpoint has none)"
     how = f"resharded from {_layout_str(meta.get('layout'))} to {_layout_str(layout)}: weights and {moments}"
     return Resumed(meta["step"], meta.get("tokens", 0), meta.get("stream"), how, {})
 
@@ -322,10 +322,10 @@ def init_weights_from(engine, step_dir: Path, mesh, named_params) -> None:
 
 def _load_sharded(engine, step_dir: Path, mesh, named_params, moments: bool, step: int) -> bool:
     """Read this rank's slices of the layout-independent form and hand them to the engine; whether the
-    Adam moments were restored (not into ZeRO-3, not from weights-only state)."""
+    Adam moments were restored (not from weights-only state)."""
     named = list(named_params())
     saved = sharded.saved_shapes(step_dir)
-    moments = moments and engine.zero_optimization_stage() < 3 and any(k.startswith("exp_avg.") for k in saved)
+    moments = moments and any(k.startswith("exp_avg.") for k in saved)
     kinds = sharded.KINDS if moments else ("model",)
     items = sharded.load_parts(named, mesh, step_dir, kinds, engine.device.type)
     return consolidate.load_into(engine, named, items, mesh, moments, step)
