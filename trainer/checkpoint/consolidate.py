@@ -122,8 +122,7 @@ def load_into(engine, named: list[tuple[str, nn.Parameter]], items: Iterable, me
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
     stage = _zero_stage(engine)
-    restore_moments = moments
-    if restore_moments:
+    if moments:
         _create_adam_state(engine, [p for _, p in named], step)
     for name, param, saved in items:
         local = to_layout(saved["model"], name, param, mesh.tp_group).to(param.device)
@@ -131,13 +130,13 @@ def load_into(engine, named: list[tuple[str, nn.Parameter]], items: Iterable, me
             safe_set_full_fp32_param(param, local)
         if stage < 3:
             param.copy_(local.to(param.dtype))
-        for key in MOMENTS if restore_moments else ():
+        for key in MOMENTS if moments else ():
             value = to_layout(saved[key], name, param, mesh.tp_group).to(param.device)
             if stage > 0:
                 safe_set_full_optimizer_state(param, value, key)
             else:
                 engine.optimizer.state[param][key].copy_(value)
-    return restore_moments
+    return moments
 
 
 def to_layout(saved: torch.Tensor, name: str, param: nn.Parameter, tp_group) -> torch.Tensor:
