@@ -12,13 +12,27 @@ from dataclasses import dataclass
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 
-def flops_per_token(l: int, h: int, s: int, V: int, recompute: bool = False) -> float:
+def flops_per_token(
+    l: int, h: int, s: int, V: int, recompute: bool = False, block_weights: float | None = None
+) -> float:
     """Model FLOPs per trained token (Narayanan et al. 2021, eq. 3, divided by B·s):
     72·l·h²·(1 + s/(6h) + V/(12·l·h)); with full activation recomputation the forward runs twice
-    and 72 becomes 96 (and V/(12lh) becomes V/(16lh): the head is not recomputed)."""
-    if recompute:
-        return 96 * l * h * h * (1 + s / (6 * h) + V / (16 * l * h))
-    return 72 * l * h * h * (1 + s / (6 * h) + V / (12 * l * h))
+    and 72 becomes 96 (and V/(12lh) becomes V/(16lh): the head is not recomputed).
+
+    In the form that holds for any block: 2·passes·l·(W + 2sh) + 6Vh, with W the elements of one block's
+    weight matrices (``block_weights``; 12h² for GPT, ``ModelShape.block_weights()`` for SwiGLU and
+    grouped-query attention) and passes = 3 (forward, backward 2×) or 4 with recomputation. The attention
+    core's 2sh term counts query heads only, so grouped-query attention leaves it as it is.
+    """
+    W = 12 * h * h if block_weights is None else block_weights
+    passes = 4 if recompute else 3
+    return 2 * passes * l * (W + 2 * s * h) + 6 * V * h
+
+
+def shape_flops_per_token(shape, V: int | None = None, recompute: bool = False) -> float:
+    """``flops_per_token`` of a ``ModelShape`` (vocabulary ``V``, default the shape's own)."""
+    V = shape.vocab_size if V is None else V
+    return flops_per_token(shape.n_layer, shape.n_embd, shape.seq_len, V, recompute, shape.block_weights())
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ FORMAT = "trainer-consolidated"
 VERSION = 2  # 2: sharded state/ (DCP); 1 (whole tensors per pipeline stage) is no longer read
 META_FILE = "meta.json"
 MOMENTS = ("exp_avg", "exp_avg_sq")
+VOCAB_ROWS = ("wte.weight", "lm_head.weight")  # one row per (padded) vocabulary entry
 
 
 # --- reading and writing files (no process group needed) ----------------------------------------
@@ -144,7 +145,7 @@ def to_layout(saved: torch.Tensor, name: str, param: nn.Parameter, tp_group) -> 
     embedding first padded or trimmed to this layout's vocabulary)."""
     if saved.shape == local_shape(param):
         return saved
-    if name == "wte.weight":
+    if name in VOCAB_ROWS:
         saved = _fit_rows(saved, _full_rows(param, tp_group))
     return _shard(saved, param, tp_group)
 

@@ -10,18 +10,13 @@ from pathlib import Path
 from trainer.checkpoint import store as checkpoint
 from trainer.checkpoint.consolidate import read_meta
 from trainer.config.schema import BadInput, Config, ConfigError
+from trainer.model.shape import ARCH_FIELDS, ModelShape
 from trainer.runtime.hardware import memory_window
 
 
 def model_meta(cfg: Config) -> dict:
-    m = cfg.model
-    return {
-        "n_layer": m.n_layer,
-        "n_embd": m.n_embd,
-        "n_head": m.n_head,
-        "seq_len": m.seq_len,
-        "vocab_size": m.vocab_size,
-    }
+    """meta.json's "model": the sizes (the vocabulary before tp padding) and the architecture."""
+    return ModelShape.from_config(cfg.model).meta()
 
 
 def layout_of(cfg: Config, dims) -> dict:
@@ -35,12 +30,13 @@ def check_model_matches(cfg: Config, step_dir: Path) -> None:
     except (OSError, ValueError, KeyError) as err:
         raise BadInput(f"checkpoint {step_dir}: unreadable meta.json ({err})") from None
     ours = model_meta(cfg)
-    for key in ("n_layer", "n_embd", "n_head", "seq_len"):
-        if saved.get(key) != ours[key]:
+    theirs = ModelShape.from_meta(saved).meta()  # a checkpoint without architecture fields is a GPT-2 model
+    for key in ("n_layer", "n_embd", "n_head", "seq_len", *ARCH_FIELDS):
+        if theirs.get(key) != ours[key]:
             raise ConfigError(
                 f"model.{key}",
                 ours[key],
-                f"the checkpoint {step_dir} has {key}={saved.get(key)}; use the same model shape to load it",
+                f"the checkpoint {step_dir} has {key}={theirs.get(key)}; use the same model shape to load it",
             )
 
 

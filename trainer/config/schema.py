@@ -37,6 +37,16 @@ class ModelConfig:
     # Pad the embedding to a multiple of this times tp, as Megatron does, for fast matmuls. 1 pads only
     # to a multiple of tp (not at all at tp=1), so the built model matches the analytic parameter count.
     make_vocab_size_divisible_by: int = 1
+    # Architecture (trainer.model.shape): the defaults are GPT-2's; Llama-style models set all of these.
+    n_kv_head: int | None = None  # key/value heads: None = n_head; fewer = grouped-query, 1 = multi-query
+    ffn_hidden: int | None = None  # MLP inner size; None = 4·n_embd (gelu), 8·n_embd/3 up to 256·k (swiglu)
+    mlp: str = "gelu"  # gelu | swiglu
+    norm: str = "layernorm"  # layernorm | rmsnorm
+    norm_eps: float = 1e-5
+    position: str = "learned"  # learned (seq_len embeddings) | rope (rotary, no position parameters)
+    rope_theta: float = 10000.0  # rotary base (Llama 2: 1e4, Llama 3: 5e5)
+    bias: bool = True  # biases in the linear layers and LayerNorms
+    tie_embeddings: bool = True  # the output head is the token embedding
 
 
 @dataclass

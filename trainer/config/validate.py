@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 
 from trainer.config.schema import HOST_HEAPS, PRECISIONS, BatchPlan, Config, ConfigError, ParallelConfig
-from trainer.model.shape import RECOMPUTE
+from trainer.model.shape import MLPS, NORMS, POSITIONS, RECOMPUTE, ModelShape
 
 
 def batch_plan(cfg: Config, world_size: int) -> BatchPlan:
@@ -58,6 +58,7 @@ def validate(cfg: Config, world_size: int) -> BatchPlan:
         raise ConfigError("model.n_head", m.n_head, f"must divide model.n_embd={m.n_embd}")
     if not 0.0 <= m.dropout < 1.0:
         raise ConfigError("model.dropout", m.dropout, "must be in [0, 1)")
+    _validate_architecture(m)
     for key in ("tp", "pp", "micro_batch", "global_batch"):
         _positive(f"parallel.{key}", getattr(p, key))
     _validate_tensor_parallel(cfg)
@@ -144,10 +145,35 @@ def _validate_device(cfg: Config) -> None:
         raise ConfigError("parallel.precision", precision, "this GPU has no bf16; use fp16 or fp32")
 
 
+def _validate_architecture(m) -> None:
+    for key, allowed in (("mlp", MLPS), ("norm", NORMS), ("position", POSITIONS)):
+        if getattr(m, key) not in allowed:
+            raise ConfigError(f"model.{key}", getattr(m, key), f"must be one of {', '.join(allowed)}")
+    for key in ("norm_eps", "rope_theta", "n_kv_head", "ffn_hidden"):
+        if getattr(m, key) is not None:
+            _positive(f"model.{key}", getattr(m, key))
+    if m.n_kv_head is not None and m.n_head % m.n_kv_head:
+        raise ConfigError(
+            "model.n_kv_head", m.n_kv_head, f"must divide model.n_head={m.n_head} (query heads share a key/value head)"
+        )
+    if m.position == "rope" and (m.n_embd // m.n_head) % 2:
+        raise ConfigError("model.position", "rope", f"needs an even head size, n_embd/n_head={m.n_embd // m.n_head}")
+
+
 def _validate_tensor_parallel(cfg: Config) -> None:
     m, p = cfg.model, cfg.parallel
+    shape = ModelShape.from_config(m)
     if m.n_head % p.tp:
         raise ConfigError("parallel.tp", p.tp, f"must divide model.n_head={m.n_head} (heads are split across tp ranks)")
+    if shape.kv_heads % p.tp:
+        raise ConfigError(
+            "parallel.tp",
+            p.tp,
+            f"must divide the key/value heads, model.n_kv_head={shape.kv_heads} (each tp rank holds whole ones); "
+            f"use a tp that divides {shape.kv_heads}",
+        )
+    if shape.ffn_size % p.tp:
+        raise ConfigError("parallel.tp", p.tp, f"must divide the MLP inner size {shape.ffn_size} (model.ffn_hidden)")
     if p.sequence_parallel and p.tp == 1:
         raise ConfigError("parallel.sequence_parallel", True, "needs parallel.tp > 1; set it to false")
     if p.sequence_parallel and m.seq_len % p.tp:

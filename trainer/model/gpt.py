@@ -1,11 +1,15 @@
-"""GPT-2/3 style decoder, written as single-device code.
+"""The decoder the trainer builds -- GPT-2/3 or Llama-style, as its ``ModelShape`` says -- written as
+single-device code.
 
-    idx (B, T) ─ wte + wpe ─> [Block × n_layer] ─> ln_f ─> head tied to wte ─> logits (B, T, V)
-    Block:  x + attn(ln_1(x))  then  x + mlp(ln_2(x))        (pre-LayerNorm)
+    idx (B, T) ─ wte (+ wpe) ─> [Block × n_layer] ─> norm_f ─> head ─> logits (B, T, V)
+    Block:  x + attn(norm_1(x))  then  x + mlp(norm_2(x))        (pre-norm)
+
+GPT-2: LayerNorm, learned positions (wpe), GELU MLP, biases, head tied to wte. Llama: RMSNorm, rotary
+positions applied to q and k, SwiGLU MLP, grouped-query attention, no biases, an untied ``lm_head``.
 
 Layers that tensor parallelism may split come from a ``LayerProvider``; this file knows nothing of
 process groups, launchers or configs. Shapes in comments are per rank: with tensor parallelism the
-head count ``nh`` is the local one (n_head / tp).
+head counts ``nh`` (query) and ``nkv`` (key/value) are the local ones (n_head / tp, n_kv_head / tp).
 
 Activation recompute (Korthikanti et al. 2022), chosen by plain constructor arguments:
 ``recompute="selective"`` keeps no activations of the attention core (softmax(QKᵀ)·V, its dropout)
@@ -25,33 +29,50 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from trainer.model.layers import DenseLayers, LayerProvider
+from trainer.model.layers import NORM_TYPES, DenseLayers, LayerProvider
 from trainer.model.shape import RECOMPUTE, ModelShape
+
+
+def make_norm(shape: ModelShape) -> nn.Module:
+    if shape.norm == "rmsnorm":
+        return nn.RMSNorm(shape.n_embd, eps=shape.norm_eps)
+    return nn.LayerNorm(shape.n_embd, eps=shape.norm_eps, bias=shape.bias)
 
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, shape: ModelShape, layers: LayerProvider, recompute_attention: bool = False):
         super().__init__()
-        if shape.n_head % layers.tp_size:
-            raise ValueError(f"n_head={shape.n_head} must be divisible by the tensor-parallel size {layers.tp_size}")
-        self.n_head = shape.n_head // layers.tp_size  # heads on this rank
-        self.head_dim = shape.n_embd // shape.n_head
-        # Fused QKV, laid out per head as [h0: q k v | h1: q k v | ...] so that a split of the
-        # output features across tp ranks hands each rank whole heads, at any tp.
-        self.qkv = layers.column(shape.n_embd, 3 * shape.n_embd)
-        self.proj = layers.row(shape.n_embd, shape.n_embd)
+        tp = layers.tp_size
+        if shape.n_head % tp:
+            raise ValueError(f"n_head={shape.n_head} must be divisible by the tensor-parallel size {tp}")
+        if shape.kv_heads % tp or shape.n_head % shape.kv_heads:
+            raise ValueError(f"n_kv_head={shape.kv_heads} must divide n_head={shape.n_head}, and tp={tp} divide it")
+        self.n_kv_head = shape.kv_heads // tp  # key/value heads on this rank
+        self.group = shape.n_head // shape.kv_heads  # query heads per key/value head
+        self.head_dim = shape.head_dim
+        self.rope_theta = shape.rope_theta if shape.position == "rope" else None
+        # Fused QKV, laid out per key/value group as [g0: q…q k v | g1: q…q k v | ...] (``group`` query
+        # heads, then the group's key and value head; [h0: q k v | ...] for multi-head attention), so a
+        # split of the output features across tp ranks hands each rank whole groups, at any tp.
+        self.qkv = layers.column(shape.n_embd, shape.qkv_features, bias=shape.bias)
+        self.proj = layers.row(shape.n_head * shape.head_dim, shape.n_embd, bias=shape.bias)
         self.proj.residual_init = True
         self.dropout = shape.dropout
         self.resid_drop = nn.Dropout(shape.dropout)
         self.recompute_attention = recompute_attention  # selective recompute of the attention core
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        qkv = self.qkv(x)  # (B, T, nh*3*hd)
+        qkv = self.qkv(x)  # (B, T, nkv*(group+2)*hd)
         B, T = qkv.shape[:2]
-        q, k, v = qkv.view(B, T, self.n_head, 3, self.head_dim).unbind(dim=3)  # each (B, T, nh, hd)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hd)
+        grouped = qkv.view(B, T, self.n_kv_head, self.group + 2, self.head_dim)
+        q = grouped[:, :, :, : self.group].flatten(2, 3)  # (B, T, nh, hd), head i in group i // group
+        k, v = grouped[:, :, :, self.group], grouped[:, :, :, self.group + 1]  # each (B, T, nkv, hd)
+        if self.rope_theta is not None:
+            cos, sin = rope_tables(T, self.head_dim, self.rope_theta, x.device)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, hd)
         y = self._core(q, k, v)  # (B, nh, T, hd)
-        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, nh*hd)
+        y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, nh*hd)
         return self.resid_drop(self.proj(y))
 
     def _core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -64,28 +85,59 @@ class CausalSelfAttention(nn.Module):
 
 
 def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> torch.Tensor:
-    # Flash / memory-efficient kernels on GPU, the math kernel on CPU.
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
+    # Flash / memory-efficient kernels on GPU, the math kernel on CPU. Query head i attends with key/value
+    # head i // (nh / nkv) (grouped-query attention); fewer key/value heads are not copied out first.
+    gqa = q.shape[1] != k.shape[1]
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p, enable_gqa=gqa)
+
+
+def rope_tables(T: int, head_dim: int, theta: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the rotary angles pos·θ^(-2i/d), (T, 1, hd), in fp32, each angle twice: the first
+    and second half of a head's features form the rotated pairs (the "rotate half" convention of
+    GPT-NeoX and Hugging Face's Llama, so q and k weights convert without a permutation)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim)
+    angles = torch.outer(torch.arange(T, device=device).float(), inv_freq)  # (T, hd/2)
+    angles = torch.cat((angles, angles), dim=-1).unsqueeze(1)  # (T, 1, hd)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (B, T, heads, hd) queries or keys by their position: x·cos + rotate_half(x)·sin."""
+    first, second = x.chunk(2, dim=-1)
+    rotated = torch.cat((-second, first), dim=-1)
+    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
 
 
 class MLP(nn.Module):
+    """GELU: fc2(gelu(fc1(x))). SwiGLU: fc2(silu(gate) · up), with gate and up one column-parallel fc1 whose
+    output features alternate [gate_0, up_0, gate_1, up_1, ...]: any split of them over tp ranks hands
+    each rank matching gate and up features, so the MLP costs the same collectives as the GELU one."""
+
     def __init__(self, shape: ModelShape, layers: LayerProvider):
         super().__init__()
-        self.fc1 = layers.column(shape.n_embd, 4 * shape.n_embd)
-        self.fc2 = layers.row(4 * shape.n_embd, shape.n_embd)
+        self.swiglu = shape.mlp == "swiglu"
+        f = shape.ffn_size
+        self.fc1 = layers.column(shape.n_embd, 2 * f if self.swiglu else f, bias=shape.bias)
+        self.fc2 = layers.row(f, shape.n_embd, bias=shape.bias)
         self.fc2.residual_init = True
         self.drop = nn.Dropout(shape.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.fc2(F.gelu(self.fc1(x), approximate="tanh")))  # GPT-2's GELU
+        hidden = self.fc1(x)
+        if self.swiglu:
+            gate, up = hidden.unflatten(-1, (-1, 2)).unbind(-1)
+            hidden = F.silu(gate) * up
+        else:
+            hidden = F.gelu(hidden, approximate="tanh")  # GPT-2's GELU
+        return self.drop(self.fc2(hidden))
 
 
 class Block(nn.Module):
     def __init__(self, shape: ModelShape, layers: LayerProvider, recompute_attention: bool = False):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(shape.n_embd)
+        self.ln_1 = make_norm(shape)
         self.attn = CausalSelfAttention(shape, layers, recompute_attention)
-        self.ln_2 = nn.LayerNorm(shape.n_embd)
+        self.ln_2 = make_norm(shape)
         self.mlp = MLP(shape, layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -109,22 +161,23 @@ class GPT(nn.Module):
         self.recompute, self.checkpoint_every = recompute, checkpoint_every
         self.layers = layers or DenseLayers()
         self.wte = self.layers.embedding(shape.vocab_size, shape.n_embd)
-        self.wpe = nn.Embedding(shape.seq_len, shape.n_embd)
+        if shape.position == "learned":
+            self.wpe = nn.Embedding(shape.seq_len, shape.n_embd)
         self.drop = nn.Dropout(shape.dropout)
         selective = recompute == "selective"
         self.blocks = nn.ModuleList(Block(shape, self.layers, selective) for _ in range(shape.n_layer))
-        self.ln_f = nn.LayerNorm(shape.n_embd)
+        self.ln_f = make_norm(shape)
+        if not shape.tie_embeddings:
+            self.lm_head = self.layers.head(shape.vocab_size, shape.n_embd)
         if seed is not None and self.wte.weight.device.type != "meta":
             self.init_weights(seed)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         """idx (B, T) token ids -> mean loss against targets (B, T), or logits if targets is None."""
-        T = idx.shape[1]
-        pos = torch.arange(T, device=idx.device)
-        x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, h)
+        x = self.drop(embed(self.wte, getattr(self, "wpe", None), idx))  # (B, T, h)
         x = self._run_blocks(self.layers.to_block_layout(x))
         x = self.layers.from_block_layout(self.ln_f(x))
-        logits = self.layers.lm_logits(x, self.wte)  # (B, T, V) or its vocab shard
+        logits = self.layers.lm_logits(x, getattr(self, "lm_head", self.wte))  # (B, T, V) or its vocab shard
         if targets is None:
             return logits
         return self.layers.cross_entropy(logits, targets)
@@ -146,6 +199,12 @@ class GPT(nn.Module):
         init_weights(self, seed, self.shape.n_layer)
 
 
+def embed(wte: nn.Module, wpe: nn.Module | None, idx: torch.Tensor) -> torch.Tensor:
+    """Token embeddings plus learned position embeddings, if the model has them: (B, T) -> (B, T, h)."""
+    x = wte(idx)
+    return x if wpe is None else x + wpe(torch.arange(idx.shape[1], device=idx.device))
+
+
 def _sequential(blocks: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
     for block in blocks:
         x = block(x)
@@ -160,7 +219,7 @@ def init_weights(module: nn.Module, seed: int, n_layer: int, prefix: str = "", w
     whole GPT) and then cut to this rank's shard, so the gathered weights are the same at any tp
     or pp and however the modules were constructed. ``prefix`` is ``module``'s path inside the
     GPT (a pipeline stage holding block 3 passes "blocks.3"). Weights ~ N(0, 0.02), residual
-    projections ~ N(0, 0.02/sqrt(2·n_layer)), biases 0, LayerNorm (1, 0).
+    projections ~ N(0, 0.02/sqrt(2·n_layer)), biases 0, norms (1, 0).
 
     ``whole(param)``, if given, is a context in which a partitioned parameter is whole and writable
     (ZeRO-3's ``GatheredParameters``): parameters are then drawn one at a time.
@@ -172,7 +231,7 @@ def init_weights(module: nn.Module, seed: int, n_layer: int, prefix: str = "", w
 
 
 def _init_param(sub: nn.Module, name: str, param: nn.Parameter, qualified: str, seed: int, n_layer: int) -> None:
-    if isinstance(sub, nn.LayerNorm):
+    if isinstance(sub, NORM_TYPES):
         param.fill_(1.0 if name == "weight" else 0.0)
         return
     if name == "bias":

@@ -1,7 +1,7 @@
 """The layer provider: how the model obtains the layers that tensor parallelism may split.
 
-The GPT in ``gpt.py`` is single-device code. It asks a provider for its embedding and its linear
-layers, and for the two operations that see the whole vocabulary (tied output head and loss).
+The GPT in ``gpt.py`` is single-device code. It asks a provider for its embedding, its linear layers and
+an untied output head, and for the two operations that see the whole vocabulary (output head and loss).
 ``DenseLayers`` hands out plain ``torch.nn`` modules, so the tp=1 model *is* the dense reference of
 every parity test; the tensor-parallel provider hands out shard-sized layers with the same
 interface and the same full (gathered) weights.
@@ -15,6 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# The norms the models use: initialised to (1, 0); under sequence parallelism each rank's gradient of their
+# parameters covers its sequence chunk only.
+NORM_TYPES = (nn.LayerNorm, nn.RMSNorm)
+
 
 class LayerProvider(Protocol):
     tp_size: int  # ranks that share each layer; attention heads are split by it
@@ -22,11 +26,14 @@ class LayerProvider(Protocol):
     def embedding(self, num_embeddings: int, dim: int) -> nn.Module:
         """Token embedding; may split its rows (the vocabulary) across ranks."""
 
-    def column(self, in_features: int, out_features: int) -> nn.Module:
-        """Y = XA + b with A split along its output features (attention QKV, MLP fc1)."""
+    def column(self, in_features: int, out_features: int, bias: bool = True) -> nn.Module:
+        """Y = XA (+ b) with A split along its output features (attention QKV, MLP fc1)."""
 
-    def row(self, in_features: int, out_features: int) -> nn.Module:
-        """Y = XA + b with A split along its input features, outputs summed (attention proj, MLP fc2)."""
+    def row(self, in_features: int, out_features: int, bias: bool = True) -> nn.Module:
+        """Y = XA (+ b) with A split along its input features, outputs summed (attention proj, MLP fc2)."""
+
+    def head(self, vocab_size: int, dim: int) -> nn.Module:
+        """An untied output head: a (V, h) ``weight`` that ``lm_logits`` uses, split like the embedding."""
 
     def to_block_layout(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, h) embeddings -> the activation layout between blocks (sequence-split under SP)."""
@@ -34,8 +41,8 @@ class LayerProvider(Protocol):
     def from_block_layout(self, x: torch.Tensor) -> torch.Tensor:
         """Inverse of ``to_block_layout``, before the output head."""
 
-    def lm_logits(self, x: torch.Tensor, embedding: nn.Module) -> torch.Tensor:
-        """Logits of the output head tied to ``embedding`` (possibly vocab-split)."""
+    def lm_logits(self, x: torch.Tensor, head: nn.Module) -> torch.Tensor:
+        """Logits x·Wᵀ of the output head ``head`` -- the token embedding when tied (possibly vocab-split)."""
 
     def cross_entropy(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean token loss over logits as returned by ``lm_logits``."""
@@ -49,11 +56,14 @@ class DenseLayers:
     def embedding(self, num_embeddings: int, dim: int) -> nn.Module:
         return nn.Embedding(num_embeddings, dim)
 
-    def column(self, in_features: int, out_features: int) -> nn.Module:
-        return nn.Linear(in_features, out_features)
+    def column(self, in_features: int, out_features: int, bias: bool = True) -> nn.Module:
+        return nn.Linear(in_features, out_features, bias=bias)
 
-    def row(self, in_features: int, out_features: int) -> nn.Module:
-        return nn.Linear(in_features, out_features)
+    def row(self, in_features: int, out_features: int, bias: bool = True) -> nn.Module:
+        return nn.Linear(in_features, out_features, bias=bias)
+
+    def head(self, vocab_size: int, dim: int) -> nn.Module:
+        return nn.Linear(dim, vocab_size, bias=False)
 
     def to_block_layout(self, x: torch.Tensor) -> torch.Tensor:
         return x
@@ -61,8 +71,8 @@ class DenseLayers:
     def from_block_layout(self, x: torch.Tensor) -> torch.Tensor:
         return x
 
-    def lm_logits(self, x: torch.Tensor, embedding: nn.Module) -> torch.Tensor:
-        return F.linear(x, embedding.weight)  # (B, T, V)
+    def lm_logits(self, x: torch.Tensor, head: nn.Module) -> torch.Tensor:
+        return F.linear(x, head.weight)  # (B, T, V)
 
     def cross_entropy(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())

@@ -40,7 +40,7 @@ class ParallelModel:
     shape: ModelShape
     comm: CommStats  # the tensor-parallel collectives, counted by the layers themselves
     num_params: int  # full (gathered) size, padding included
-    analytic_params: int  # Narayanan et al.'s count for the same shape
+    analytic_params: int  # the formula's count for the same shape (Narayanan et al.'s + 2h for GPT)
 
     def dense_named_parameters(self):
         """(name in the dense GPT, parameter or its shard) for every parameter this rank holds."""
@@ -70,7 +70,7 @@ def build_parallel_model(cfg: Config, mesh: Mesh, device: torch.device, ds_dict:
             num_params = GPT(shape).num_params()
     if p.sequence_parallel:
         register_sequence_parallel_grad_hooks(model, mesh.tp_group, comm)
-    return ParallelModel(model, shape, comm, num_params, shape.narayanan_params())
+    return ParallelModel(model, shape, comm, num_params, shape.params())
 
 
 def _build_partitioned(cfg: Config, shape: ModelShape, layers, mesh: Mesh, ds_dict: dict, recompute, every) -> GPT:

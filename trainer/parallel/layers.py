@@ -25,6 +25,7 @@ from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.utils.hooks import RemovableHandle
 
+from trainer.model.layers import NORM_TYPES
 from trainer.parallel.loss import vocab_parallel_cross_entropy
 from trainer.parallel.mappings import (
     CommStats,
@@ -98,12 +99,16 @@ class ColumnParallelLinear(_ShardedModule):
         stats: CommStats,
         gather_output: bool = False,
         sequence_parallel: bool = False,
+        bias: bool = True,
     ):
         super().__init__(group, stats)
         self.in_features, self.out_features = in_features, out_features
         self.gather_output, self.sequence_parallel = gather_output, sequence_parallel
         self._add_param("weight", (out_features, in_features), 0, "out_features")
-        self._add_param("bias", (out_features,), 0, "out_features")
+        if bias:
+            self._add_param("bias", (out_features,), 0, "out_features")
+        else:
+            self.register_parameter("bias", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         enter = all_gather_seq if self.sequence_parallel else copy_to_tp
@@ -134,18 +139,23 @@ class RowParallelLinear(_ShardedModule):
         group: dist.ProcessGroup,
         stats: CommStats,
         sequence_parallel: bool = False,
+        bias: bool = True,
     ):
         super().__init__(group, stats)
         self.in_features, self.out_features = in_features, out_features
         self.sequence_parallel = sequence_parallel
         self._add_param("weight", (out_features, in_features), 1, "in_features")
-        self._add_param("bias", (out_features,), None, "out_features")
-        self.bias.sequence_parallel = sequence_parallel
+        if bias:
+            self._add_param("bias", (out_features,), None, "out_features")
+            self.bias.sequence_parallel = sequence_parallel
+        else:
+            self.register_parameter("bias", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         partial = F.linear(x, self.weight)  # (B, T, out), this rank's term of the sum
         leave = reduce_scatter_seq if self.sequence_parallel else reduce_from_tp
-        return leave(partial, self.group, self.stats) + self.bias
+        out = leave(partial, self.group, self.stats)
+        return out if self.bias is None else out + self.bias
 
     def extra_repr(self) -> str:
         return (
@@ -191,8 +201,8 @@ class TensorParallelLayers:
     residual adds work on 1/tp of the tokens; the column layers all-gather the sequence and the row
     layers reduce-scatter it, moving the same bytes as the all-reduces they replace.
 
-    The output head is tied to the vocab-parallel embedding, so ``lm_logits`` returns this rank's
-    vocabulary shard (B, T, V/tp) and ``cross_entropy`` never materialises the full logits.
+    The output head (tied to the vocab-parallel embedding, or its own matrix split the same way) gives
+    ``lm_logits`` this rank's vocabulary shard (B, T, V/tp) and ``cross_entropy`` never materialises the full logits.
     Every collective is recorded in ``stats`` (a fresh ``CommStats`` unless one is passed).
     """
 
@@ -205,15 +215,20 @@ class TensorParallelLayers:
     def embedding(self, num_embeddings: int, dim: int) -> nn.Module:
         return VocabParallelEmbedding(num_embeddings, dim, self.group, self.stats)
 
-    def column(self, in_features: int, out_features: int) -> nn.Module:
+    def column(self, in_features: int, out_features: int, bias: bool = True) -> nn.Module:
         return ColumnParallelLinear(
-            in_features, out_features, self.group, self.stats, sequence_parallel=self.sequence_parallel
+            in_features, out_features, self.group, self.stats, sequence_parallel=self.sequence_parallel, bias=bias
         )
 
-    def row(self, in_features: int, out_features: int) -> nn.Module:
+    def row(self, in_features: int, out_features: int, bias: bool = True) -> nn.Module:
         return RowParallelLinear(
-            in_features, out_features, self.group, self.stats, sequence_parallel=self.sequence_parallel
+            in_features, out_features, self.group, self.stats, sequence_parallel=self.sequence_parallel, bias=bias
         )
+
+    def head(self, vocab_size: int, dim: int) -> nn.Module:
+        """The untied output head, vocabulary-split like the embedding; ``lm_logits`` uses its weight, after
+        ``from_block_layout`` has gathered the sequence (so the layer's own input mapping is not used)."""
+        return ColumnParallelLinear(dim, vocab_size, self.group, self.stats, bias=False)
 
     def to_block_layout(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, h) replicated -> (B, T/tp, h) under sequence parallelism (backward all-gathers)."""
@@ -224,13 +239,13 @@ class TensorParallelLayers:
         arriving from ``lm_logits`` has already been summed over the tp group."""
         return gather_from_seq(x, self.group, self.stats) if self.sequence_parallel else x
 
-    def lm_logits(self, x: torch.Tensor, embedding: nn.Module) -> torch.Tensor:
-        """(B, T, h) -> (B, T, V/tp): x times this rank's rows of the tied embedding, transposed.
+    def lm_logits(self, x: torch.Tensor, head: nn.Module) -> torch.Tensor:
+        """(B, T, h) -> (B, T, V/tp): x times this rank's rows of the head (the tied embedding), transposed.
 
         A column-parallel product: each rank's dx covers only its vocabulary slice, so x enters
         through ``copy_to_tp`` and backward sums them.
         """
-        return F.linear(copy_to_tp(x, self.group, self.stats), embedding.weight)
+        return F.linear(copy_to_tp(x, self.group, self.stats), head.weight)
 
     def cross_entropy(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return vocab_parallel_cross_entropy(logits, targets, self.group, self.stats).mean()
@@ -238,14 +253,14 @@ class TensorParallelLayers:
 
 def sequence_parallel_params(model: nn.Module) -> list[nn.Parameter]:
     """Replicated parameters that, under sequence parallelism, see only this rank's sequence chunk:
-    every LayerNorm's weight and bias (the GPT applies all of its LayerNorms between
+    every norm's weight and bias (the GPT applies all of its norms between
     ``to_block_layout`` and ``from_block_layout``) and parameters tagged ``sequence_parallel``
     (the row-parallel biases). Each rank's gradient of them is a partial sum over the tokens.
     """
     params: dict[int, nn.Parameter] = {}
     for module in model.modules():
         for param in module.parameters(recurse=False):
-            if isinstance(module, nn.LayerNorm) or getattr(param, "sequence_parallel", False):
+            if isinstance(module, NORM_TYPES) or getattr(param, "sequence_parallel", False):
                 params[id(param)] = param
     return list(params.values())
 

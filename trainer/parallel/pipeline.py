@@ -8,6 +8,9 @@ DeepSpeed can cut it into ``pp`` stages and run the 1F1B schedule (``TrainSchedu
     1 .. l    LayerSpec(Block)                             x -> x                        blocks.{i-1}.*
     l+1       LayerSpec(FinalNorm)                         x -> ln_f(x), (B, T, h)       ln_f.*
     l+2       TiedLayerSpec("embed", forward_fn=lm_head)   (B, T, h) -> logits           (wte.weight, tied)
+
+An untied model (``shape.tie_embeddings`` false, e.g. Llama) has plain ``LayerSpec``s at both ends: the
+embedding at 0 and ``OutputHead`` (lm_head.*) at l+2, and no tied-weight traffic.
     loss      layers.cross_entropy(logits, targets)        -> mean token loss
 
 ``x`` is the activation between blocks, (B, T, h), or (B, T/tp, h) under sequence parallelism. The
@@ -43,7 +46,7 @@ import torch.distributed as dist
 from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 from torch import nn
 
-from trainer.model.gpt import Block, ModelShape, init_weights
+from trainer.model.gpt import Block, ModelShape, embed, init_weights, make_norm
 from trainer.model.layers import LayerProvider
 from trainer.parallel.dims import ParallelDims
 from trainer.parallel.grad_norm import local_grad_squares
@@ -55,24 +58,24 @@ PARTITION_METHODS = ("parameters", "uniform")
 
 
 class GPTEmbedding(nn.Module):
-    """x = dropout(E[ids] + P[0:T]), moved to the block layout; E is the tied token embedding.
+    """x = dropout(E[ids] (+ P[0:T])), moved to the block layout; E is the token embedding (tied to the
+    head or not), P the learned positions (models with rotary positions have none).
 
     ids (B, T) int64 -> (B, T, h), or (B, T/tp, h) under sequence parallelism. Attribute names match
     the dense GPT (``wte``, ``wpe``) so ``init_weights`` draws the same weights. ``position=False``
-    builds the head's copy: only E, which is all the head needs.
+    builds the tied head's copy: only E, which is all the head needs.
     """
 
     def __init__(self, shape: ModelShape, layers: LayerProvider, position: bool = True):
         super().__init__()
         self.layers = layers  # a plain object, not a module: holds the tp group, not parameters
         self.wte = layers.embedding(shape.vocab_size, shape.n_embd)
-        if position:
+        if position and shape.position == "learned":
             self.wpe = nn.Embedding(shape.seq_len, shape.n_embd)
-            self.drop = nn.Dropout(shape.dropout)
+        self.drop = nn.Dropout(shape.dropout)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        pos = torch.arange(ids.shape[1], device=ids.device)
-        x = self.drop(self.wte(ids) + self.wpe(pos))  # (B, T, h)
+        x = self.drop(embed(self.wte, getattr(self, "wpe", None), ids))  # (B, T, h)
         return self.layers.to_block_layout(x)
 
 
@@ -81,13 +84,25 @@ def lm_head(embedding: GPTEmbedding, x: torch.Tensor) -> torch.Tensor:
     return embedding.layers.lm_logits(x, embedding.wte)
 
 
-class FinalNorm(nn.Module):
-    """ln_f, then back from the block layout: (B, T or T/tp, h) -> (B, T, h)."""
+class OutputHead(nn.Module):
+    """An untied output head, named as in the GPT (``lm_head.weight``): (B, T, h) -> logits."""
 
     def __init__(self, shape: ModelShape, layers: LayerProvider):
         super().__init__()
         self.layers = layers
-        self.ln_f = nn.LayerNorm(shape.n_embd)  # named as in the GPT: "ln_f.weight"
+        self.lm_head = layers.head(shape.vocab_size, shape.n_embd)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers.lm_logits(x, self.lm_head)
+
+
+class FinalNorm(nn.Module):
+    """The final norm, then back from the block layout: (B, T or T/tp, h) -> (B, T, h)."""
+
+    def __init__(self, shape: ModelShape, layers: LayerProvider):
+        super().__init__()
+        self.layers = layers
+        self.ln_f = make_norm(shape)  # named as in the GPT: "ln_f.weight"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layers.from_block_layout(self.ln_f(x))
@@ -95,9 +110,17 @@ class FinalNorm(nn.Module):
 
 def layer_specs(shape: ModelShape, layers: LayerProvider, recompute_attention: bool = False) -> list[LayerSpec]:
     """The n_layer + 3 specs of the table above, in pipeline order."""
+    blocks = [LayerSpec(Block, shape, layers, recompute_attention) for _ in range(shape.n_layer)]
+    if not shape.tie_embeddings:
+        return [
+            LayerSpec(GPTEmbedding, shape, layers),
+            *blocks,
+            LayerSpec(FinalNorm, shape, layers),
+            LayerSpec(OutputHead, shape, layers),
+        ]
     return [
         TiedLayerSpec(TIED_KEY, GPTEmbedding, shape, layers, position=True, tied_weight_attr=["wte.weight"]),
-        *(LayerSpec(Block, shape, layers, recompute_attention) for _ in range(shape.n_layer)),
+        *blocks,
         LayerSpec(FinalNorm, shape, layers),
         TiedLayerSpec(
             TIED_KEY, GPTEmbedding, shape, layers, position=False, forward_fn=lm_head, tied_weight_attr=["wte.weight"]

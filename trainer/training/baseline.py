@@ -126,7 +126,7 @@ class BaselineLoop:
 
 
 def run(cfg: Config, cfg_node: DictConfig, run_dir: Path) -> None:
-    from trainer.analysis.formulas import flops_per_token
+    from trainer.analysis.formulas import shape_flops_per_token
     from trainer.data.setup import build_streams, prepare_data
     from trainer.model import GPT, DenseLayers
     from trainer.parallel.apply import model_shape
@@ -146,7 +146,7 @@ def run(cfg: Config, cfg_node: DictConfig, run_dir: Path) -> None:
     console.print(f"baseline: plain PyTorch, {model.num_params():,} parameters, 1 process | run dir {run_dir}")
     wandb_run = start_run(cfg.logging.wandb, run_dir, OmegaConf.to_container(cfg_node, resolve=True), run_dir.name)
     metrics = MetricsLog(run_dir, True, wandb_run)
-    fpt = flops_per_token(shape.n_layer, shape.n_embd, shape.seq_len, shape.vocab_size)
+    fpt = shape_flops_per_token(shape)
     throughput = Throughput(fpt, peak_flops(device, cfg.parallel.precision), 1)
     try:
         result = BaselineLoop(cfg, model, stream, val, plan, throughput, metrics, console, device).fit()

@@ -193,18 +193,17 @@ def open_metrics(cfg: Config, cfg_node: DictConfig, run_dir: Path, is_writer: bo
 
 def throughput_of(cfg: Config, shape, device, world: int) -> Throughput:
     """Model FLOPs per token (what MFU counts) and the device's peak, for a built shape."""
-    from trainer.analysis.formulas import flops_per_token
+    from trainer.analysis.formulas import shape_flops_per_token
     from trainer.runtime.hardware import peak_flops
 
-    fpt = flops_per_token(shape.n_layer, shape.n_embd, shape.seq_len, shape.vocab_size)
+    fpt = shape_flops_per_token(shape)
     return Throughput(fpt, peak_flops(device, cfg.parallel.precision), world)
 
 
 def describe(cfg: Config, plan: BatchPlan, built, dims, world: int, run_dir: Path) -> str:
     return (
         f"model {cfg.model.name}: {built.num_params:,} parameters "
-        f"(analytic 12lh²(1+13/12h+(V+s)/12lh) = {built.analytic_params:,}, "
-        f"+2h final LayerNorm) | world {world} = tp {dims.tp} x pp {dims.pp} x dp {dims.dp}, "
+        f"(analytic {built.analytic_params:,}) | world {world} = tp {dims.tp} x pp {dims.pp} x dp {dims.dp}, "
         f"zero {cfg.parallel.zero_stage}, sp {cfg.parallel.sequence_parallel}, "
         f"micro {plan.micro_batch} x accum {plan.grad_accum} = global {plan.global_batch} | run dir {run_dir}"
     )

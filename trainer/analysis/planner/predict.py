@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass, replace
 
-from trainer.analysis.formulas import flops_per_token
+from trainer.analysis.formulas import shape_flops_per_token
 from trainer.analysis.planner.cluster import ClusterSpec
 from trainer.analysis.planner.costmodel import StepTime, executed_flops_per_step, step_time
 from trainer.analysis.planner.layouts import Layout, enumerate_layouts
@@ -51,7 +51,7 @@ def predict(shape: ModelShape, layout: Layout, global_batch: int, precision: str
     time = step_time(shape, layout, global_batch, precision, cluster)
     world = layout.tp * layout.pp * layout.dp
     tokens = global_batch * shape.seq_len
-    model_flops = tokens * flops_per_token(shape.n_layer, shape.n_embd, shape.seq_len, shape.padded_vocab(layout.tp))
+    model_flops = tokens * shape_flops_per_token(shape, shape.padded_vocab(layout.tp))
     tflops = model_flops / world / time.total / 1e12
     hw = executed_flops_per_step(shape, layout, global_batch) / world / time.total / 1e12
     mfu = tflops * 1e12 / cluster.rank_peak(precision)
