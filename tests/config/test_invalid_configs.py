@@ -31,6 +31,17 @@ INVALID = [
     (["model.seq_len=0"], 1, "model.seq_len"),
     (["model.vocab_size=0"], 1, "model.vocab_size"),
     (["model.dropout=1.5"], 1, "model.dropout"),
+    (["model.mlp=relu"], 1, "model.mlp"),
+    (["model.norm=batchnorm"], 1, "model.norm"),
+    (["model.position=alibi"], 1, "model.position"),
+    (["model.n_kv_head=3"], 1, "model.n_kv_head"),  # 4 query heads do not share 3 key/value heads
+    (["model.n_kv_head=0"], 1, "model.n_kv_head"),
+    (["model.ffn_hidden=-1"], 1, "model.ffn_hidden"),
+    (["model.norm_eps=0"], 1, "model.norm_eps"),
+    (["model.rope_theta=-1"], 1, "model.rope_theta"),
+    (["model.position=rope", "model.n_embd=260"], 1, "model.position"),  # head size 65 cannot rotate in pairs
+    (["model=llama-tiny", "parallel.tp=4"], 4, "parallel.tp"),  # 2 key/value heads do not split in 4
+    (["model.ffn_hidden=1001", "parallel.tp=2"], 2, "parallel.tp"),  # the MLP's inner size does not split
     (["parallel.tp=3"], 3, "parallel.tp"),  # 4 heads do not split in 3
     (["parallel.tp=4"], 2, "parallel.tp"),  # more tp ranks than the world
     (["parallel.tp=2"], 3, "parallel.tp"),  # tp does not divide the world
