@@ -307,3 +307,27 @@ def test_zero3_fp32_partitions_shared_with_the_model_train_bit_for_bit_the_same(
     from tests.parallel.spawn import run_ranks
 
     run_ranks(_zero3_shared_partitions_train_the_same, 1)
+
+
+def _zero3_parameters_decay_like_dense_ones(rank: int, world: int) -> None:
+    from tests.parallel.spawn import start_deepspeed
+    from trainer.model import GPT, ModelShape
+    from trainer.runtime.engine import param_groups
+
+    deepspeed = start_deepspeed(rank, world)
+    shape = ModelShape(2, 32, 4, 16, 64, n_kv_head=2, mlp="swiglu", norm="rmsnorm", position="rope", bias=False)
+    dense = GPT(shape, seed=0)
+    with deepspeed.zero.Init(config_dict_or_path={"train_batch_size": 1, "zero_optimization": {"stage": 3}}):
+        partitioned = GPT(shape, seed=None)
+    assert all(p.dim() == 1 for p in partitioned.parameters())  # emptied by the partitioning
+    names = {id(p): name for name, p in partitioned.named_parameters()}
+    dense_names = {id(p): name for name, p in dense.named_parameters()}
+    for got, want in zip(param_groups(partitioned, 0.1), param_groups(dense, 0.1)):
+        assert [names[id(p)] for p in got["params"]] == [dense_names[id(p)] for p in want["params"]]
+        assert got["weight_decay"] == want["weight_decay"]
+
+
+def test_zero3_partitioned_matrices_are_weight_decayed_like_the_dense_model():
+    from tests.parallel.spawn import run_ranks
+
+    run_ranks(_zero3_parameters_decay_like_dense_ones, 1)

@@ -81,11 +81,13 @@ def shutdown() -> None:
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Decay matrices (linear and embedding weights); leave biases and LayerNorm parameters alone."""
+    """Decay matrices (linear and embedding weights); leave biases and norm parameters alone. A ZeRO-3
+    parameter is an empty 1-d tensor once partitioned: its own shape is ``ds_shape``."""
     params = [p for p in model.parameters() if p.requires_grad]
+    matrix = {id(p) for p in params if len(getattr(p, "ds_shape", p.shape)) >= 2}
     return [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        {"params": [p for p in params if id(p) in matrix], "weight_decay": weight_decay},
+        {"params": [p for p in params if id(p) not in matrix], "weight_decay": 0.0},
     ]
 
 
