@@ -16,7 +16,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from trainer.config.cli import EXIT_BAD_INPUT, print_bad_input, register
+from trainer.config.cli import EXIT_BAD_INPUT, check_command_line, print_bad_input, register
 from trainer.config.schema import BadInput
 
 
@@ -49,4 +49,5 @@ def _discard_unused(out: Path) -> None:
 
 if __name__ == "__main__":
     register()  # the trainer's schema: every layout's config is composed and validated before it runs
+    check_command_line(sys.argv[1:], "compare", lambda cfg: None)  # unknown keys: one line, before Hydra
     main()

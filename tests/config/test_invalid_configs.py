@@ -25,6 +25,10 @@ INVALID = [
     (["parallel.micro_batch=abc"], 1, "parallel.micro_batch"),
     (["train.steps=1.5"], 1, "train.steps"),
     (["parallel.foo=1"], 1, "parallel.foo"),
+    (["+trian.steps=5"], 1, "trian.steps"),  # appended keys are checked too, not silently added
+    (["+train.stepz=5"], 1, "train.stepz"),
+    (["+unknown.key=1"], 1, "unknown.key"),
+    (["+model.n_kv_heads=2"], 1, "model.n_kv_heads"),
     (["model.n_layer=0"], 1, "model.n_layer"),
     (["model.n_embd=-64"], 1, "model.n_embd"),
     (["model.n_head=5"], 1, "model.n_head"),
@@ -99,6 +103,16 @@ def test_invalid_config_is_one_line_naming_the_key(overrides, world, key, monkey
     assert key in lines[0] and "Traceback" not in lines[0]
 
 
+@pytest.mark.parametrize(
+    "override,suggested",
+    [("+trian.steps=5", "train.steps"), ("trian.steps=5", "train.steps"), ("+model.n_kv_heads=2", "model.n_kv_head")],
+)
+def test_unknown_key_names_the_closest_valid_one(override, suggested, capsys):
+    with pytest.raises(SystemExit):
+        preflight([override])
+    assert capsys.readouterr().err.strip().endswith(f"no such key; did you mean {suggested}?")
+
+
 def test_the_table_is_large_enough():
     assert len(INVALID) >= 30
 
@@ -115,6 +129,7 @@ def test_valid_command_line_passes_preflight(monkeypatch):
         (["parallel.micro_batch=abc"], "parallel.micro_batch"),
         (["parallel.zero_stage=9"], "parallel.zero_stage"),
         (["-m", "optim.lr=1e-3,-1"], "optim.lr"),
+        (["+trian.steps=5"], "train.steps"),
     ],
 )
 def test_command_line_exits_2_fast_and_writes_nothing(overrides, key, tmp_path):

@@ -74,23 +74,68 @@ def one_line(err: BaseException) -> str:
     return "; ".join(dict.fromkeys(parts)) or "invalid configuration"
 
 
-def compose(job: list[str], config_name: str = "config") -> Any:
-    """The typed config of ``conf/<config_name>.yaml`` with these overrides; BadInput naming the key if
-    it does not compose. Its schema must be registered (``register`` for the trainer's)."""
+def _compose_node(job: list[str], config_name: str):
+    """Hydra's composed DictConfig (the caller catches composition errors)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
-    from omegaconf import OmegaConf
 
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            node = hydra_compose(config_name=config_name, overrides=job)
-        return OmegaConf.to_object(node)
-    except Exception as err:  # composition errors: unknown keys, wrong types, missing values
-        raise BadInput(f"config error: {one_line(err)}") from None
+            return hydra_compose(config_name=config_name, overrides=job)
     finally:
         GlobalHydra.instance().clear()
+
+
+def compose(job: list[str], config_name: str = "config") -> Any:
+    """The typed config of ``conf/<config_name>.yaml`` with these overrides; BadInput naming the key if
+    it does not compose or names a key the config does not have. Its schema must be registered
+    (``register`` for the trainer's)."""
+    from omegaconf import OmegaConf
+
+    try:
+        _check_known_keys(job, config_name)
+        return OmegaConf.to_object(_compose_node(job, config_name))
+    except BadInput:
+        raise
+    except Exception as err:  # composition errors: wrong types, missing values
+        raise BadInput(f"config error: {one_line(err)}") from None
+
+
+def _is_group_choice(override: str) -> bool:
+    group = override.partition("=")[0].lstrip("+~")
+    return "." not in group and (CONF_DIR / group).is_dir()
+
+
+def _check_known_keys(job: list[str], config_name: str) -> None:
+    """Refuse an override of a key the config does not have, ``+``-appended ones included (Hydra would
+    add those silently, and a mistyped ``+trian.steps=5`` would train with the default), suggesting the
+    closest key. The keys are those of the config composed with the job's group choices."""
+    import difflib
+
+    choices = [o for o in job if _is_group_choice(o)]
+    keys = set(_flat_keys(_compose_node(choices, config_name)))
+    for override in job:
+        key, _, value = override.partition("=")
+        key = key.lstrip("+~")
+        if override in choices or key in keys:
+            continue
+        close = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]}?" if close else "see the Configuration reference in README.md"
+        raise ConfigError(key, value, f"no such key; {hint}")
+
+
+def _flat_keys(node, prefix: str = ""):
+    """Every dotted key of a composed config, inner nodes included."""
+    from omegaconf import DictConfig
+
+    for key in node:
+        dotted = f"{prefix}{key}"
+        yield dotted
+        child = node._get_node(key)
+        if isinstance(child, DictConfig):
+            yield from _flat_keys(child, f"{dotted}.")
 
 
 def check_command_line(argv: list[str], config_name: str, check: Callable[[Any], None]) -> None:

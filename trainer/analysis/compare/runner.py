@@ -248,7 +248,7 @@ def settings_from(cfg_node: DictConfig) -> tuple[Settings, list[CompareLayout]]:
     hc = HydraConfig.get()
     choices = [f"{g}={hc.runtime.choices[g]}" for g in GROUPS]
     user = [o for o in hc.overrides.task if o.split("=", 1)[0].lstrip("+~") not in GROUPS]
-    passthrough = tuple(choices + [o for o in user if not o.startswith(("compare.", "hydra."))])
+    passthrough = tuple(choices + [o for o in user if not o.lstrip("+~").startswith(("compare.", "hydra."))])
     settings = Settings(
         int(c.world),
         int(c.warmup_steps),
