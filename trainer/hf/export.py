@@ -1,26 +1,28 @@
-"""Export a checkpoint of any parallel layout as a Hugging Face GPT-2 directory.
+"""Export a checkpoint of any parallel layout as a Hugging Face GPT-2 or Llama directory.
 
     python -m trainer.export CHECKPOINT OUT_DIR [--tokenizer DIR]
 
 CHECKPOINT is a step directory (``runs/<id>/checkpoints/step_<n>``), a checkpoints directory (the
 step its ``latest`` file names) or a run directory. The checkpoint's layout-independent state
 (``trainer.checkpoint.consolidate``) holds the tensors under the dense GPT's names whatever tp·pp·dp wrote
-them, so every layout exports the same way. OUT_DIR receives config.json, model.safetensors (fp32, head tied
-to the embedding), generation_config.json and the tokenizer files; ``GPT2LMHeadModel.from_pretrained(OUT_DIR)`` and
+them, so every layout exports the same way. The model's architecture picks the family (``hf.family_of``):
+GPT-2 -> ``GPT2LMHeadModel``, Llama-style (RMSNorm, SwiGLU, rotary) -> ``LlamaForCausalLM``; any other mix
+is refused. OUT_DIR receives config.json, model.safetensors (fp32; a tied head is not stored),
+generation_config.json and the tokenizer files; ``AutoModelForCausalLM.from_pretrained(OUT_DIR)`` and
 ``AutoTokenizer.from_pretrained(OUT_DIR)`` load it offline.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-
-import torch
 
 from trainer.checkpoint import consolidate, sharded
 from trainer.checkpoint import store as checkpoint
 from trainer.config.schema import BadInput
 from trainer.hf import convert as hf
 from trainer.hf.files import check_output_dir, copy_tokenizer_files, staged, write_safetensors
+from trainer.model.shape import SIZE_FIELDS, ModelShape
 
 HF_WEIGHTS = "model.safetensors"
 
@@ -90,36 +92,35 @@ def _save_bare_tokenizer(tok, dst: Path) -> None:
         PreTrainedTokenizerFast(tokenizer_object=tok, clean_up_tokenization_spaces=False).save_pretrained(dst)
 
 
-def write_hf_model(out: Path, step_dir: Path, model: dict[str, int], eos_token_id: int | None) -> None:
-    """config.json, generation_config.json and model.safetensors of the GPT-2 equivalent of the step's
-    weights, read, converted and written one tensor at a time (peak: the largest tensor)."""
-    from transformers import GenerationConfig, GPT2Config
+def write_hf_model(out: Path, step_dir: Path, shape: ModelShape, eos_token_id: int | None) -> None:
+    """config.json, generation_config.json and model.safetensors of the Hugging Face equivalent (GPT-2 or
+    Llama, ``hf.family_of``) of the step's weights, read, converted and written one tensor at a time
+    (peak: the largest tensor)."""
+    import transformers
 
-    config = GPT2Config(**hf.gpt2_config(model, eos_token_id))
+    family = hf.family_of(shape)
+    config = getattr(transformers, family.config_class)(**family.hf_config(shape, eos_token_id))
     config.save_pretrained(out)
-    GenerationConfig.from_model_config(config).save_pretrained(out)
+    if shape.position == "rope":  # transformers 5 keeps θ in rope_parameters; 4.x reads it at the top level
+        written = json.loads((out / "config.json").read_text())
+        written.setdefault("rope_theta", shape.rope_theta)
+        (out / "config.json").write_text(json.dumps(written, indent=2, sort_keys=True) + "\n")
+    transformers.GenerationConfig.from_model_config(config).save_pretrained(out)
     items = [
         (hf_name, lambda ours=ours, convert=convert: convert(sharded.read_tensor(step_dir, "model", ours)))
-        for hf_name, ours, convert in hf.hf_plan(model)
+        for hf_name, (ours,), convert in hf.hf_plan(shape, family)
     ]
     # The "pt" format tag is what transformers writes and expects in the safetensors header.
-    write_safetensors(out / HF_WEIGHTS, items, hf_shapes(model), metadata={"format": "pt"})
+    write_safetensors(out / HF_WEIGHTS, items, hf.hf_shapes(shape, family), metadata={"format": "pt"})
 
 
-def hf_shapes(model: dict[str, int]) -> dict[str, tuple[int, ...]]:
-    """Every HF tensor's shape, known before any is read (the file's header comes first)."""
-    meta = {name: torch.empty(shape, device="meta") for name, shape in hf.expected_shapes(model).items()}
-    meta["wte.weight"] = torch.empty(model["vocab_size"], model["n_embd"], device="meta")
-    return {hf_name: tuple(convert(meta[ours]).shape) for hf_name, ours, convert in hf.hf_plan(model)}
-
-
-def _model_shape(meta: dict, step_dir: Path) -> dict[str, int]:
-    missing = [key for key in hf.MODEL_KEYS if key not in meta.get("model", {})]
+def _model_shape(meta: dict, step_dir: Path) -> ModelShape:
+    missing = [key for key in SIZE_FIELDS if key not in meta.get("model", {})]
     if missing:
         raise BadInput(
             f"{step_dir}/{consolidate.META_FILE} lacks model.{', model.'.join(missing)}; the checkpoint is damaged"
         )
-    return {key: int(meta["model"][key]) for key in hf.MODEL_KEYS}
+    return ModelShape.from_meta(meta["model"])  # without architecture fields: a GPT-2
 
 
 def export(checkpoint_path: Path, out: Path, tokenizer: Path | None) -> str:
@@ -129,14 +130,16 @@ def export(checkpoint_path: Path, out: Path, tokenizer: Path | None) -> str:
         raise BadInput(f"checkpoint {step_dir} is damaged: {damaged}; export another step directory")
     check_output_dir(out)
     meta = consolidate.read_meta(step_dir)
-    model = _model_shape(meta, step_dir)
-    shapes = {name: tuple(shape) for name, (_, shape) in sharded.saved_shapes(step_dir).items()}
-    hf.check_shapes({k.removeprefix("model."): v for k, v in shapes.items() if k.startswith("model.")}, model)
+    shape = _model_shape(meta, step_dir)
+    family = hf.family_of(shape)  # refuses a mix of fields no Hugging Face family represents
+    shapes = {name: tuple(dims) for name, (_, dims) in sharded.saved_shapes(step_dir).items()}
+    hf.check_shapes({k.removeprefix("model."): v for k, v in shapes.items() if k.startswith("model.")}, shape)
     src = _tokenizer_source(step_dir, tokenizer)
     with staged(out) as tmp:
-        eot = write_tokenizer(src, tmp, model["vocab_size"])
-        write_hf_model(tmp, step_dir, model, eot)
+        eot = write_tokenizer(src, tmp, shape.vocab_size)
+        write_hf_model(tmp, step_dir, shape, eot)
+    heads = f"{shape.n_head} heads" + (f" ({shape.kv_heads} key/value)" if shape.kv_heads != shape.n_head else "")
     return (
-        f"exported {step_dir} (step {meta.get('step')}) to {out}: GPT-2 with {model['n_layer']} layers, "
-        f"n_embd {model['n_embd']}, {model['n_head']} heads, vocab {model['vocab_size']}, context {model['seq_len']}"
+        f"exported {step_dir} (step {meta.get('step')}) to {out}: {family.name} ({family.hf_class}) with "
+        f"{shape.n_layer} layers, n_embd {shape.n_embd}, {heads}, vocab {shape.vocab_size}, context {shape.seq_len}"
     )

@@ -1,13 +1,15 @@
-"""Import a Hugging Face GPT-2 directory as a checkpoint to continue training or fine-tune.
+"""Import a Hugging Face GPT-2 or Llama directory as a checkpoint to continue training or fine-tune.
 
     python -m trainer.import_hf HF_DIR OUT_STEP_DIR
 
 HF_DIR is a local directory as ``save_pretrained`` writes it (config.json, model.safetensors or its
 shards or pytorch_model.bin, tokenizer files), for example one made by ``trainer.export``. The
 output is a step directory in the layout-independent form of ``trainer.checkpoint.consolidate`` (fp32 weights,
-meta.json at step 0, tokenizer/, manifest.json) that ``train.init_from=OUT_STEP_DIR`` loads into any
-parallel layout with a fresh optimizer. Models this GPT cannot compute exactly (another MLP width or
-activation, an untied head, ...) are refused with the reason.
+meta.json at step 0 whose "model" is the whole architecture, tokenizer/, manifest.json) that
+``train.init_from=OUT_STEP_DIR`` loads into any parallel layout with a fresh optimizer. config.json's
+model_type picks the family (``gpt2`` or ``llama``); models this trainer cannot compute exactly (a GPT-2
+of another MLP width or activation or with an untied head, a Llama with scaled rotary embeddings or
+another activation, ...) are refused with the reason.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from trainer.checkpoint import store as checkpoint
 from trainer.config.schema import BadInput
 from trainer.hf import convert as hf
 from trainer.hf.files import check_output_dir, copy_tokenizer_files, staged
+from trainer.model.shape import ModelShape
 
 
 def read_config(hf_dir: Path) -> dict:
@@ -35,22 +38,23 @@ def read_config(hf_dir: Path) -> dict:
         raise BadInput(f"{config_file} is not valid JSON ({err}); fix or re-save the model") from None
 
 
-def load_hf_state(hf_dir: Path) -> dict[str, torch.Tensor]:
-    """GPT2LMHeadModel's state dict from ``hf_dir``, fp32. transformers reads every format it writes
-    (single or sharded safetensors, pytorch_model.bin, older key names) and fills the tied head."""
-    from transformers import GPT2LMHeadModel
+def load_hf_state(hf_dir: Path, shape: ModelShape, family: hf.Family) -> dict[str, torch.Tensor]:
+    """The HF model's state dict from ``hf_dir``, fp32, loaded whole by transformers, which reads every
+    format it writes (single or sharded safetensors, pytorch_model.bin, older key names) and fills a tied
+    head."""
+    import transformers
     from transformers.utils import logging
 
     logging.set_verbosity_error()  # our own message says what went wrong, on one line
     logging.disable_progress_bar()
     try:
-        net, info = GPT2LMHeadModel.from_pretrained(
+        net, info = getattr(transformers, family.hf_class).from_pretrained(
             hf_dir, local_files_only=True, dtype=torch.float32, output_loading_info=True
         )
     except (OSError, ValueError, RuntimeError) as err:
-        raise BadInput(f"{hf_dir}: cannot load the GPT-2 weights: {err}") from None
-    # A tied head is not stored; an untied one that is missing is caught by hf.check_tied.
-    missing = [k for k in info["missing_keys"] if k != "lm_head.weight"]
+        raise BadInput(f"{hf_dir}: cannot load the {family.name} weights: {err}") from None
+    # A tied head is not stored; an untied GPT-2 head that is missing is caught by its check_weights.
+    missing = [k for k in info["missing_keys"] if not (k == "lm_head.weight" and shape.tie_embeddings)]
     if missing or info.get("mismatched_keys"):
         what = f"lacks {sorted(missing)[:3]}" if missing else f"has wrong shapes for {info['mismatched_keys'][:3]}"
         raise hf.Unsupported(f"{hf_dir}: the weights file {what}; it does not match its config.json")
@@ -83,32 +87,42 @@ def safetensors_index(hf_dir: Path) -> dict[str, Path] | None:
     return None
 
 
-def streamed_tensors(hf_dir: Path, model: dict[str, int]):
-    """(kind, our name, produce) for every tensor, read from the safetensors files one at a time; None
-    when the files are not GPT2LMHeadModel's current names (transformers then loads the model whole)."""
+def streamed_tensors(hf_dir: Path, shape: ModelShape, family: hf.Family):
+    """(kind, our name, produce) for every tensor, read from the safetensors files as each is produced
+    (peak: one of our tensors and its HF parts); None when the files do not hold the HF model's current
+    names (transformers then loads the model whole)."""
     from safetensors import safe_open
 
     where = safetensors_index(hf_dir)
-    plan = hf.ours_plan(model)
-    if where is None or any(hf_name not in where for _, hf_name, _ in plan):
+    plan = hf.ours_plan(shape, family)
+    if where is None or any(name not in where for _, sources, _ in plan for name in sources):
         return None
+    shapes = {}
+    for file in set(where.values()):
+        with safe_open(str(file), "pt") as f:
+            shapes.update({name: tuple(f.get_slice(name).get_shape()) for name in f.keys()})
+    hf.check_hf_shapes(shapes, shape, family)
 
     def read(name: str) -> torch.Tensor:
         with safe_open(str(where[name]), "pt") as f:
             return f.get_tensor(name)
 
-    wte = f"{hf.HF_PREFIX}wte.weight"
-    if "lm_head.weight" in where:
-        hf.check_tied({"lm_head.weight": read("lm_head.weight"), wte: read(wte)})
-    return [("model", ours, lambda h=hf_name, c=convert: c(read(h))) for ours, hf_name, convert in plan]
+    family.check_weights(read, where.keys())
+    return [
+        ("model", ours, lambda sources=sources, convert=convert: convert(*map(read, sources)))
+        for ours, sources, convert in plan
+    ]
 
 
 def import_hf(hf_dir: Path, out: Path) -> str:
     check_output_dir(out)  # before the (possibly long) load
-    model = hf.model_shape(read_config(hf_dir))
-    items = streamed_tensors(hf_dir, model)
+    config = read_config(hf_dir)
+    family = hf.family_for(config)
+    model = family.model_meta(config)  # meta.json's "model"; refuses what this model cannot compute
+    shape = ModelShape.from_meta(model)
+    items = streamed_tensors(hf_dir, shape, family)
     if items is None:
-        state = hf.from_hf(load_hf_state(hf_dir), model)
+        state = hf.from_hf(load_hf_state(hf_dir, shape, family), shape, family)
         items = [("model", name, lambda t=t: t) for name, t in state.items()]
     with staged(out) as tmp:
         params = sharded.write_stream(tmp, items)
@@ -116,10 +130,16 @@ def import_hf(hf_dir: Path, out: Path) -> str:
         consolidate.write_meta(tmp, {"model": model, "step": 0, "tokens": 0, "adam_step": 0, "layout": layout})
         has_tokenizer = write_tokenizer(hf_dir, tmp / checkpoint.TOKENIZER_DIR)
         checkpoint.write_manifest(tmp)  # so train.init_from verifies it like any checkpoint
-    overrides = " ".join(f"model.{k}={v}" for k, v in model.items())
+    overrides = " ".join(f"model.{k}={override_value(v)}" for k, v in model.items())
     if has_tokenizer:
         overrides += f" data.tokenizer.source={out / checkpoint.TOKENIZER_DIR}"
     note = "" if has_tokenizer else " (no tokenizer files in HF_DIR)"
     return (
-        f"imported {hf_dir} to {out}: {params:,} parameters{note}; train from it with train.init_from={out} {overrides}"
+        f"imported {hf_dir} to {out}: {family.name}, {params:,} parameters{note}; "
+        f"train from it with train.init_from={out} {overrides}"
     )
+
+
+def override_value(value) -> str:
+    """A meta.json value as a Hydra command-line override value."""
+    return str(value).lower() if isinstance(value, bool) else str(value)
