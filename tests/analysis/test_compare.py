@@ -1,8 +1,9 @@
 """trainer.compare: layout names, bad input, and the report of a real (tiny) comparison.
 
-The comparison test trains the baseline and two layouts at world 2 for a few steps and checks the
-report's schema and the numbers that must agree with the analytic model exactly or closely: parameter,
-gradient and optimizer memory per rank, and the communication volume. It asserts no timings.
+The comparison tests train a few layouts at world 2 for a few steps (gpt-tiny: the baseline and two layouts;
+llama-tiny: three) and check the report's schema and the numbers that must agree with the analytic model
+exactly or closely: parameter, gradient and optimizer memory per rank, and the communication volume
+(llama-tiny also its activations). They assert no timings.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from trainer.analysis.planner.calibrate import REQUIRED
 from trainer.config.schema import BadInput
 
 TINY_MODEL = ["model.n_layer=2", "model.n_embd=64", "model.n_head=4", "model.seq_len=32", "model.vocab_size=512"]
+LLAMA_TINY = ["model=llama-tiny", "model.seq_len=32", "model.vocab_size=512"]  # the tokenizer's 512 tokens
 
 
 def test_layout_names_give_degrees():
@@ -97,6 +99,48 @@ def test_report_of_a_small_comparison(tmp_path, data_cache):
     ranks = _read_csv(out / "ranks.csv")
     assert list(ranks[0]) == RANK_FIELDS
     assert [row["layout"] for row in ranks] == ["baseline", "dp2", "dp2", "tp2", "tp2"]
+    _assert_agrees_with_the_analytic_model(ranks)
+    losses = [float(by_name[n]["final_loss"]) for n in ("baseline", "dp2", "tp2")]
+    assert max(losses) - min(losses) < 1e-3  # same model, same data: same losses
+
+
+@pytest.mark.slow
+def test_llama_tiny_comparison(tmp_path, data_cache):
+    """llama-tiny (grouped-query attention 4/2, SwiGLU, RMSNorm, rotary, untied head) against the same analytic
+    model at gpt-tiny's tolerances: one process, tp2 with SP (the RMSNorms' weights are the only replicated
+    gradients) and pp2 (the untied head: no tied-embedding all-reduce between the end stages)."""
+    out = tmp_path / "cmp"
+    layouts = ["single", "tp2-sp", "pp2"]
+    proc = _compare(
+        "compare.world=2",
+        f"compare.layouts=[{','.join(layouts)}]",
+        "compare.warmup_steps=1",
+        "compare.steps=2",
+        "compare.micro_batch=2",
+        "compare.global_batch=8",
+        "compare.wandb_mode=disabled",
+        f"compare.out={out}",
+        *LLAMA_TINY,
+        *tiny_corpus_overrides(data_cache),
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    by_name = {row["layout"]: row for row in _read_csv(out / "results.csv")}
+    assert [by_name[n]["status"] for n in layouts] == ["ok"] * 3
+    ranks = _read_csv(out / "ranks.csv")
+    assert [row["layout"] for row in ranks] == ["single", "tp2-sp", "tp2-sp", "pp2", "pp2"]
+    _assert_agrees_with_the_analytic_model(ranks)
+    for row in ranks:
+        # measured +6..8 % (torch's unfused CPU RMSNorm keeps x·rsqrt, the formula counts dropout masks that
+        # dropout 0 does not store); tp2-sp +15 % as for gpt-tiny (the all-gathered inputs are saved whole)
+        measured, predicted = float(row["activations_bytes"]), float(row["predicted_activations_bytes"])
+        assert measured == pytest.approx(predicted, rel=0.20 if row["layout"] == "tp2-sp" else 0.10), row["layout"]
+    losses = [float(by_name[n]["final_loss"]) for n in layouts]
+    assert max(losses) - min(losses) < 1e-3
+
+
+def _assert_agrees_with_the_analytic_model(ranks: list[dict]) -> None:
+    """Per rank: parameters exactly, model states within 10 %, communication within 0.1 %, the tensor-parallel
+    collectives' count and bytes exactly."""
     for row in ranks:
         assert int(row["shard_params"]) == round(float(row["predicted_params"]))
         for kind in ("params", "grads", "master", "optimizer"):
@@ -106,8 +150,6 @@ def test_report_of_a_small_comparison(tmp_path, data_cache):
         assert float(row["comm_wire_bytes"]) == pytest.approx(float(row["predicted_comm_wire_bytes"]), rel=1e-3)
         assert row["tp_count"] == row["predicted_tp_count"]
         assert float(row["tp_bytes"]) == float(row["predicted_tp_bytes"])
-    losses = [float(by_name[n]["final_loss"]) for n in ("baseline", "dp2", "tp2")]
-    assert max(losses) - min(losses) < 1e-3  # same model, same data: same losses
 
 
 def _read_csv(path) -> list[dict]:

@@ -2,7 +2,9 @@
 
 Every measured number the trainer reports has its prediction here, from the papers the layouts
 come from. Units: elements or bytes as named; l layers, h hidden, a heads, s sequence, V vocabulary,
-b micro-batch, t tensor-parallel degree, Ψ parameters.
+b micro-batch, t tensor-parallel degree, Ψ parameters; for Llama-style models k key/value heads, d = h/a
+the head size, f the MLP's inner size (``trainer.model.shape.ModelShape``, which the ``shape_*`` functions
+read: the papers' GPT formulas are their k = a, f = 4h, learned-position case).
 """
 
 from __future__ import annotations
@@ -97,6 +99,15 @@ def zero_state_bytes(psi: float, dp: int, zero_stage: int, precision: str) -> St
     return model_state_bytes(psi, dp, zero_stage, precision, has_master_copy(precision, zero_stage))
 
 
+# Korthikanti et al.'s per-token bytes (in units of h, 16-bit) that tensor parallelism leaves whole: each norm's
+# input (2 + 2), the QKV and the MLP input layers' inputs (2 + 2), the attention-output and MLP-output dropout
+# masks (1 + 1). The same for LayerNorm and RMSNorm: a fused kernel (LayerNorm everywhere, RMSNorm on CUDA)
+# keeps its input and a per-token statistic. torch's CPU RMSNorm is unfused and also keeps x·rsqrt (+2 per norm,
+# not counted). The masks are counted whatever the dropout (the convention kept from the paper, not modelled
+# per run): at the trainer's default dropout 0 none is stored, and the count is 2 high.
+REPLICATED_ACTIVATIONS = 10.0
+
+
 def activation_bytes_per_layer(
     s: int,
     b: int,
@@ -106,6 +117,7 @@ def activation_bytes_per_layer(
     sequence_parallel: bool = False,
     precision: str = "bf16",
     scores: bool = True,
+    split: float = 24.0,
 ) -> float:
     """Activations one transformer layer keeps for backward (Korthikanti et al. 2022, eqs. 1-4).
 
@@ -114,17 +126,63 @@ def activation_bytes_per_layer(
     count 2-byte activations (and 1-byte dropout masks); fp32 doubles the 2-byte terms, which we
     approximate by scaling the whole expression by 2.
 
+    ``split`` is the part of the 34 that tensor parallelism divides (24 for GPT; ``split_activations``
+    derives it for any ``ModelShape``, ``shape_activation_bytes`` passes it); the other 10 (the two norms'
+    inputs, the QKV and MLP inputs, two dropout masks: ``REPLICATED_ACTIVATIONS``) are the same for every
+    architecture. In general: s·b·h·(10 + S + 5as/h), s·b·h·(10 + S/t + 5as/(ht)), s·b·h/t·(10 + S + 5as/h).
+
     ``scores=False`` drops the 5·a·s/h term (the s×s attention scores, softmax output and its dropout
     mask): fused attention kernels (flash / memory-efficient, and torch's CPU flash kernel) keep only
     the output and a log-sum-exp per row, which is the paper's "selective recomputation" count.
     """
     attention = 5 * a * s / h if scores else 0.0
     if sequence_parallel:
-        per_token = (34 + attention) / t
+        per_token = (REPLICATED_ACTIVATIONS + split + attention) / t
     else:
-        per_token = 10 + 24 / t + attention / t
+        per_token = REPLICATED_ACTIVATIONS + split / t + attention / t
     scale = BYTES[precision] / 2
     return s * b * h * per_token * scale
+
+
+def split_activations(shape) -> float:
+    """The tp-split per-token bytes of one block's activations, in units of h (16-bit): the 24 of
+    Korthikanti et al.'s 10 + 24/t for GPT, term by term for any ``ModelShape`` (k key/value heads of d,
+    f the MLP's inner size):
+
+        Q (QKᵀ's left input)                          2·a·d = 2h
+        K (QKᵀ's right input) and V (the AV input)    2·2·k·d = 4h·k/a    (grouped-query attention: k < a)
+        the attention projection's input             2h
+        rotary positions: QKᵀ's inputs are rotated copies of q and k, while V, a slice of the fused QKV
+          output, keeps that whole output alive: q and k are held twice  2·(a + k)·d = 2h·(1 + k/a)
+        GELU MLP: fc1's output (GELU's input) and GELU's output, f each          2·2f = 4f
+        SwiGLU MLP: fc1's 2f-wide output (gate and up: silu's and the product's inputs), silu's output and
+          the product (fc2's input), f each                                    2·4f = 8f
+
+    GPT (k = a, f = 4h, learned positions): 2 + 4 + 2 + 16 = 24. Llama 3 8B (k/a = 1/4, f = 3.5h, rotary):
+    2 + 1 + 2 + 2.5 + 28 = 35.5. The rotary term is how this trainer (``trainer.model.gpt.CausalSelfAttention``)
+    and Megatron-LM's unfused rotary path keep q and k, measured with the trainer's saved-tensor meter; the
+    paper's model has no rotary embeddings. Not counted (small or device-specific): the rotary cos/sin tables
+    (2·s·d fp32 per block, whatever b), a copy of q that the grouped QKV layout makes for grouped-query
+    attention without rotary positions (a·d; no configured model has it), and the per-row log-sum-exp of the
+    fused attention. The attention scores (5as/h) count query heads, a·s² per head, with any k.
+    """
+    h, k, a, f = shape.n_embd, shape.kv_heads, shape.n_head, shape.ffn_size
+    rope = 2 * (1 + k / a) if shape.position == "rope" else 0.0
+    mlp = (8 if shape.mlp == "swiglu" else 4) * f / h
+    return 2 + 4 * k / a + 2 + rope + mlp
+
+
+def shape_activation_bytes(
+    shape,
+    b: int,
+    t: int = 1,
+    sequence_parallel: bool = False,
+    precision: str = "bf16",
+    scores: bool = True,
+) -> float:
+    """``activation_bytes_per_layer`` of one block of a ``ModelShape`` (its s, h, a and ``split_activations``)."""
+    s, h, a = shape.seq_len, shape.n_embd, shape.n_head
+    return activation_bytes_per_layer(s, b, h, a, t, sequence_parallel, precision, scores, split_activations(shape))
 
 
 def dp_comm_bytes_per_step(psi: float, dp: int, zero_stage: int, grad_bytes: int = 4) -> float:
@@ -232,6 +290,7 @@ def tp_collectives(
     sequence_parallel: bool = False,
     act_bytes: int = 4,
     positions: range | None = None,
+    replicated: tuple[int, int] = (6, 2),
 ) -> dict[str, tuple[int, float]]:
     """(count, full-buffer bytes) per kind of the tensor-parallel collectives of one micro-batch
     (forward and backward) on a rank holding pipeline ``positions`` (default: the whole model).
@@ -242,7 +301,11 @@ def tp_collectives(
     target logit, sum of exponentials). With it each block's 4 all-reduces become 4 all-gathers and
     4 reduce-scatters of b·s·h, entering and leaving the block layout add one all-gather each, and
     every backward all-reduces the h-element gradients of the replicated parameters that saw 1/t of
-    the tokens (2 per LayerNorm, 1 per row-parallel bias: 6 per block, 2 for the final LayerNorm).
+    the tokens (2 per LayerNorm, 1 per row-parallel bias: 6 per block, 2 for the final LayerNorm);
+    ``replicated`` gives those counts, (per block, final norm): ``ModelShape.replicated_vectors()``, (2, 1)
+    for Llama's RMSNorms without biases. The other collectives' sizes do not depend on the architecture:
+    grouped-query attention narrows the column-parallel QKV's output and SwiGLU widens fc1's, not the b·s·h
+    inputs and outputs that are reduced or gathered.
     """
     if t <= 1:
         return {}
@@ -254,7 +317,7 @@ def tp_collectives(
     if not sequence_parallel:
         reduces += 4 * blocks * [bsh]
         return {"all_reduce": (len(reduces), float(sum(reduces)))}
-    reduces += (6 * blocks + 2 * int(norm)) * [h * act_bytes]
+    reduces += (replicated[0] * blocks + replicated[1] * int(norm)) * [h * act_bytes]
     gathers = 4 * blocks + int(first) + int(norm)
     out = {"all_reduce": (len(reduces), float(sum(reduces))), "all_gather": (gathers, float(gathers * bsh))}
     out["reduce_scatter"] = (4 * blocks, float(4 * blocks * bsh))
@@ -294,6 +357,7 @@ def pipeline_p2p_bytes(
 
 
 def head_activation_bytes(s: int, b: int, h: int, V: int, t: int = 1, precision: str = "fp32") -> float:
-    """Activations the output layer keeps: the final LayerNorm's input and output (s·b·h each, the head's
-    input) and one (s, b, V/t) tensor of log-probabilities for the cross-entropy backward (fp32)."""
+    """Activations the output layer keeps: the final norm's input and output (s·b·h each, the head's
+    input) and one (s, b, V/t) tensor of log-probabilities for the cross-entropy backward (fp32). The same
+    for a tied and an untied head, a LayerNorm and an RMSNorm."""
     return s * b * (2 * h * BYTES[precision] + V / t * 4)

@@ -134,6 +134,14 @@ class ModelShape:
         """One LayerNorm (weight and bias: 2h; h without biases) or RMSNorm (h)."""
         return 2 * self.n_embd if self.norm == "layernorm" and self.bias else self.n_embd
 
+    def replicated_vectors(self) -> tuple[int, int]:
+        """The h-element parameters every tp rank holds whole, as (per block, final norm): a block's two norms
+        (weight and bias each for LayerNorm with biases, the weight alone otherwise) and, with biases, the two
+        row-parallel layers' biases. GPT (6, 2); Llama (2, 1). Under sequence parallelism each one's gradient
+        is all-reduced over the tp group."""
+        per_norm = self.norm_params() // self.n_embd
+        return 2 * per_norm + (2 if self.bias else 0), per_norm
+
     def block_params(self, tp: int = 1) -> float:
         """One block on one tp rank: the column-parallel QKV and MLP input layers with their biases, split;
         the attention projection and the MLP output layer split by rows with their biases (h each)

@@ -6,11 +6,12 @@ What is compared, per rank (medians over the measured steps; memory at its high-
     state memory   params, grads, fp32 master copy, Adam states  vs  zero_state_bytes(Ψ_rank, dp, ZeRO, fp32)
                    with Ψ_rank = ModelShape.rank_params(...) for the rank's tp shard and pipeline stage, and the
                    master copy that DeepSpeed's ZeRO optimizers keep even in fp32
-    activations    bytes saved for backward  vs  Korthikanti et al. per layer (no s×s scores: the fused
-                   attention kernel keeps none) × layers on the rank + the output layer, × micro-batches in
-                   flight on a pipeline stage
+    activations    bytes saved for backward  vs  Korthikanti et al. per layer for the model's architecture
+                   (shape_activation_bytes; no s×s scores: the fused attention kernel keeps none) × layers
+                   on the rank + the output layer, × micro-batches in flight on a pipeline stage
     communication  bytes this rank sends per step (ring)  vs  zero_collectives + tp_collectives + pipeline
-                   sends + tied-embedding all-reduce; the paper's DP count (2Ψ, 3Ψ for ZeRO-3) beside it
+                   sends + the tied embedding's all-reduce (none for an untied head); the paper's DP count
+                   (2Ψ, 3Ψ for ZeRO-3) beside it
     bubble         idle / compute per pipeline stage  vs  (p-1)/m
 """
 
@@ -21,11 +22,11 @@ import statistics
 from dataclasses import dataclass, field
 
 from trainer.analysis.formulas import (
-    activation_bytes_per_layer,
     dp_comm_bytes_per_step,
     head_activation_bytes,
     pipeline_bubble,
     pipeline_p2p_bytes,
+    shape_activation_bytes,
     tp_collectives,
     wire_bytes,
     zero2_gradient_elements,
@@ -176,7 +177,7 @@ def _rank_result(outcome, measured: list[dict], i: int) -> RankResult:
 
 
 def _dense_param_groups(shape) -> list[list[int]]:
-    """Parameter sizes of the dense GPT in the optimizer's two groups (trainer.runtime.engine.param_groups:
+    """Parameter sizes of the dense model in the optimizer's two groups (trainer.runtime.engine.param_groups:
     matrices decayed, vectors not), in module order: the order ZeRO flattens them in."""
     import torch
 
@@ -193,7 +194,7 @@ def predict_rank(outcome, positions: list[int], stage: int, coords_dp: int) -> d
 
     lay, cfg, plan = outcome.layout, outcome.cfg, outcome.plan
     shape = model_shape(cfg)
-    l, h, a, s, V = shape.n_layer, shape.n_embd, shape.n_head, shape.seq_len, shape.vocab_size
+    l, h, s, V = shape.n_layer, shape.n_embd, shape.seq_len, shape.vocab_size
     t, p, dp, b, m = lay.tp, lay.pp, lay.dp, plan.micro_batch, plan.grad_accum
     where = range(*positions)
     psi = shape.rank_params(t, where)
@@ -203,15 +204,15 @@ def predict_rank(outcome, positions: list[int], stage: int, coords_dp: int) -> d
         grads = 4 * zero2_gradient_elements(_dense_param_groups(shape), dp, coords_dp)
     blocks = sum(1 for pos in where if 1 <= pos <= l)
     in_flight = min(p - stage, m) if p > 1 else 1
-    per_micro = blocks * activation_bytes_per_layer(s, b, h, a, t, lay.sp, "fp32", scores=False)
+    per_micro = blocks * shape_activation_bytes(shape, b, t, lay.sp, "fp32", scores=False)
     per_micro += head_activation_bytes(s, b, h, V, t) if l + 2 in where else 0.0
     dp_kinds = zero_collectives(psi, dp, lay.zero, m)
-    tp = tp_collectives(l, b, s, h, t, lay.sp, positions=where)
+    tp = tp_collectives(l, b, s, h, t, lay.sp, positions=where, replicated=shape.replicated_vectors())
     tp_total = (sum(c for c, _ in tp.values()) * m, sum(bytes_ for _, bytes_ in tp.values()) * m)
     comm = sum(wire_bytes(k, v, dp) for k, v in dp_kinds.items())
     comm += sum(wire_bytes(k, v * m, t) for k, (_, v) in tp.items())
     comm += pipeline_p2p_bytes(b, s // t if lay.sp else s, h, stage, p, m, t=t, partitioned=t > 1 and not lay.sp)
-    if p > 1 and stage in (0, p - 1):  # the tied embedding's gradient, all-reduced between the end stages
+    if shape.tie_embeddings and p > 1 and stage in (0, p - 1):  # the tied embedding's gradient, end stages
         comm += wire_bytes("all_reduce", V * h / t * 4, 2)
     return {
         "psi": psi,

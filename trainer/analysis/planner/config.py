@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from omegaconf import MISSING
 
 from trainer.config.schema import ConfigError, ModelConfig, ParallelConfig
+from trainer.config.validate import _validate_architecture
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
@@ -127,6 +128,7 @@ def validate_plan(cfg: PlanConfig) -> None:
             raise ConfigError(f"model.{key}", getattr(m, key), "must be > 0")
     if m.n_embd % m.n_head:
         raise ConfigError("model.n_head", m.n_head, f"must divide model.n_embd={m.n_embd}")
+    _validate_architecture(m)  # the trainer's own check of n_kv_head, ffn_hidden, mlp, norm, position
     validate_cluster(cfg.cluster)
     if cfg.parallel.precision not in PRECISIONS:
         raise ConfigError("parallel.precision", cfg.parallel.precision, f"must be one of {', '.join(PRECISIONS)}")

@@ -5,12 +5,16 @@
 
 Compute: the slowest stage's executed FLOPs over peak × compute_efficiency (the matmuls), plus its
 memory-bound traffic over memory bandwidth (elementwise_bytes: small hidden sizes lose most to it). A block's forward is
-24bsh² + 4bs²h FLOPs; training runs it 3 times (forward + backward), 4 with full recompute, and
-selective recompute adds the attention core's 4bs²h; the head adds 6bshV on the last stage. Summed
-over stages this is Narayanan et al. 2021's 72·B·s·l·h²(1 + s/6h + V/12lh) (96 and V/16lh with full
-recompute). Collectives are ring collectives (time = ring bytes / bandwidth + steps × latency):
+2bsW + 4bs²h FLOPs, W = ``ModelShape.block_weights()`` the elements of its weight matrices (12h² for GPT:
+24bsh² + 4bs²h; (a+2k)·d·h + h² + 3fh with grouped-query attention and SwiGLU; the attention core counts query
+heads, so k does not enter it); training runs it 3 times (forward + backward), 4 with full recompute, and
+selective recompute adds the attention core's 4bs²h; the head adds 6bshV on the last stage, tied or not. Summed
+over stages this is ``formulas.flops_per_token``, for GPT Narayanan et al. 2021's 72·B·s·l·h²(1 + s/6h +
+V/12lh) (96 and V/16lh with full recompute). Collectives are ring collectives (time = ring bytes / bandwidth
++ steps × latency):
   * tp: 4 all-reduces of b·s·h per block and micro-batch (2 forward, 2 backward), 6 with full
     recompute; SP's all-gather + reduce-scatter pairs move the same bytes. Over NVLink, not overlapped.
+    The same for GQA and SwiGLU: their column-parallel layers' outputs change width, not the b·s·h reduced.
   * pp: each micro-batch sends its activation forward and its gradient back, b·s·h/t per GPU
     (Megatron's scatter/gather: each tp rank sends its slice), across nodes when there are several.
   * dp: after the last micro-batch (DeepSpeed reduces at the accumulation boundary; the trainer sets
@@ -26,7 +30,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from trainer.analysis.formulas import BYTES, activation_bytes_per_layer, tp_collectives, wire_bytes
+from trainer.analysis.formulas import BYTES, shape_activation_bytes, tp_collectives, wire_bytes
 from trainer.analysis.planner.cluster import ClusterSpec, Link
 from trainer.analysis.planner.layouts import Layout
 from trainer.model.shape import ModelShape
@@ -56,9 +60,10 @@ def ring_time(message_bytes: float, n: int, kind: str, link: Link, call_latency:
 
 
 def block_flops(shape: ModelShape, layout: Layout) -> float:
-    """Executed FLOPs of one block for one micro-batch (forward, backward and any recompute)."""
+    """Executed FLOPs of one block for one micro-batch (forward, backward and any recompute): the forward's
+    2bsW for the weight matrices (W = 12h² for GPT) and 4bs²h for QKᵀ and the attention-weighted V."""
     b, s, h = layout.micro_batch, shape.seq_len, shape.n_embd
-    forward = 24 * b * s * h * h + 4 * b * s * s * h
+    forward = 2 * b * s * shape.block_weights() + 4 * b * s * s * h
     extra = {"none": 0.0, "selective": 4 * b * s * s * h, "full": forward}[layout.recompute]
     return 3 * forward + extra
 
@@ -68,13 +73,16 @@ def head_flops(shape: ModelShape, layout: Layout) -> float:
 
 
 def elementwise_bytes(shape: ModelShape, layout: Layout, precision: str, last: bool = True) -> float:
-    """Memory traffic of the last stage's memory-bound work (LayerNorm, GeLU, softmax, dropout, the
-    loss) for one micro-batch. Each op reads its input and writes its output, which Korthikanti et al.
-    count as the activations a block stores, A: the forward moves 2A; the backward twice that, as with
-    FLOPs; full recompute adds a forward, selective the attention core's share (5as/h of 34 + 5as/h)."""
-    s, b, h, a, t = shape.seq_len, layout.micro_batch, shape.n_embd, shape.n_head, layout.tp
-    block = activation_bytes_per_layer(s, b, h, a, t, layout.sequence_parallel, precision)
-    passes = {"none": 3.0, "selective": 3 + (5 * a * s / h) / (34 + 5 * a * s / h), "full": 4.0}[layout.recompute]
+    """Memory traffic of the last stage's memory-bound work (the norms, GeLU or SiLU and the gating product,
+    softmax, dropout, the loss) for one micro-batch. Each op reads its input and writes its output, which
+    Korthikanti et al. count as the activations a block stores, A (``formulas.shape_activation_bytes``: wider
+    for SwiGLU, narrower K and V for GQA): the forward moves 2A; the backward twice that, as with FLOPs; full
+    recompute adds a forward, selective the attention core's share of A at t = 1 (5as/h of 34 + 5as/h for GPT)."""
+    s, b, h, t = shape.seq_len, layout.micro_batch, shape.n_embd, layout.tp
+    block = shape_activation_bytes(shape, b, t, layout.sequence_parallel, precision)
+    whole = shape_activation_bytes(shape, b)
+    core = (whole - shape_activation_bytes(shape, b, scores=False)) / whole
+    passes = {"none": 3.0, "selective": 3 + core, "full": 4.0}[layout.recompute]
     head = 4 * s * b * h / t * (1 + shape.padded_vocab(t) / h) * BYTES[precision] / 2 if last else 0.0
     return 2 * (passes * (shape.n_layer // layout.pp) * block + 3 * head)
 
@@ -100,8 +108,9 @@ def tp_calls(shape: ModelShape, layout: Layout) -> int:
         return 0
     positions = range(0 if layout.pp == 1 else l - blocks + 1, l + 3)
     found = tp_collectives(
-        l, layout.micro_batch, shape.seq_len, shape.n_embd, t, layout.sequence_parallel, 4, positions
-    )
+        l, layout.micro_batch, shape.seq_len, shape.n_embd, t, layout.sequence_parallel, 4, positions,
+        shape.replicated_vectors(),
+    )  # fmt: skip
     recompute = blocks * (4 if layout.sequence_parallel else 2) if layout.recompute == "full" else 0
     return sum(count for count, _ in found.values()) + recompute
 

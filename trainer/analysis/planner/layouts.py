@@ -1,9 +1,10 @@
 """Every layout the trainer accepts for a model on a cluster, and the command line that runs one.
 
 Rules (the trainer's validate() plus the planner's own): tp divides the GPUs per node (a tp group stays
-inside a node) and the heads; pp divides the layers (uneven splits refused); dp = world / (tp·pp)
-divides the global batch; ZeRO-2/3 only without a pipeline; the micro-batch divides the per-replica
-batch (integer gradient accumulation); sequence parallelism only at tp > 1 with seq_len divisible by tp.
+inside a node), the query heads, the key/value heads and the MLP's inner size; pp divides the layers (uneven
+splits refused); dp = world / (tp·pp) divides the global batch; ZeRO-2/3 only without a pipeline; the
+micro-batch divides the per-replica batch (integer gradient accumulation); sequence parallelism only at tp > 1
+with seq_len divisible by tp.
 """
 
 from __future__ import annotations
@@ -56,11 +57,24 @@ def divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
+def tp_refusal(shape: ModelShape, tp: int) -> str | None:
+    """Why the model cannot be split over ``tp`` ranks (the trainer's rule: whole query heads, whole key/value
+    heads and an even share of the MLP's inner size on every rank), or None."""
+    if shape.n_head % tp:
+        return f"does not divide {shape.n_head} heads"
+    if shape.kv_heads % tp:
+        return f"does not divide {shape.kv_heads} key/value heads"
+    if shape.ffn_size % tp:
+        return f"does not divide the MLP's inner size {shape.ffn_size}"
+    return None
+
+
 def tensor_degrees(shape: ModelShape, gpus_per_node: int, excluded: list[str]) -> list[int]:
     degrees = []
     for tp in divisors(gpus_per_node):
-        if shape.n_head % tp:
-            excluded.append(f"tp={tp}: does not divide {shape.n_head} heads")
+        refusal = tp_refusal(shape, tp)
+        if refusal:
+            excluded.append(f"tp={tp}: {refusal}")
         else:
             degrees.append(tp)
     return degrees

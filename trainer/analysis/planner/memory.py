@@ -1,11 +1,14 @@
 """Per-GPU memory of a layout: model states, activations, buffers and a stated margin.
 
 Model states follow Rajbhandari et al. 2020 (mixed precision: 2Ψ weights + 2Ψ gradients + KΨ optimizer
-with K = 12; fp32: 4Ψ + 4Ψ + 8Ψ), through trainer.analysis.formulas. Activations follow Korthikanti et al. 2022
-(bytes per layer per micro-batch, 16-bit): sbh(34 + 5as/h) without parallelism, sbh(10 + 24/t + 5as/(ht))
-with tp, sbh/t(34 + 5as/h) with tp + SP; selective recompute drops the 5as/h term (the attention core
-is recomputed), full recompute keeps only the block input, 2sbh (2sbh/t with SP), plus one block's
-activations while it is recomputed. Under 1F1B the first stage holds min(p, m) micro-batches in flight.
+with K = 12; fp32: 4Ψ + 4Ψ + 8Ψ), through trainer.analysis.formulas, with Ψ the stage's share of the
+shape's parameters (``ModelShape.stage_params``: GQA's narrower QKV, SwiGLU's three matrices, an untied head).
+Activations follow Korthikanti et al. 2022 (bytes per layer per micro-batch, 16-bit): sbh(10 + S + 5as/h)
+without parallelism, sbh(10 + S/t + 5as/(ht)) with tp, sbh/t(10 + S + 5as/h) with tp + SP, where S is the
+tp-split part (24 for GPT, ``formulas.split_activations`` for GQA, SwiGLU and rotary positions); selective
+recompute drops the 5as/h term (the attention core is recomputed), full recompute keeps only the block
+input, 2sbh (2sbh/t with SP), plus one block's activations while it is recomputed. Under 1F1B the first
+stage holds min(p, m) micro-batches in flight.
 
 Buffers are what DeepSpeed (0.19) allocates beside the model states, sized by the trainer's ds_config:
 ZeRO-1/2 reduce gradients through one bucket and all-gather updated weights straight into the flat
@@ -19,7 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from trainer.analysis.formulas import BYTES, activation_bytes_per_layer, zero_state_bytes
+from trainer.analysis.formulas import BYTES, shape_activation_bytes, zero_state_bytes
 from trainer.analysis.planner.layouts import Layout
 from trainer.model.shape import ModelShape
 from trainer.runtime.ds_config import ZERO3_MAX_LIVE_PARAMETERS, ZERO3_SUB_GROUP_ELEMENTS, ZERO_BUCKET_ELEMENTS
@@ -54,25 +57,26 @@ class Memory:
 
 
 def layer_activation_bytes(shape: ModelShape, layout: Layout, precision: str) -> float:
-    """Activations one block keeps for backward, per micro-batch (Korthikanti et al. 2022, Table 2)."""
-    s, b, h, a, t = shape.seq_len, layout.micro_batch, shape.n_embd, shape.n_head, layout.tp
+    """Activations one block keeps for backward, per micro-batch (Korthikanti et al. 2022, Table 2): all of
+    them, all but the attention scores (selective: sbh(10 + 24/t) for GPT, 34sbh/t with SP), or the block's
+    input alone (full)."""
+    s, b, h, t = shape.seq_len, layout.micro_batch, shape.n_embd, layout.tp
     sp = layout.sequence_parallel
+    if layout.recompute != "full":
+        return shape_activation_bytes(shape, b, t, sp, precision, scores=layout.recompute == "none")
     scale = BYTES[precision] / 2  # the paper counts 16-bit activations
-    if layout.recompute == "none":
-        return activation_bytes_per_layer(s, b, h, a, t, sp, precision)
-    if layout.recompute == "selective":
-        return s * b * h * (34 / t if sp else 10 + 24 / t) * scale
     return 2 * s * b * h / (t if sp else 1) * scale  # full: the block's input only
 
 
 def activation_bytes(shape: ModelShape, layout: Layout, global_batch: int, precision: str, first: bool) -> float:
     """A stage's activations: its blocks for the micro-batches in flight, the embedding's dropout mask
-    (first stage) or the head's input and fp32 logits (last stage: 4sbh/t·(1 + V/h), Korthikanti et al.)."""
+    (first stage) or the head's input and fp32 logits (last stage: 4sbh/t·(1 + V/h), Korthikanti et al.; the
+    same for a tied or an untied head)."""
     s, b, h, t = shape.seq_len, layout.micro_batch, shape.n_embd, layout.tp
     in_flight = min(layout.pp, layout.micro_batches(global_batch)) if first else 1
     blocks = in_flight * (shape.n_layer // layout.pp) * layer_activation_bytes(shape, layout, precision)
     if layout.recompute == "full":  # one block's full activations exist while it is recomputed
-        blocks += activation_bytes_per_layer(s, b, h, shape.n_head, t, layout.sequence_parallel, precision)
+        blocks += shape_activation_bytes(shape, b, t, layout.sequence_parallel, precision)
     last = not first or layout.pp == 1
     embedding = in_flight * s * b * h / (t if layout.sequence_parallel else 1) if first else 0.0
     head = 4 * s * b * h / t * (1 + shape.padded_vocab(t) / h) if last else 0.0

@@ -20,7 +20,7 @@ class Prediction:
     memory: Memory
     time: StepTime
     tokens_per_s: float
-    tflops_per_gpu: float  # model FLOPs (72·B·s·l·h²(...), no recompute) per second per GPU
+    tflops_per_gpu: float  # model FLOPs (shape_flops_per_token; GPT 72·B·s·l·h²(...), no recompute) per s per GPU
     hw_tflops_per_gpu: float  # executed FLOPs, recompute included (Megatron-LM's reported convention)
     mfu: float  # tflops_per_gpu / peak
     fits: bool

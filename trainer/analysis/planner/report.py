@@ -35,11 +35,22 @@ def console() -> Console:
     return Console(width=None if sys.stdout.isatty() else 160, highlight=False)
 
 
+def architecture(s) -> str:
+    """The shape's sizes as the header prints them; a Llama-style model adds its key/value heads, MLP inner
+    size and what differs from GPT-2 (e.g. "k=8, f=14336, swiglu, rmsnorm, rope, untied head")."""
+    sizes = f"l={s.n_layer}, h={s.n_embd}, a={s.n_head}"
+    arch = (s.kv_heads, s.ffn_size, s.mlp, s.norm, s.position, s.bias, s.tie_embeddings)
+    if arch != (s.n_head, 4 * s.n_embd, "gelu", "layernorm", "learned", True, True):  # not GPT-2's
+        kinds = [s.mlp, s.norm, s.position, *([] if s.bias else ["no biases"])]
+        kinds += [] if s.tie_embeddings else ["untied head"]
+        sizes += f", k={s.kv_heads}, f={s.ffn_size}, {', '.join(kinds)}"
+    return f"{sizes}, s={s.seq_len}, V={s.vocab_size}"
+
+
 def header(plan: Plan) -> list[str]:
     s, c = plan.shape, plan.cluster
     lines = [
-        f"model {s.name}: {s.params() / 1e9:,.2f}B parameters (l={s.n_layer}, h={s.n_embd}, a={s.n_head}, "
-        f"s={s.seq_len}, V={s.vocab_size})",
+        f"model {s.name}: {s.params() / 1e9:,.2f}B parameters ({architecture(s)})",
         f"cluster {c.name}: {c.nodes} node(s) x {c.gpus_per_node} {c.gpu} = {c.world} ranks; per rank "
         f"{c.mem_bytes / GB:.1f} GB, {c.rank_peak(plan.precision) / 1e12:.3g} TFLOP/s {plan.precision} peak, "
         f"matmul efficiency {c.compute_efficiency:.2f}",
@@ -80,7 +91,10 @@ def print_plan(plan: Plan, top: int, rejected_lines: int, model_overrides: list[
     ranked = plan.ranked
     title = f"top {min(top, len(ranked))} of {len(ranked)} layouts that fit ({len(plan.predictions)} enumerated)"
     out.print(layout_table(plan, ranked[:top], title + ", fastest first"))
-    out.print("TFLOP/s/GPU and MFU count model FLOPs (72·B·s·l·h²(1 + s/6h + V/12lh)), not recompute")
+    out.print(
+        "TFLOP/s/GPU and MFU count model FLOPs (6·(l·W + V·h) + 12·l·s·h per token, W a block's weights; "
+        "72·B·s·l·h²(1 + s/6h + V/12lh) for GPT), not recompute"
+    )
     print_rejections(out, plan, rejected_lines)
     print_command(out, plan, model_overrides)
 
@@ -150,15 +164,7 @@ def layout_record(plan: Plan, p: Prediction) -> dict:
 def write_json(plan: Plan, path: str) -> None:
     s, c = plan.shape, plan.cluster
     meta = {
-        "model": {
-            "name": s.name,
-            "n_layer": s.n_layer,
-            "n_embd": s.n_embd,
-            "n_head": s.n_head,
-            "seq_len": s.seq_len,
-            "vocab_size": s.vocab_size,
-            "params": s.params(),
-        },
+        "model": {"name": s.name, **s.meta(), "params": s.params()},  # sizes and architecture (k, f resolved)
         "cluster": {
             "name": c.name,
             "nodes": c.nodes,

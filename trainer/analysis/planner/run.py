@@ -32,7 +32,7 @@ def compose_plan(overrides: list[str]) -> PlanConfig:
 def check(cfg: PlanConfig) -> None:
     """validate_plan, then the global batch against the layouts this cluster allows (enumeration is cheap)."""
     from trainer.analysis.planner.cluster import local_ranks
-    from trainer.analysis.planner.layouts import enumerate_layouts
+    from trainer.analysis.planner.layouts import enumerate_layouts, tp_refusal
     from trainer.model.shape import ModelShape
 
     validate_plan(cfg)
@@ -45,7 +45,10 @@ def check(cfg: PlanConfig) -> None:
             world // (tp * pp)
             for tp in range(1, per_node + 1)
             for pp in range(1, shape.n_layer + 1)
-            if world % (tp * pp) == 0 and per_node % tp == 0 and shape.n_head % tp == 0 and shape.n_layer % pp == 0
+            if world % (tp * pp) == 0
+            and per_node % tp == 0
+            and tp_refusal(shape, tp) is None
+            and shape.n_layer % pp == 0
         )
         raise ConfigError(
             key,
