@@ -3,7 +3,7 @@
 
 Parses and validates the command line (bad input: one line, exit code 2, nothing written), then hands
 the run to ``trainer.training.run``. Exit codes: 0 done, 1 a failed save or too many non-finite steps,
-2 bad input.
+2 bad input, 75 stopped by SIGTERM or SIGUSR1 after saving a checkpoint (``trainer.training.preempt``).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from trainer.config.schema import BadInput, Config
 from trainer.config.validate import validate
 from trainer.runtime.env import adopt_mpi_env, world_size_from_env
 from trainer.training.guard import TooManySkips
+from trainer.training.preempt import EXIT_PREEMPTED, Preempted
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
@@ -43,6 +44,8 @@ def main(cfg_node: DictConfig) -> None:
     except TooManySkips as err:  # every rank sees the same count and stops at the same step
         print(f"stopped: {err}", file=sys.stderr, flush=True)
         sys.exit(1)
+    except Preempted:  # every rank saved the same step; the line was printed
+        sys.exit(EXIT_PREEMPTED)
 
 
 def _discard_unused_run_dir(run_dir: Path) -> None:

@@ -21,6 +21,7 @@ from trainer.parallel.mappings import gather_objects
 from trainer.training.guard import SkipCounter
 from trainer.training.instruments import StepInstruments
 from trainer.training.output import Console, MetricsLog
+from trainer.training.preempt import Preempted, StopSignal
 from trainer.training.record import (
     EvalRecord,
     FitResult,
@@ -49,6 +50,7 @@ class LoopParts:
     metrics: MetricsLog
     console: Console
     save: Callable[[int], None]  # writes the checkpoint of a step
+    stop: StopSignal | None = None  # a scheduler's signal: save and stop after the step (training.preempt)
 
 
 class Trainer:
@@ -81,7 +83,8 @@ class Trainer:
                         f"step {step + 1}: non-finite loss or gradient, update skipped ({self.skips.in_a_row} in a row)"
                     )
                 self._maybe_evaluate(step, result)
-                self._maybe_save(step)
+                saved = self._maybe_save(step)
+                self._stop_if_signalled(step, saved)
                 if measure:
                     self.inst.measuring = False
                     window = Window()
@@ -135,8 +138,19 @@ class Trainer:
         self.p.metrics.log(EvalRecord(step + 1, result.val_loss, result.val_ppl).to_dict())
         self.p.console.print(f"step {step + 1:>6}  val_loss {result.val_loss:.4f}  val_ppl {result.val_ppl:.2f}")
 
-    def _maybe_save(self, step: int) -> None:
+    def _maybe_save(self, step: int) -> bool:
         interval, last = self.p.train.save_interval, step + 1 == self.p.train.steps
         if interval == -1 or not (last or (interval > 0 and (step + 1) % interval == 0)):
-            return
+            return False
         self.p.save(step + 1)
+        return True
+
+    def _stop_if_signalled(self, step: int, saved: bool) -> None:
+        """After a scheduler's signal to any rank: every rank saves this step (once) and stops."""
+        stop = self.p.stop
+        if stop is None or step + 1 == self.p.train.steps or not stop.agreed(self.p.device):
+            return  # (the last step ends the run as usual)
+        can_save = self.p.train.save_interval != -1
+        if can_save and not saved:
+            self.p.save(step + 1)
+        raise Preempted(step + 1, stop.name, can_save)

@@ -23,6 +23,7 @@ from trainer.checkpoint.resume import check_model_matches, layout_of, model_meta
 from trainer.config.schema import BadInput, BatchPlan, Config, lean_heap
 from trainer.data.setup import build_streams, prepare_data
 from trainer.runtime.env import world_size_from_env
+from trainer.training.preempt import MARKER, Preempted, StopSignal
 from trainer.training.record import Throughput, finish
 
 # ZeRO calls a torch collective under its deprecated name; the warning repeats every step.
@@ -31,6 +32,7 @@ RUN_FILES = "metrics.jsonl, summary.json, config.yaml, ds_config.json, checkpoin
 
 
 def write_run_files(run_dir: Path, cfg_node: DictConfig, ds_dict: dict) -> None:
+    (run_dir / MARKER).unlink(missing_ok=True)  # left by a preempted run this one continues
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg_node, resolve=True))
     (run_dir / "ds_config.json").write_text(json.dumps(ds_dict, indent=2) + "\n")
 
@@ -157,11 +159,21 @@ def run(cfg: Config, cfg_node: DictConfig, plan: BatchPlan, run_dir: Path) -> No
 
     throughput = throughput_of(cfg, built.shape, device, world)
     console.print(f"peak {throughput.peak_flops_per_rank / 1e9:,.0f} GFLOP/s per rank ({device.type})")
+    stop = StopSignal().install()
     parts = LoopParts(
         engine, inputs.stream, inputs.val, cfg.train, plan, mesh, device, throughput, built.comm, metrics, console, save
     )
+    parts.stop = stop
     try:
         result = Trainer(parts).fit(start_step)
+        stop.restore()  # (after a stop the handlers stay: a late signal must not kill the exit's cleanup)
+    except Preempted as preempted:
+        console.print(str(preempted))
+        if rank == 0:
+            record = {"step": preempted.step, "signal": preempted.signal_name, "saved": preempted.saved}
+            (run_dir / MARKER).write_text(json.dumps(record) + "\n")
+        shutdown()
+        raise
     finally:
         console.close()
         metrics.close()
