@@ -28,6 +28,7 @@ from pathlib import Path
 import pytest
 
 from conftest import PARITY_RTOL, ROOT, child_env, free_port, read_metrics, run_train, tiny_corpus_overrides
+from trainer.training.preempt import EXIT_PREEMPTED, MARKER
 
 STEPS = 5
 RANKS_PER_NODE = 2
@@ -416,6 +417,64 @@ def test_slurm_script_generates_the_simulated_commands(tmp_path, data_cache):
     words = _slurm_dry_run(tmp_path, ["a=1"], SLURM_GPUS_ON_NODE="h100:4")[1]
     assert words[words.index("--num_gpus") + 1] == "4"
     assert words[words.index("--master_port") + 1] == str(20000 + 4242 % 10000)
+
+
+def _run_slurm_script(tmp_path: Path, srun_rc: int, marker: bool = False) -> tuple[subprocess.CompletedProcess, str]:
+    """slurm.sbatch (not a dry run) with stand-ins: an srun that exits ``srun_rc`` (after writing the
+    preemption marker, if asked) and an scontrol that expands node lists and records what else it is told."""
+    fake = tmp_path / "fake-bin"
+    fake.mkdir(exist_ok=True)
+    calls = tmp_path / "scontrol.calls"
+    (fake / "scontrol").write_text(
+        f'#!/bin/sh\nif [ "$1 $2" = "show hostnames" ]; then echo "$3" | tr , "\\n"; else echo "$@" >>{calls}; fi\n'
+    )
+    mark = f"mkdir -p runs/slurm-4242 && touch runs/slurm-4242/{MARKER}\n" if marker else ""
+    (fake / "srun").write_text(f"#!/bin/sh\n{mark}exit {srun_rc}\n")
+    for tool in ("scontrol", "srun"):
+        (fake / tool).chmod(0o755)
+    root = tmp_path / "project"
+    (root / "trainer").mkdir(parents=True, exist_ok=True)
+    (root / "trainer" / "train.py").touch()  # the script checks it stands in the project root
+    allocation = dict(
+        SLURM_JOB_ID="4242", SLURM_JOB_NUM_NODES="2", SLURM_NNODES="2", SLURM_JOB_NODELIST="node0,node1",
+        SLURM_SUBMIT_DIR=str(root), GPUS_PER_NODE="2",
+    )  # fmt: skip
+    run_env = _launcher_env(**allocation)
+    run_env["PATH"] = f"{fake}:{run_env['PATH']}"
+    proc = subprocess.run(
+        ["bash", str(ROOT / "launch" / "slurm.sbatch"), "debug=smoke"],
+        cwd=root,
+        env=run_env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    return proc, calls.read_text() if calls.is_file() else ""
+
+
+@pytest.mark.parametrize(("srun_rc", "marker"), [(EXIT_PREEMPTED, False), (1, True)])
+def test_slurm_script_requeues_a_preempted_job(srun_rc, marker, tmp_path):
+    proc, calls = _run_slurm_script(tmp_path, srun_rc, marker)
+    assert proc.returncode == 0, proc.stderr
+    assert calls == "requeue 4242\n" and "requeued" in proc.stdout
+
+
+def test_slurm_script_passes_other_failures_on_without_requeue(tmp_path):
+    proc, calls = _run_slurm_script(tmp_path, 1)
+    assert proc.returncode == 1 and calls == ""
+
+
+def test_requeued_slurm_job_continues_from_its_checkpoint(tmp_path):
+    first = _slurm_dry_run(tmp_path, ["debug=smoke"], GPUS_PER_NODE="2")[0]
+    again = _slurm_dry_run(tmp_path, ["debug=smoke"], GPUS_PER_NODE="2", SLURM_RESTART_COUNT="1")[0]
+    assert "train.resume=auto" not in first
+    assert again == [*first, "train.resume=auto"]  # last, so it wins over the submitted command's own
+
+
+def test_slurm_script_asks_for_the_signal_and_launchers_ignore_it():
+    script = (ROOT / "launch" / "slurm.sbatch").read_text()
+    assert "#SBATCH --signal=USR1@" in script and "#SBATCH --requeue" in script
+    assert 'trap "" USR1 TERM' in script
 
 
 def _slurm_missing() -> list[str]:
