@@ -80,3 +80,16 @@ def test_corpus_smaller_than_one_global_batch_is_refused_before_training(tmp_pat
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "fewer than one global batch" in lines[0] and "Traceback" not in proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_validation_split_smaller_than_one_global_batch_is_refused(tmp_path, data_cache):
+    """Training has enough samples, the held-out split (every 20th document) does not: refused, not
+    validated on one batch that repeats its own samples."""
+    corpus = _corpus(tmp_path, {"text.txt": _body(400)})
+    data = ["data=files", f"data.paths=[{corpus}]", f"data.cache_dir={data_cache}", "data.tokenizer.vocab_size=300"]
+    batch = ["parallel.micro_batch=8", "parallel.global_batch=64", "train.steps=1"]
+    proc = run_train(tmp_path / "run", ["debug=smoke", *data, *batch])
+    assert proc.returncode == 2, proc.stdout[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "the validation split has" in lines[0] and "fewer than one global batch 64" in lines[0]
+    assert not (tmp_path / "run").exists()

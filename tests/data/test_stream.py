@@ -155,5 +155,11 @@ def test_eval_batches_wrap_around_a_small_file(tmp_path):
 
 def test_eval_batches_reject_a_file_shorter_than_one_sample(tmp_path):
     np.arange(SEQ, dtype=np.uint16).tofile(tmp_path / "val.bin")
-    with pytest.raises(ValueError, match="fewer than seq_len\\+1"):
+    with pytest.raises(ValueError, match="0 samples of seq_len\\+1"):
         eval_batches(TokenFile(tmp_path / "val.bin", "uint16"), SEQ, 1, 1, 0, 1, 1)
+
+
+def test_eval_batches_reject_a_split_smaller_than_one_global_batch(tmp_path):
+    small = counting_file(tmp_path / "val.bin", num_samples=5)
+    with pytest.raises(ValueError, match="5 samples .* fewer than one global batch 8; raise data.val_fraction"):
+        eval_batches(small, SEQ, 8, 4, 0, 1, num_batches=1)

@@ -151,9 +151,18 @@ def check_command_line(argv: list[str], config_name: str, check: Callable[[Any],
 
 
 def preflight(argv: list[str]) -> None:
-    """The trainer's command line: every job composes and validates at the launcher's world size."""
+    """The trainer's command line: every job composes, validates at the launcher's world size and fits
+    this rank's memory (``trainer.training.preflight``)."""
     register()
-    check_command_line(argv, "config", lambda cfg: validate(cfg, world_size_from_env()))
+    check_command_line(argv, "config", _check_job)
+
+
+def _check_job(cfg: Config) -> None:
+    from trainer.runtime.engine import resolve_device
+    from trainer.training.preflight import check_memory
+
+    validate(cfg, world_size_from_env())
+    check_memory(cfg, world_size_from_env(), resolve_device(cfg.train.device))
 
 
 def print_bad_input(err: BadInput) -> None:

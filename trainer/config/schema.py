@@ -136,6 +136,9 @@ class TrainConfig:
     # threshold, which climbs to 32 MiB and keeps freed temporaries resident; "auto": lean for CPU ranks
     # at ZeRO-3 (chosen to save memory), glibc otherwise. GPU memory is not affected.
     host_heap: str = "auto"
+    # Before any process group starts, refuse a layout whose predicted memory per rank (the planner's model
+    # states, activations and ZeRO buffers; trainer.training.preflight) exceeds what a rank has. false: start anyway.
+    memory_check: bool = True
     # Consecutive steps with a non-finite loss or gradient (each skipped) before the run stops; 0 = never.
     max_skipped_steps: int = 10
     # Fault injection for tests: optimizer steps (1-based) whose activations are made NaN.

@@ -148,7 +148,8 @@ def eval_batches(
     tokens: TokenFile, seq_len: int, global_batch: int, micro_batch: int, dp_rank: int, dp_size: int, num_batches: int
 ) -> Iterator[Batch]:
     """Rank ``dp_rank``'s share of the validation set: the first ``num_batches * global_batch`` samples of
-    ``tokens`` in file order (wrapping around the end of a small file), as Megatron-LM's eval iterations.
+    ``tokens`` in file order (wrapping around the end of a file shorter than that), as Megatron-LM's eval
+    iterations. A split with fewer samples than one global batch is refused.
 
     The set depends only on the global batch, so every layout (any dp, micro-batch or accumulation)
     validates on the same samples and reports the same loss. Each global batch is cut into dp contiguous
@@ -156,10 +157,11 @@ def eval_batches(
     micro-batches. Same batches every call.
     """
     num_samples = tokens.num_samples(seq_len)
-    if num_samples == 0:
+    if num_samples < global_batch:  # a validation batch would repeat its own samples
         raise ValueError(
-            f"data: validation file {tokens.path} has {len(tokens)} tokens, fewer than seq_len+1={seq_len + 1}; "
-            "raise data.val_fraction or use a larger corpus"
+            f"data: the validation split has {num_samples} samples of seq_len+1={seq_len + 1} tokens, fewer than one "
+            f"global batch {global_batch}; raise data.val_fraction, use a larger corpus or a smaller "
+            "parallel.global_batch / model.seq_len"
         )
     indices = np.arange(num_batches * global_batch) % num_samples
     shares = indices.reshape(num_batches, dp_size, -1)[:, dp_rank]  # (batches, global_batch / dp)

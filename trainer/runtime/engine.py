@@ -35,8 +35,9 @@ def _share_cores() -> None:
     """CPU ranks on one machine split its cores; oversubscribed threads slow every rank down."""
     if "OMP_NUM_THREADS" in os.environ:  # the user decided
         return
-    local_ranks = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_ranks))
+    from trainer.runtime.env import local_world_size
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world_size()))
 
 
 def _free_port() -> int:

@@ -25,6 +25,11 @@ def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def local_world_size() -> int:
+    """Ranks on this machine (the deepspeed launcher sets LOCAL_SIZE, torchrun LOCAL_WORLD_SIZE)."""
+    return int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
 def free_port() -> int:
     """A TCP port on the loopback interface that nothing listens on now (for a rendezvous)."""
     with socket.socket() as s:
