@@ -1,6 +1,7 @@
 """Entry point: ``python -m trainer.export CHECKPOINT OUT_DIR [--tokenizer DIR]``.
 
-Writes a checkpoint of any parallel layout as a Hugging Face GPT-2 directory (``trainer.hf.export``).
+Writes a checkpoint of any parallel layout as a Hugging Face directory: ``GPT2LMHeadModel`` or
+``LlamaForCausalLM`` by the model's architecture (``trainer.hf.export``).
 CHECKPOINT is a step directory, a checkpoints directory (the step its ``latest`` names) or a run
 directory. Exit code 2 with one line for bad input.
 """

@@ -1,6 +1,6 @@
 """Entry point: ``python -m trainer.import_hf HF_DIR OUT_STEP_DIR``.
 
-Turns a local Hugging Face GPT-2 directory into a checkpoint step directory that ``train.init_from``
+Turns a local Hugging Face GPT-2 or Llama directory into a checkpoint step directory that ``train.init_from``
 loads at any layout (``trainer.hf.importer``). Exit code 2 with one line for bad input.
 """
 
@@ -16,7 +16,7 @@ def main(argv: list[str] | None = None) -> int:
     from trainer.hf.importer import import_hf
 
     parser = OneLineParser(prog="python -m trainer.import_hf", description=__doc__.split("\n\n")[0])
-    parser.add_argument("hf_dir", type=Path, help="local Hugging Face GPT-2 directory")
+    parser.add_argument("hf_dir", type=Path, help="local Hugging Face GPT-2 or Llama directory")
     parser.add_argument("out_step_dir", type=Path, help="new checkpoint step directory")
     args = parser.parse_args(argv)
     return run_cli(lambda: import_hf(args.hf_dir, args.out_step_dir))
