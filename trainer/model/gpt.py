@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from trainer.model.kv_cache import KVCache
 from trainer.model.layers import NORM_TYPES, DenseLayers, LayerProvider
 from trainer.model.shape import RECOMPUTE, ModelShape
 
@@ -61,16 +62,21 @@ class CausalSelfAttention(nn.Module):
         self.resid_drop = nn.Dropout(shape.dropout)
         self.recompute_attention = recompute_attention  # selective recompute of the attention core
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        """x (B, T, h) -> (B, T, h). With a ``cache`` the T tokens sit at positions cache.length.. and attend
+        to every cached position as well (block ``layer``'s keys and values are stored there)."""
         qkv = self.qkv(x)  # (B, T, nkv*(group+2)*hd)
         B, T = qkv.shape[:2]
+        start = 0 if cache is None else cache.length
         grouped = qkv.view(B, T, self.n_kv_head, self.group + 2, self.head_dim)
         q = grouped[:, :, :, : self.group].flatten(2, 3)  # (B, T, nh, hd), head i in group i // group
         k, v = grouped[:, :, :, self.group], grouped[:, :, :, self.group + 1]  # each (B, T, nkv, hd)
         if self.rope_theta is not None:
-            cos, sin = rope_tables(T, self.head_dim, self.rope_theta, x.device)
+            cos, sin = rope_tables(T, self.head_dim, self.rope_theta, x.device, start)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, hd)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # (B, nkv, start + T, hd)
         y = self._core(q, k, v)  # (B, nh, T, hd)
         y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, nh*hd)
         return self.resid_drop(self.proj(y))
@@ -88,15 +94,23 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: flo
     # Flash / memory-efficient kernels on GPU, the math kernel on CPU. Query head i attends with key/value
     # head i // (nh / nkv) (grouped-query attention); fewer key/value heads are not copied out first.
     gqa = q.shape[1] != k.shape[1]
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p, enable_gqa=gqa)
+    Tq, Tk = q.shape[2], k.shape[2]
+    if Tq == Tk or Tq == 1:  # training and a cache's prefill: causal; one new token sees every cached one
+        return F.scaled_dot_product_attention(q, k, v, is_causal=Tq > 1, dropout_p=dropout_p, enable_gqa=gqa)
+    # Several new tokens after cached ones: query i sits at position Tk - Tq + i.
+    mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(Tk - Tq)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, enable_gqa=gqa)
 
 
-def rope_tables(T: int, head_dim: int, theta: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of the rotary angles pos·θ^(-2i/d), (T, 1, hd), in fp32, each angle twice: the first
+def rope_tables(
+    T: int, head_dim: int, theta: float, device: torch.device, start: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the rotary angles pos·θ^(-2i/d) of positions start..start+T-1, (T, 1, hd), in fp32,
+    each angle twice: the first
     and second half of a head's features form the rotated pairs (the "rotate half" convention of
     GPT-NeoX and Hugging Face's Llama, so q and k weights convert without a permutation)."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim)
-    angles = torch.outer(torch.arange(T, device=device).float(), inv_freq)  # (T, hd/2)
+    angles = torch.outer(torch.arange(start, start + T, device=device).float(), inv_freq)  # (T, hd/2)
     angles = torch.cat((angles, angles), dim=-1).unsqueeze(1)  # (T, 1, hd)
     return angles.cos(), angles.sin()
 
@@ -140,8 +154,8 @@ class Block(nn.Module):
         self.ln_2 = make_norm(shape)
         self.mlp = MLP(shape, layers)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache, layer)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -172,10 +186,21 @@ class GPT(nn.Module):
         if seed is not None and self.wte.weight.device.type != "meta":
             self.init_weights(seed)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
-        """idx (B, T) token ids -> mean loss against targets (B, T), or logits if targets is None."""
-        x = self.drop(embed(self.wte, getattr(self, "wpe", None), idx))  # (B, T, h)
-        x = self._run_blocks(self.layers.to_block_layout(x))
+    def forward(
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None
+    ) -> torch.Tensor:
+        """idx (B, T) token ids -> mean loss against targets (B, T), or logits if targets is None.
+
+        With a ``cache`` (decoding, dense model only) the tokens continue the cached ones: they sit at
+        positions cache.length.., see them, and are cached in turn."""
+        start = 0 if cache is None else cache.length
+        x = self.drop(embed(self.wte, getattr(self, "wpe", None), idx, start))  # (B, T, h)
+        if cache is None:
+            x = self._run_blocks(self.layers.to_block_layout(x))
+        else:
+            for layer, block in enumerate(self.blocks):
+                x = block(x, cache, layer)
+            cache.length += idx.shape[1]
         x = self.layers.from_block_layout(self.ln_f(x))
         logits = self.layers.lm_logits(x, getattr(self, "lm_head", self.wte))  # (B, T, V) or its vocab shard
         if targets is None:
@@ -199,10 +224,11 @@ class GPT(nn.Module):
         init_weights(self, seed, self.shape.n_layer)
 
 
-def embed(wte: nn.Module, wpe: nn.Module | None, idx: torch.Tensor) -> torch.Tensor:
-    """Token embeddings plus learned position embeddings, if the model has them: (B, T) -> (B, T, h)."""
+def embed(wte: nn.Module, wpe: nn.Module | None, idx: torch.Tensor, start: int = 0) -> torch.Tensor:
+    """Token embeddings plus learned position embeddings (positions start..), if the model has them:
+    (B, T) -> (B, T, h)."""
     x = wte(idx)
-    return x if wpe is None else x + wpe(torch.arange(idx.shape[1], device=idx.device))
+    return x if wpe is None else x + wpe(torch.arange(start, start + idx.shape[1], device=idx.device))
 
 
 def _sequential(blocks: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
