@@ -44,8 +44,8 @@ def _build(shape: ModelShape, tensors) -> GPT:
     """A dense GPT of ``shape`` filled from (our name, produce) pairs, one tensor at a time."""
     with torch.device("meta"):
         model = GPT(shape)
+    model.to_empty(device="cpu")  # (new parameter objects: look them up afterwards)
     params = dict(model.named_parameters())
-    model.to_empty(device="cpu")
     missing = set(params)
     with torch.no_grad():
         for name, produce in tensors:
