@@ -143,6 +143,13 @@ class TrainConfig:
     max_skipped_steps: int = 10
     # Fault injection for tests: optimizer steps (1-based) whose activations are made NaN.
     inject_nan_steps: list[int] = field(default_factory=list)
+    # After every validation pass rank 0 continues each prompt by sample_tokens tokens, greedily (the most
+    # likely token each time, so samples at different steps differ only by what the model learned), and
+    # prints them and logs them to metrics.jsonl and wandb (a table). Only at layouts where rank 0 holds
+    # the whole model (tp=1, pp=1, ZeRO < 3); elsewhere one line at the start says they are skipped
+    # (sample a saved checkpoint with trainer.generate). Prompt plus sample_tokens must fit model.seq_len.
+    sample_prompts: list[str] = field(default_factory=list)
+    sample_tokens: int = 32
 
 
 @dataclass

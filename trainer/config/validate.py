@@ -94,6 +94,12 @@ def validate(cfg: Config, world_size: int) -> BatchPlan:
         raise ConfigError("train.keep_last", t.keep_last, "must be >= 0 (0 = keep every checkpoint)")
     if t.save_interval < -1:
         raise ConfigError("train.save_interval", t.save_interval, "must be >= -1 (-1 = never)")
+    _positive("train.sample_tokens", t.sample_tokens)
+    if t.sample_prompts and t.sample_tokens >= m.seq_len:  # a prompt needs a token of the context too
+        raise ConfigError("train.sample_tokens", t.sample_tokens, f"must be < model.seq_len={m.seq_len} to sample")
+    for prompt in t.sample_prompts:
+        if not prompt.strip():
+            raise ConfigError("train.sample_prompts", prompt, "a prompt must hold some text")
     _positive("optim.lr", o.lr)
     if not 0 <= o.min_lr <= o.lr:
         raise ConfigError("optim.min_lr", o.min_lr, f"must be in [0, optim.lr={o.lr}]")

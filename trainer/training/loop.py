@@ -25,12 +25,14 @@ from trainer.training.preempt import Preempted, StopSignal
 from trainer.training.record import (
     EvalRecord,
     FitResult,
+    SampleRecord,
     StepRecord,
     Throughput,
     Window,
     is_logged,
     speed_fields,
 )
+from trainer.training.samples import Samples
 from trainer.training.steps import DenseSteps, PipelineSteps, dp_mean
 
 
@@ -51,6 +53,7 @@ class LoopParts:
     console: Console
     save: Callable[[int], None]  # writes the checkpoint of a step
     stop: StopSignal | None = None  # a scheduler's signal: save and stop after the step (training.preempt)
+    samples: Samples | None = None  # rank 0's prompts to continue after each validation pass (training.samples)
 
 
 class Trainer:
@@ -137,6 +140,11 @@ class Trainer:
         result.val_loss = self.evaluate()
         self.p.metrics.log(EvalRecord(step + 1, result.val_loss, result.val_ppl).to_dict())
         self.p.console.print(f"step {step + 1:>6}  val_loss {result.val_loss:.4f}  val_ppl {result.val_ppl:.2f}")
+        if self.p.samples is not None:
+            record = SampleRecord(step + 1, self.p.samples.generate(self.p.engine.module))
+            self.p.metrics.log(record.to_dict())
+            for line in record.lines():
+                self.p.console.print(line)
 
     def _maybe_save(self, step: int) -> bool:
         interval, last = self.p.train.save_interval, step + 1 == self.p.train.steps

@@ -35,10 +35,16 @@ class MetricsLog:
 
 
 def _for_wandb(record: dict[str, Any]) -> dict[str, Any]:
-    """wandb charts nested dicts as namespaced keys but not lists of dicts: key each rank by name."""
+    """wandb charts nested dicts as namespaced keys but not lists of dicts: key each rank by name; samples
+    become a ``wandb.Table``."""
     out = {k: v for k, v in record.items() if k not in ("step", "ranks")}
     for entry in record.get("ranks", []):
         out[f"rank{entry['rank']}"] = {k: v for k, v in entry.items() if k != "rank"}
+    if "samples" in record:  # a table per validation pass: step, prompt, completion
+        import wandb
+
+        rows = [[record["step"], s["prompt"], s["completion"]] for s in record["samples"]]
+        out["samples"] = wandb.Table(columns=["step", "prompt", "completion"], data=rows)
     return out
 
 

@@ -4,6 +4,7 @@ the trainer's loop, the plain-PyTorch baseline and the comparison report that re
     StepRecord   the step on rank 0's view: loss, learning rate, speed, MFU, rank 0's collectives
     RankRecord   one rank's measurements (gathered from every rank into StepRecord.ranks)
     EvalRecord   a validation pass
+    SampleRecord greedy continuations of train.sample_prompts after a validation pass
 
 The README's list of metrics.jsonl fields is checked against these classes by a test.
 """
@@ -114,6 +115,20 @@ class EvalRecord:
 
 
 @dataclass
+class SampleRecord:
+    """Greedy continuations of ``train.sample_prompts`` after a validation pass (trainer.training.samples)."""
+
+    step: int
+    samples: list[dict[str, str]]  # {"prompt", "completion"} per prompt, in order
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def lines(self) -> list[str]:
+        return [f"step {self.step:>6}  sample {s['prompt']!r} -> {s['completion']!r}" for s in self.samples]
+
+
+@dataclass
 class CheckpointRecord:
     """A checkpoint written or read, measured on every rank (lists in rank order)."""
 
@@ -149,6 +164,7 @@ def jsonl_fields() -> dict[str, list[str]]:
         "step": plain(StepRecord, ("tp_comm", "ds_comm", "pipe")) + comm + list(PIPE_FIELDS) + ["time_s"],
         "rank": plain(RankRecord, ("tp_comm", "ds_comm")) + comm,
         "eval": plain(EvalRecord, ()),
+        "samples": plain(SampleRecord, ()) + ["prompt", "completion"],
         "checkpoint": plain(CheckpointRecord, ()),
     }
 

@@ -25,6 +25,7 @@ from trainer.data.setup import build_streams, prepare_data
 from trainer.runtime.env import world_size_from_env
 from trainer.training.preempt import MARKER, Preempted, StopSignal
 from trainer.training.record import Throughput, finish
+from trainer.training.samples import Samples, skip_reason
 
 # ZeRO calls a torch collective under its deprecated name; the warning repeats every step.
 warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated")
@@ -61,6 +62,7 @@ class Inputs:
     val: list
     found: Any  # the checkpoint to resume from, or None
     start_from: Any  # the weights to start from, or None
+    samples: Any = None  # trainer.training.samples.Samples where this layout samples, else None
 
 
 def check_inputs(cfg: Config, plan: BatchPlan, run_dir: Path) -> Inputs:
@@ -71,6 +73,9 @@ def check_inputs(cfg: Config, plan: BatchPlan, run_dir: Path) -> Inputs:
     dims = ParallelDims(world_size_from_env(), cfg.parallel.tp, cfg.parallel.pp)
     coords = dims.coords(int(os.environ.get("RANK", "0")))  # known before any process group exists
     stream, val = build_streams(cfg, plan, prepared, coords.dp, dims.dp)
+    samples = None
+    if cfg.train.sample_prompts and skip_reason(cfg) is None:  # prompts too long for the context are refused here
+        samples = Samples(cfg.train.sample_prompts, cfg.train.sample_tokens, prepared.tokenizer_dir, cfg.model.seq_len)
     found = checkpoint.find(cfg.train.resume, run_dir)
     start_from = checkpoint.find(cfg.train.init_from, run_dir) if found is None else None
     for where in (found, start_from):
@@ -80,7 +85,7 @@ def check_inputs(cfg: Config, plan: BatchPlan, run_dir: Path) -> Inputs:
         raise BadInput(f"{found.step_dir} holds weights only (an import); start from it with train.init_from")
     if cfg.train.save_interval != -1:
         checkpoint.check_writable(run_dir)
-    return Inputs(prepared, dims, coords, stream, val, found, start_from)
+    return Inputs(prepared, dims, coords, stream, val, found, start_from, samples)
 
 
 def start_ranks(cfg: Config, inputs: Inputs, run_dir: Path):
@@ -135,6 +140,8 @@ def run(cfg: Config, cfg_node: DictConfig, plan: BatchPlan, run_dir: Path) -> No
     built = build_parallel_model(cfg, mesh, device, ds_dict)
     console = Console(rank == 0, cfg.train.steps, cfg.logging.progress)
     console.print(describe(cfg, plan, built, inputs.dims, world, run_dir))
+    if cfg.train.sample_prompts and inputs.samples is None:
+        console.print(skip_reason(cfg))
     if rank == 0:
         write_run_files(run_dir, cfg_node, ds_dict)
     engine = build_engine_for(cfg, built, ds_dict, mpu)
@@ -164,6 +171,7 @@ def run(cfg: Config, cfg_node: DictConfig, plan: BatchPlan, run_dir: Path) -> No
         engine, inputs.stream, inputs.val, cfg.train, plan, mesh, device, throughput, built.comm, metrics, console, save
     )
     parts.stop = stop
+    parts.samples = inputs.samples if rank == 0 else None
     try:
         result = Trainer(parts).fit(start_step)
         stop.restore()  # (after a stop the handlers stay: a late signal must not kill the exit's cleanup)
