@@ -48,13 +48,21 @@ def _layout(tp=1, pp=1, dp=1, zero=0, micro=1, recompute="none", sp=False) -> La
 # --- parameters ------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("shape", [LLAMA3_8B, LLAMA3_70B, LLAMA_TINY], ids=lambda s: s.name)
-@pytest.mark.parametrize("tp,zero", [(1, 0), (2, 1), (8, 3)])
+# (shape, tp, ZeRO stage): every tp that divides the shape's key/value heads (llama-tiny has 2)
+PARAMETER_CASES = [
+    (shape, tp, zero)
+    for shape in (LLAMA3_8B, LLAMA3_70B, LLAMA_TINY)
+    for tp, zero in ((1, 0), (2, 1), (8, 3))
+    if shape.kv_heads % tp == 0
+]
+
+
+@pytest.mark.parametrize(
+    "shape,tp,zero", PARAMETER_CASES, ids=[f"{s.name}-tp{tp}-zero{z}" for s, tp, z in PARAMETER_CASES]
+)
 def test_parameter_memory_per_rank_is_rank_params(shape, tp, zero):
     """One stage: the planner's weights are 2 bytes (bf16) per parameter of ``rank_params`` (untied head
     counted, no position table), over dp at ZeRO-3."""
-    if shape.kv_heads % tp:
-        pytest.skip("tp must divide the key/value heads")
     lay = _layout(tp=tp, dp=4, zero=zero)
     mem = memory_per_gpu(shape, lay, 16, "bf16", reserved=0.0, fragmentation=0.0)
     psi = shape.padded(tp).rank_params(tp)
