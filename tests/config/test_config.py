@@ -12,10 +12,19 @@ GROUPS = {g: sorted(p.stem for p in (ROOT / "conf" / g).glob("*.yaml")) for g in
 
 
 @pytest.mark.parametrize("group,option", [(g, o) for g, opts in GROUPS.items() for o in opts])
-def test_every_option_composes_and_validates(group, option):
+def test_every_option_composes_and_validates(group, option, tmp_path):
     overrides = [f"{group}={option}"]
     if option in ("files", "shakespeare"):  # corpora outside the repository: point at a file that exists
         overrides.append(f"data.paths=[{ROOT / 'pyproject.toml'}]")
+    if option == "megatron":  # Megatron .bin/.idx files and their tokenizer: a small data set, any file
+        from trainer.data.indexed import IndexedWriter
+
+        with IndexedWriter(tmp_path / "corpus", "uint16") as writer:
+            writer.add_document([1, 2, 3])
+        overrides += [
+            f"data.megatron.train_prefix={tmp_path}/corpus",
+            f"data.tokenizer.source={ROOT / 'pyproject.toml'}",
+        ]
     cfg, _ = compose_config(overrides)
     world = 2 * cfg.parallel.tp * cfg.parallel.pp  # room for data parallelism beside the model-parallel degrees
     plan = validate(cfg, world_size=world)

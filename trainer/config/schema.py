@@ -76,6 +76,14 @@ class TokenizerConfig:
 
 
 @dataclass
+class MegatronConfig:
+    """``data.source=megatron``: Megatron/NeoX ``.bin``/``.idx`` files read in place (prefixes without suffix)."""
+
+    train_prefix: str = ""
+    val_prefix: str = ""  # "" = the last data.val_fraction of the train files' documents
+
+
+@dataclass
 class DataConfig:
     name: str = "pystdlib"
     # pystdlib: this Python's own standard library sources (present on every machine, no download);
@@ -91,6 +99,7 @@ class DataConfig:
     cache_dir: str = "data/cache"  # prepared token files live here, keyed by a hash of their inputs
     num_proc: int = 1  # worker processes for tokenization (1 is fastest on 2 cores)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    megatron: MegatronConfig = field(default_factory=MegatronConfig)  # for source=megatron
 
 
 @dataclass

@@ -28,6 +28,8 @@ def _exclusive(lock_path: Path):
 def prepare_data(cfg: Config):
     from trainer.data.prepare import prepare
 
+    if cfg.data.source == "megatron":  # Megatron .bin/.idx files, read in place, not tokenized
+        from trainer.data.indexed import prepare_megatron as prepare
     with _exclusive(Path(cfg.data.cache_dir) / ".prepare.lock"):
         try:
             prepared = prepare(cfg.data)
@@ -43,13 +45,22 @@ def prepare_data(cfg: Config):
     return prepared
 
 
+def _token_file(prepared, split: str):
+    """The split's tokens: its whole file, or for a Megatron corpus (``token_file``) a range of its .bin."""
+    from trainer.data.stream import TokenFile
+
+    if hasattr(prepared, "token_file"):
+        return prepared.token_file(split)
+    return TokenFile(prepared.train_path if split == "train" else prepared.val_path, prepared.dtype)
+
+
 def build_streams(cfg: Config, plan: BatchPlan, prepared, dp_rank: int, dp_size: int):
     """This rank's training stream and validation batches; a corpus too small for them is bad input."""
-    from trainer.data.stream import SampleStream, TokenFile, eval_batches
+    from trainer.data.stream import SampleStream, eval_batches
 
     try:
         stream = SampleStream(
-            TokenFile(prepared.train_path, prepared.dtype),
+            _token_file(prepared, "train"),
             cfg.model.seq_len,
             plan.micro_batch,
             plan.grad_accum,
@@ -59,7 +70,7 @@ def build_streams(cfg: Config, plan: BatchPlan, prepared, dp_rank: int, dp_size:
         )
         val = list(
             eval_batches(
-                TokenFile(prepared.val_path, prepared.dtype),
+                _token_file(prepared, "val"),
                 cfg.model.seq_len,
                 plan.global_batch,
                 plan.micro_batch,
