@@ -73,6 +73,25 @@ class TokenizerConfig:
     # "train": fit a byte-level BPE on the corpus; otherwise a path to tokenizer.json or an HF directory.
     source: str = "train"
     vocab_size: int = 8192  # for "train": target vocabulary (must be > 256 and <= model.vocab_size)
+    # The end-of-text token that separates documents (trained into a new BPE; must exist in a given one).
+    eot: str = "<|endoftext|>"
+
+
+@dataclass
+class BlendSource:
+    """One source of ``data.blend``: a conf/data option by name (``data``) or inline source settings."""
+
+    weight: float = 0.0  # > 0; weights are normalised over the blend
+    # A conf/data option (pystdlib, shakespeare, ...); inline keys that differ from their defaults override it.
+    data: str = ""
+    name: str = ""  # the prepared directory's name; default: the option's name, else source<i>
+    source: str = "files"
+    paths: list[str] = field(default_factory=list)
+    hub_name: str = ""
+    hub_config: str = ""
+    hub_split: str = "train"
+    text_field: str = "text"
+    max_documents: int = -1
 
 
 @dataclass
@@ -99,6 +118,9 @@ class DataConfig:
     cache_dir: str = "data/cache"  # prepared token files live here, keyed by a hash of their inputs
     num_proc: int = 1  # worker processes for tokenization (1 is fastest on 2 cores)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    # Sources mixed by weight (one shared tokenizer, each prepared and validated separately); empty = the
+    # single source above. See README "Blended data".
+    blend: list[BlendSource] = field(default_factory=list)
     megatron: MegatronConfig = field(default_factory=MegatronConfig)  # for source=megatron
 
 

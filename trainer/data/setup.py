@@ -7,7 +7,9 @@ Both run before any process group exists, so an unusable corpus is bad input (ex
 from __future__ import annotations
 
 import fcntl
+import hashlib
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 from trainer.config.schema import BadInput, BatchPlan, Config, ConfigError
@@ -26,14 +28,25 @@ def _exclusive(lock_path: Path):
 
 
 def prepare_data(cfg: Config):
+    from trainer.data.blend import prepare_blend
     from trainer.data.prepare import prepare
+    from trainer.data.tokenizer import EOT, set_eot
 
     if cfg.data.source == "megatron":  # Megatron .bin/.idx files, read in place, not tokenized
         from trainer.data.indexed import prepare_megatron as prepare
-    with _exclusive(Path(cfg.data.cache_dir) / ".prepare.lock"):
+    data = cfg.data
+    try:
+        set_eot(data.tokenizer.eot)  # the document separator for preparing, and for the rest of the run
+    except ValueError as err:
+        raise BadInput(str(err)) from None
+    if data.tokenizer.eot != EOT:  # the separator is not in prepare's cache key: keep such caches apart
+        data = replace(data, name=f"{data.name}-eot{hashlib.sha256(data.tokenizer.eot.encode()).hexdigest()[:6]}")
+    with _exclusive(Path(data.cache_dir) / ".prepare.lock"):
         try:
-            prepared = prepare(cfg.data)
+            prepared = prepare_blend(data, prepare) if data.blend else prepare(data)
         except ValueError as err:  # the data pipeline reports unusable corpora this way
+            if isinstance(err, BadInput):
+                raise
             raise BadInput(f"data error: {err}") from None
     if prepared.vocab_size > cfg.model.vocab_size:
         raise ConfigError(
@@ -56,8 +69,11 @@ def _token_file(prepared, split: str):
 
 def build_streams(cfg: Config, plan: BatchPlan, prepared, dp_rank: int, dp_size: int):
     """This rank's training stream and validation batches; a corpus too small for them is bad input."""
+    from trainer.data.blend import BlendedData
     from trainer.data.stream import SampleStream, eval_batches
 
+    if isinstance(prepared, BlendedData):
+        return _blended_streams(cfg, plan, prepared, dp_rank, dp_size)
     try:
         stream = SampleStream(
             _token_file(prepared, "train"),
@@ -71,6 +87,38 @@ def build_streams(cfg: Config, plan: BatchPlan, prepared, dp_rank: int, dp_size:
         val = list(
             eval_batches(
                 _token_file(prepared, "val"),
+                cfg.model.seq_len,
+                plan.global_batch,
+                plan.micro_batch,
+                dp_rank,
+                dp_size,
+                cfg.train.eval_batches,
+            )
+        )
+    except ValueError as err:
+        raise BadInput(str(err)) from None
+    return stream, val
+
+
+def _blended_streams(cfg: Config, plan: BatchPlan, prepared, dp_rank: int, dp_size: int):
+    from trainer.data.blend import BlendedStream, blended_eval_batches
+    from trainer.data.stream import TokenFile
+
+    try:
+        stream = BlendedStream(
+            [TokenFile(p.train_path, p.dtype) for p in prepared.sources],
+            prepared.weights,
+            cfg.model.seq_len,
+            plan.micro_batch,
+            plan.grad_accum,
+            dp_rank,
+            dp_size,
+            cfg.train.seed,
+        )
+        val = list(
+            blended_eval_batches(
+                [TokenFile(p.val_path, p.dtype) for p in prepared.sources],
+                prepared.weights,
                 cfg.model.seq_len,
                 plan.global_batch,
                 plan.micro_batch,

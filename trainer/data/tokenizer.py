@@ -6,13 +6,27 @@ an unknown token and ``decode(encode(text)) == text`` holds exactly (no normaliz
 
 from __future__ import annotations
 
+import contextvars
 from collections.abc import Iterable
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-EOT = "<|endoftext|>"  # the one special token; it separates documents in the token stream
+EOT = "<|endoftext|>"  # the default end-of-text token; it separates documents in the token stream
 TOKENIZER_FILE = "tokenizer.json"
+# The end-of-text token in force (``data.tokenizer.eot``): ``train_bpe`` adds it and ``eot_id`` looks it up.
+_EOT: contextvars.ContextVar[str] = contextvars.ContextVar("eot", default=EOT)
+
+
+def set_eot(token: str) -> None:
+    """Use ``token`` as the document separator from now on in this thread (a run sets it once)."""
+    if not token:
+        raise ValueError("data.tokenizer.eot='': name the tokenizer's end-of-text token, e.g. <|endoftext|> or </s>")
+    _EOT.set(token)
+
+
+def current_eot() -> str:
+    return _EOT.get()
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
@@ -28,7 +42,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=[EOT],
+        special_tokens=[current_eot()],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -37,10 +51,15 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
 
 
 def eot_id(tok: Tokenizer) -> int:
-    """Id of ``<|endoftext|>``; a tokenizer without it cannot mark document boundaries."""
-    token_id = tok.token_to_id(EOT)
+    """Id of the end-of-text token in force (default ``<|endoftext|>``, see ``set_eot``); a tokenizer
+    without it cannot mark document boundaries."""
+    eot = current_eot()
+    token_id = tok.token_to_id(eot)
     if token_id is None:
-        raise ValueError(f"data.tokenizer.source: the tokenizer has no {EOT} token; use one that has it or 'train'")
+        raise ValueError(
+            f"data.tokenizer.eot={eot!r}: the tokenizer has no such token; set data.tokenizer.eot to its "
+            "end-of-text token (e.g. </s>, <|end_of_text|>) or use data.tokenizer.source=train"
+        )
     return token_id
 
 
