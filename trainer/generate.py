@@ -31,7 +31,7 @@ def main(argv: list[str]) -> None:
 def run(cfg: GenerateConfig) -> None:
     import torch
 
-    from trainer.data.tokenizer import EOT, load_tokenizer
+    from trainer.data.tokenizer import load_tokenizer, saved_eot
     from trainer.inference.decode import generate
     from trainer.inference.load import load
 
@@ -41,7 +41,7 @@ def run(cfg: GenerateConfig) -> None:
     if not source:
         raise ConfigError("tokenizer", "", f"{loaded.source} has no tokenizer; give tokenizer=PATH")
     tok = load_tokenizer(source)
-    eos = tok.token_to_id(EOT) if cfg.stop_at_eot else None
+    eos = tok.token_to_id(saved_eot(source)) if cfg.stop_at_eot else None  # the run's data.tokenizer.eot
     context = loaded.shape.seq_len
     print(f"# {loaded.source}: {loaded.model.num_params():,} parameters, context {context}", file=sys.stderr)
     if cfg.max_new_tokens >= context:

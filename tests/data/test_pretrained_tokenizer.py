@@ -4,6 +4,7 @@ token (data.tokenizer.eot), and an exported checkpoint's. The prepared ids equal
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -15,7 +16,7 @@ from tests.conftest import ROOT, child_env, compose_config, run_train, small_cor
 from trainer.config.schema import BadInput
 from trainer.data import prepare as prep
 from trainer.data.setup import prepare_data
-from trainer.data.tokenizer import EOT, set_eot
+from trainer.data.tokenizer import EOT, saved_eot, set_eot
 
 
 @pytest.fixture(autouse=True)
@@ -98,6 +99,13 @@ def test_tokenizer_with_another_end_of_text_token(tmp_path, data_cache):
     saved = Tokenizer.from_file(str(run_dir / "checkpoints" / "step_2" / "tokenizer" / "tokenizer.json"))
     assert saved.encode(docs[0], add_special_tokens=False).ids == hf.encode(docs[0], add_special_tokens=False)
     assert AutoTokenizer.from_pretrained(run_dir / "checkpoints" / "step_2" / "tokenizer").eos_token == "</s>"
+    assert saved_eot(run_dir / "checkpoints" / "step_2" / "tokenizer") == "</s>"
+    # The exported model ends texts with </s> too (generate stops there).
+    exported = tmp_path / "exported"
+    export = [sys.executable, "-m", "trainer.export", str(run_dir / "checkpoints" / "step_2"), str(exported)]
+    done = subprocess.run(export, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((exported / "config.json").read_text())["eos_token_id"] == eos
 
 
 def test_training_with_an_exported_checkpoints_tokenizer(tmp_path, data_cache):

@@ -97,3 +97,19 @@ def load_tokenizer(source: str | Path) -> Tokenizer:
             "use 'train', a tokenizer.json file or a directory holding one"
         )
     return Tokenizer.from_file(str(path))
+
+
+def saved_eot(source: str | Path) -> str:
+    """The end-of-text token a saved tokenizer declares: the ``eos_token`` of the ``tokenizer_config.json``
+    beside its ``tokenizer.json`` (a checkpoint's, an exported model's), else ``<|endoftext|>``."""
+    import json
+
+    path = Path(source)
+    config = (path if path.is_dir() else path.parent) / "tokenizer_config.json"
+    try:
+        eos = json.loads(config.read_text()).get("eos_token")
+    except (OSError, ValueError, AttributeError):
+        return EOT
+    if isinstance(eos, dict):  # {"content": "</s>", ...} in some transformers versions
+        eos = eos.get("content")
+    return eos if isinstance(eos, str) and eos else EOT

@@ -65,10 +65,10 @@ def _tokenizer_source(step_dir: Path, override: Path | None) -> Path:
 def write_tokenizer(src: Path, dst: Path, vocab_size: int) -> int | None:
     """Write the tokenizer ``src`` (HF directory or bare tokenizer.json) as HF files into ``dst``.
 
-    Returns the id of <|endoftext|> (None if it has none). A tokenizer whose ids do not fit the
+    Returns the id of its end-of-text token (``saved_eot``; None if it has none). A tokenizer whose ids do not fit the
     model's embedding is refused.
     """
-    from trainer.data.tokenizer import EOT, load_tokenizer
+    from trainer.data.tokenizer import load_tokenizer, saved_eot
 
     tok = load_tokenizer(src)
     if tok.get_vocab_size() > vocab_size:
@@ -78,7 +78,7 @@ def write_tokenizer(src: Path, dst: Path, vocab_size: int) -> int | None:
         )
     if not (src.is_dir() and (src / "tokenizer_config.json").is_file() and copy_tokenizer_files(src, dst)):
         _save_bare_tokenizer(tok, dst)  # a bare tokenizer.json: add the config AutoTokenizer needs
-    return tok.token_to_id(EOT)
+    return tok.token_to_id(saved_eot(src))  # <|endoftext|>, or the run's data.tokenizer.eot
 
 
 def _save_bare_tokenizer(tok, dst: Path) -> None:
