@@ -73,6 +73,9 @@ class TokenizerConfig:
     # "train": fit a byte-level BPE on the corpus; otherwise a path to tokenizer.json or an HF directory.
     source: str = "train"
     vocab_size: int = 8192  # for "train": target vocabulary (must be > 256 and <= model.vocab_size)
+    # for "train": fit on the first N training documents only (-1 = all). BPE training holds one count per
+    # distinct word, not the text, so all is fine for most corpora; cap it for huge, very diverse ones.
+    train_documents: int = -1
     # The end-of-text token that separates documents (trained into a new BPE; must exist in a given one).
     eot: str = "<|endoftext|>"
 
@@ -116,7 +119,7 @@ class DataConfig:
     max_documents: int = -1  # -1 = all; otherwise only the first N documents (hub streams are unbounded)
     val_fraction: float = 0.05  # every k-th document is held out, k = round(1/val_fraction), in corpus order
     cache_dir: str = "data/cache"  # prepared token files live here, keyed by a hash of their inputs
-    num_proc: int = 1  # worker processes for tokenization (1 is fastest on 2 cores)
+    num_proc: int = 0  # worker processes that tokenize (0 = one per core); the output does not depend on it
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     # Sources mixed by weight (one shared tokenizer, each prepared and validated separately); empty = the
     # single source above. See README "Blended data".

@@ -206,7 +206,10 @@ def _validate_data(cfg: Config) -> None:
         )
     if not 0.0 < d.val_fraction < 0.5:
         raise ConfigError("data.val_fraction", d.val_fraction, "must be in (0, 0.5)")
-    _positive("data.num_proc", d.num_proc)
+    if d.num_proc < 0:
+        raise ConfigError("data.num_proc", d.num_proc, "must be >= 0 (0 = one per core)")
+    if d.tokenizer.train_documents == 0 or d.tokenizer.train_documents < -1:
+        raise ConfigError("data.tokenizer.train_documents", d.tokenizer.train_documents, "must be -1 (all) or > 0")
     tok = d.tokenizer
     if tok.source == "train":
         if not 256 < tok.vocab_size <= cfg.model.vocab_size:

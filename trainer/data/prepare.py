@@ -13,10 +13,12 @@ leaves a directory under the final name.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 import itertools
 import json
+import multiprocessing
 import os
 import re
 import shutil
@@ -117,12 +119,35 @@ def _file_documents(cfg: DataConfig) -> Iterator[str]:
         if path.suffix in JSON_SUFFIXES:
             yield from _stream_texts("json", None, [str(path)], "train", cfg.text_field)
         else:
-            yield from paragraphs(_read_text(path))
+            yield from _streamed_paragraphs(path)
 
 
 def paragraphs(text: str) -> list[str]:
     """Split plain text at blank lines, so one big file (tinyshakespeare) still gives many documents."""
     return [p for p in _PARAGRAPH_BREAK.split(text.rstrip("\n")) if p.strip()]
+
+
+def _streamed_paragraphs(path: Path, block: int = 1 << 20) -> Iterator[str]:
+    """``paragraphs(path's text)``, reading ``block`` characters at a time (memory: one paragraph + a block).
+
+    The text up to the start of a blank-line run that is followed by more text splits exactly as in
+    the whole file (the regex neither looks back nor past the next non-blank character), so it is split
+    and the rest (from that run on) is carried over to the next block.
+    """
+    with open(path, encoding="utf-8", errors="replace") as file:  # universal newlines, like read_text
+        carry = ""
+        while text := file.read(block):
+            carry += text
+            settled = len(carry.rstrip())  # a break ending at or after this may still grow
+            cut = None
+            for match in _PARAGRAPH_BREAK.finditer(carry):
+                if match.end() >= settled:
+                    break
+                cut = match.start()
+            if cut:
+                yield from paragraphs(carry[:cut])
+                carry = carry[cut:]
+        yield from paragraphs(carry)
 
 
 def _hub_documents(cfg: DataConfig) -> Iterator[str]:
@@ -191,7 +216,10 @@ def cache_key(cfg: DataConfig) -> dict:
 def _tokenizer_key(cfg: DataConfig) -> dict:
     source = cfg.tokenizer.source
     if source == "train":
-        return {"source": "train", "vocab_size": cfg.tokenizer.vocab_size}
+        key = {"source": "train", "vocab_size": cfg.tokenizer.vocab_size}
+        if cfg.tokenizer.train_documents > 0:  # absent when -1 (all), so caches from before the key stay valid
+            key["train_documents"] = cfg.tokenizer.train_documents
+        return key
     path = Path(source)
     path = path / "tokenizer.json" if path.is_dir() else path
     content = path.read_bytes() if path.is_file() else b""
@@ -217,24 +245,40 @@ def cache_directory(cfg: DataConfig) -> Path:
 
 # ---------------------------------------------------------------------------------------------
 # Prepare
+#
+# Out of core: documents are streamed from the source twice at most (once to train the tokenizer,
+# once to tokenize), never collected. The main process reads and writes; ``num_workers`` spawned
+# processes tokenize chunks of about CHUNK_CHARS characters, a bounded number of chunks in flight,
+# results in corpus order, so the bytes written do not depend on the worker count.
+
+CHUNK_CHARS = 1 << 20  # characters of text per chunk sent to a worker
+IN_FLIGHT_PER_WORKER = 2  # chunks queued per worker: bounds memory, keeps every worker busy
 
 
-def prepare(cfg: DataConfig, log: Log = print) -> PreparedData:
-    """Tokenize the corpus into ``<cache_dir>/<name>-<hash>/``, or reuse it if already there."""
+def prepare(cfg: DataConfig, log: Log = print, progress: bool | None = None) -> PreparedData:
+    """Tokenize the corpus into ``<cache_dir>/<name>-<hash>/``, or reuse it if already there.
+
+    ``progress`` shows a live line (documents, tokens, MB, tokens/s) on stderr; by default only
+    when stderr is a terminal.
+    """
+    num_workers(cfg)  # refuses a bad data.num_proc before anything is read
+    if cfg.tokenizer.train_documents == 0 or cfg.tokenizer.train_documents < -1:
+        raise ValueError(f"data.tokenizer.train_documents={cfg.tokenizer.train_documents}: must be -1 (all) or > 0")
     key = cache_key(cfg)
     directory = Path(cfg.cache_dir) / f"{cfg.name}-{_digest(key)}"
     cached = _load_cached(directory, key)
     if cached is not None:
         log(f"data: using cached {directory}")
         return cached
+    if progress is None:
+        progress = sys.stderr.isatty()
     started = time.perf_counter()
     with _quiet_datasets():
-        train_docs, val_docs = _collect(cfg, log)
-        tok = _tokenizer(cfg, train_docs, log)
+        tok = _tokenizer(cfg, log, progress)
         directory.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
         try:
-            meta = _write(tmp, tok, {"train": train_docs, "val": val_docs}, key, cfg.num_proc)
+            meta = _write(tmp, tok, cfg, key, log, progress)
             tmp.chmod(0o755)  # mkdtemp makes it owner-only; the cache may be shared
             _publish(tmp, directory, key)
         finally:
@@ -246,33 +290,72 @@ def prepare(cfg: DataConfig, log: Log = print) -> PreparedData:
     return _prepared(directory, meta)
 
 
-def _collect(cfg: DataConfig, log: Log) -> tuple[list[str], list[str]]:
-    docs = list(iter_documents(cfg))
-    where = {"pystdlib": "the standard library", "files": cfg.paths, "hub": cfg.hub_name}[cfg.source]
-    if not docs:
-        raise ValueError(f"data.source={cfg.source!r}: no documents found in {where}; check data.paths / data.hub_name")
-    nonempty = [doc for doc in docs if doc]
-    if not nonempty:
-        raise ValueError(
-            f"data.text_field={cfg.text_field!r}: all {len(docs)} documents are empty; "
-            "point it at the column holding the text"
-        )
-    train, val = split_documents(nonempty, cfg.val_fraction)
-    if not val:
-        raise ValueError(
-            f"data.val_fraction={cfg.val_fraction}: {len(nonempty)} documents are too few to hold any out "
-            f"(every k-th goes to validation, k={val_every(cfg.val_fraction)}); add documents or raise it"
-        )
-    log(f"data: {len(nonempty):,} documents from {cfg.source} ({len(train):,} train, {len(val):,} val)")
-    return train, val
+def num_workers(cfg: DataConfig) -> int:
+    """Tokenizing processes: ``data.num_proc``, or one per available core when it is 0."""
+    if cfg.num_proc < 0:
+        raise ValueError(f"data.num_proc={cfg.num_proc}: must be >= 0 (0 = one per core)")
+    if cfg.num_proc > 0:
+        return cfg.num_proc
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def _tokenizer(cfg: DataConfig, train_docs: list[str], log: Log) -> Tokenizer:
+class _Corpus:
+    """One streamed pass over the non-empty documents, numbered; checks the counts when exhausted."""
+
+    def __init__(self, cfg: DataConfig) -> None:
+        self.cfg = cfg
+        self.documents = 0  # all documents seen, empty ones included
+        self.nonempty = 0
+        self.chars = 0
+        self.finished = False
+
+    def __iter__(self) -> Iterator[str]:
+        for doc in iter_documents(self.cfg):
+            self.documents += 1
+            if doc:
+                self.nonempty += 1
+                self.chars += len(doc)
+                yield doc
+        self.finished = True
+        self.check()
+
+    def train_documents(self) -> Iterator[str]:
+        """The documents that go to training (every k-th is held out)."""
+        k = val_every(self.cfg.val_fraction)
+        return (doc for i, doc in enumerate(self) if i % k != k - 1)
+
+    def check(self) -> None:
+        cfg = self.cfg
+        where = {"pystdlib": "the standard library", "files": cfg.paths, "hub": cfg.hub_name}[cfg.source]
+        if not self.documents:
+            raise ValueError(
+                f"data.source={cfg.source!r}: no documents found in {where}; check data.paths / data.hub_name"
+            )
+        if not self.nonempty:
+            raise ValueError(
+                f"data.text_field={cfg.text_field!r}: all {self.documents} documents are empty; "
+                "point it at the column holding the text"
+            )
+        k = val_every(cfg.val_fraction)
+        if self.nonempty < k:
+            raise ValueError(
+                f"data.val_fraction={cfg.val_fraction}: {self.nonempty} documents are too few to hold any out "
+                f"(every k-th goes to validation, k={k}); add documents or raise it"
+            )
+
+
+def _tokenizer(cfg: DataConfig, log: Log, progress: bool) -> Tokenizer:
     if cfg.tokenizer.source != "train":
         log(f"data: loading tokenizer {cfg.tokenizer.source}")
         return load_tokenizer(cfg.tokenizer.source)
     started = time.perf_counter()
-    tok = train_bpe(train_docs, cfg.tokenizer.vocab_size)
+    corpus = _Corpus(cfg)
+    docs = corpus.train_documents()
+    limit = cfg.tokenizer.train_documents
+    if limit > 0:
+        docs = itertools.islice(docs, limit)
+    with _Progress(progress, "tokenizer") as bar:
+        tok = train_bpe(bar.track(docs), cfg.tokenizer.vocab_size)
     log(f"data: trained byte-level BPE, vocab {tok.get_vocab_size():,} in {time.perf_counter() - started:.1f}s")
     return tok
 
@@ -281,7 +364,7 @@ def token_dtype(vocab_size: int) -> str:
     return "uint16" if vocab_size <= 2**16 else "uint32"
 
 
-def _write(directory: Path, tok: Tokenizer, splits: dict[str, list[str]], key: dict, num_proc: int) -> dict:
+def _write(directory: Path, tok: Tokenizer, cfg: DataConfig, key: dict, log: Log, progress: bool) -> dict:
     """Write tokens, document offsets, tokenizer and (last) meta.json; return the meta dict."""
     dtype = token_dtype(tok.get_vocab_size())
     meta: dict = {
@@ -290,48 +373,166 @@ def _write(directory: Path, tok: Tokenizer, splits: dict[str, list[str]], key: d
         "vocab_size": tok.get_vocab_size(),
         "eot_id": eot_id(tok),
     }
-    for split, docs in splits.items():
-        meta[f"{split}_tokens"] = _write_split(directory, split, tok, docs, dtype, num_proc)
-        meta[f"{split}_documents"] = len(docs)
+    meta |= _write_splits(directory, tok, cfg, dtype, log, progress)
     save_tokenizer(tok, directory / "tokenizer")
     meta["key"] = key
     (directory / "meta.json").write_text(json.dumps(meta, indent=2))
     return meta
 
 
-def _write_split(directory: Path, split: str, tok: Tokenizer, docs: list[str], dtype: str, num_proc: int) -> int:
-    """Tokenize ``docs`` (EOT after each) into ``<split>.bin`` and ``<split>.idx``; return the token count."""
-    from datasets import Dataset, Features, List, Value
+def _write_splits(directory: Path, tok: Tokenizer, cfg: DataConfig, dtype: str, log: Log, progress: bool) -> dict:
+    """Tokenize the streamed documents (EOT after each) into ``<split>.bin`` / ``<split>.idx``, appending."""
+    k = val_every(cfg.val_fraction)
+    workers = num_workers(cfg)
+    corpus = _Corpus(cfg)
+    started = time.perf_counter()
+    counts = {"train_tokens": 0, "val_tokens": 0, "train_documents": 0, "val_documents": 0}
+    with contextlib.ExitStack() as stack:
+        files = {
+            f"{split}.{suffix}": stack.enter_context(open(directory / f"{split}.{suffix}", "wb"))
+            for split in ("train", "val")
+            for suffix in ("bin", "idx")
+        }
+        bar = stack.enter_context(_Progress(progress, "tokenize"))
+        chunks = _chunks(corpus)
+        args = (tok.to_str(), eot_id(tok), k, dtype)
+        for result in _ordered_map(_encode_chunk, chunks, workers, _init_worker, args):
+            for split, (ids, lengths) in zip(("train", "val"), result):
+                starts = np.cumsum(lengths) - lengths + counts[f"{split}_tokens"]
+                starts.astype(np.int64).tofile(files[f"{split}.idx"])
+                ids.tofile(files[f"{split}.bin"])
+                counts[f"{split}_tokens"] += len(ids)
+                counts[f"{split}_documents"] += len(lengths)
+            bar.update(corpus, counts["train_tokens"] + counts["val_tokens"])
+    seconds = time.perf_counter() - started
+    tokens = counts["train_tokens"] + counts["val_tokens"]
+    log(
+        f"data: {corpus.nonempty:,} documents from {cfg.source} ({counts['train_documents']:,} train, "
+        f"{counts['val_documents']:,} val), {corpus.chars / 1e6:,.1f} M characters, {tokens:,} tokens "
+        f"in {seconds:.1f}s on {workers} worker(s) ({tokens / max(seconds, 1e-9):,.0f} tokens/s)"
+    )
+    return counts
 
-    encoder = Tokenizer.from_str(tok.to_str())
+
+def _chunks(corpus: _Corpus) -> Iterator[tuple[int, list[str]]]:
+    """(index of the first document, documents) of about CHUNK_CHARS characters each, in corpus order."""
+    chunk: list[str] = []
+    first = size = 0
+    for i, doc in enumerate(corpus):
+        if not chunk:
+            first = i
+        chunk.append(doc)
+        size += len(doc)
+        if size >= CHUNK_CHARS:
+            yield first, chunk
+            chunk, size = [], 0
+    if chunk:
+        yield first, chunk
+
+
+def _ordered_map(fn: Callable, items: Iterable[tuple], workers: int, init: Callable, init_args: tuple) -> Iterator:
+    """``fn(*item)`` for each item in a pool of spawned processes, results in order, few items in flight.
+
+    ``Pool.imap`` would read ``items`` to the end ahead of the workers (the whole corpus in memory);
+    here at most ``IN_FLIGHT_PER_WORKER * workers`` chunks are queued.
+    """
+    # fork: workers start at once and any script may call prepare() (spawn needs a __main__ guard); the
+    # tokenizers library disables its own threads in a forked child, which is what the workers want.
+    context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+    with _environ(TOKENIZERS_PARALLELISM="false"), context.Pool(workers, init, init_args) as pool:
+        pending: collections.deque = collections.deque()
+        for item in items:
+            pending.append(pool.apply_async(fn, item))
+            if len(pending) >= IN_FLIGHT_PER_WORKER * workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+@contextlib.contextmanager
+def _environ(**values: str) -> Iterator[None]:
+    """Set environment variables while the block runs (children started inside inherit them)."""
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+_worker: dict = {}
+
+
+def _init_worker(tokenizer_json: str, eot: int, k: int, dtype: str) -> None:
+    """Load the tokenizer once per worker process; one thread each (the processes are the parallelism)."""
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    encoder = Tokenizer.from_str(tokenizer_json)
     # A document that contains the text "<|endoftext|>" must not gain a document boundary.
     encoder.encode_special_tokens = True
-    ids = Dataset.from_dict({"text": docs}).map(
-        _encode,
-        fn_kwargs={"tok": encoder, "eot": eot_id(tok)},
-        batched=True,
-        remove_columns=["text"],
-        features=Features({"ids": List(Value(dtype))}),
-        num_proc=num_proc if num_proc > 1 else None,
-        # An explicit fingerprint spares datasets from hashing the tokenizer; nothing is cached on disk.
-        new_fingerprint=hashlib.sha256(f"{directory}{split}".encode()).hexdigest()[:16],
-    )
-    written, starts = 0, []
-    with open(directory / f"{split}.bin", "wb") as out:
-        for table in ids.with_format("arrow").iter(batch_size=10_000):
-            for chunk in table.column("ids").chunks:
-                offsets = chunk.offsets.to_numpy()
-                starts.append(offsets[:-1] - offsets[0] + written)
-                values = chunk.flatten().to_numpy()
-                values.tofile(out)
-                written += len(values)
-    np.concatenate(starts).astype(np.int64).tofile(directory / f"{split}.idx")
-    return written
+    _worker.update(encoder=encoder, eot=eot, k=k, dtype=np.dtype(dtype))
 
 
-def _encode(batch: dict[str, list[str]], tok: Tokenizer, eot: int) -> dict[str, list[list[int]]]:
-    encodings = tok.encode_batch_fast(batch["text"], add_special_tokens=False)
-    return {"ids": [enc.ids + [eot] for enc in encodings]}
+def _encode_chunk(first: int, docs: list[str]) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
+    """((train ids, train document lengths), (val ids, val document lengths)); EOT ends each document."""
+    encoder, eot, k, dtype = _worker["encoder"], _worker["eot"], _worker["k"], _worker["dtype"]
+    encodings = encoder.encode_batch_fast(docs, add_special_tokens=False)
+    out: dict[bool, tuple[list[int], list[int]]] = {False: ([], []), True: ([], [])}
+    for i, enc in enumerate(encodings, start=first):
+        ids, lengths = out[i % k == k - 1]
+        ids += enc.ids
+        ids.append(eot)
+        lengths.append(len(enc.ids) + 1)
+    return tuple((np.array(ids, dtype=dtype), np.array(lengths, dtype=np.int64)) for ids, lengths in out.values())
+
+
+class _Progress:
+    """A rich live line on stderr (documents, MB, tokens, tokens/s), or nothing when disabled."""
+
+    def __init__(self, enabled: bool, what: str) -> None:
+        self.enabled, self.what = enabled, what
+        self.started = time.perf_counter()
+
+    def __enter__(self) -> _Progress:
+        if self.enabled:
+            from rich.console import Console
+            from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+            self.bar = Progress(
+                SpinnerColumn(),
+                TextColumn("data {task.description}: {task.fields[line]}"),
+                TimeElapsedColumn(),
+                console=Console(stderr=True),
+            )
+            self.bar.start()
+            self.task = self.bar.add_task(self.what, line="starting", total=None)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.enabled:
+            self.bar.stop()
+
+    def update(self, corpus: _Corpus, tokens: int = 0) -> None:
+        if not self.enabled:
+            return
+        rate = tokens / max(time.perf_counter() - self.started, 1e-9)
+        line = f"{corpus.nonempty:,} documents, {corpus.chars / 1e6:,.0f} M characters"
+        if tokens:
+            line += f", {tokens:,} tokens, {rate:,.0f} tokens/s"
+        self.bar.update(self.task, line=line)
+
+    def track(self, docs: Iterable[str]) -> Iterator[str]:
+        """Pass ``docs`` through, updating the line every 1,000 documents."""
+        count = chars = 0
+        for doc in docs:
+            count += 1
+            chars += len(doc)
+            if self.enabled and count % 1000 == 0:
+                self.bar.update(self.task, line=f"{count:,} documents, {chars / 1e6:,.0f} M characters")
+            yield doc
 
 
 def _publish(tmp: Path, directory: Path, key: dict) -> None:

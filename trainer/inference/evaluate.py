@@ -210,8 +210,8 @@ def check_data(data: DataConfig) -> None:
         raise ConfigError("data.hub_name", data.hub_name, "name the hub data set")
     if not 0.0 < data.val_fraction < 0.5:
         raise ConfigError("data.val_fraction", data.val_fraction, "must be in (0, 0.5)")
-    if data.num_proc < 1:
-        raise ConfigError("data.num_proc", data.num_proc, "must be >= 1")
+    if data.num_proc < 0:
+        raise ConfigError("data.num_proc", data.num_proc, "must be >= 0 (0 = one per core)")
 
 
 def requested_tokenizer(cfg: EvaluateConfig, data_overrides: list) -> str | None:

@@ -1,0 +1,125 @@
+"""Out-of-core corpus preparation: throughput and peak memory with 1 and 2 tokenizing workers.
+
+    .venv/bin/python benchmarks/prepare_speed.py [--gb 1.05] [--workers 1 2] [--corpus data/cache/bench-corpus]
+
+Builds (once, then reuses) a corpus of at least ``--gb`` GB of text out of files every machine has: the
+``.py`` files of this Python's standard library and of the venv's site-packages, written again and again
+into ~64 MB files (plus ``../shared/data/tinyshakespeare.txt`` when present). Then prepares it as
+``data=files`` does (byte-level BPE of 8,192 trained on it, then tokenized) in a fresh subprocess and a
+fresh cache per worker count, sampling the resident memory of that process and its children (psutil,
+every 0.25 s): RSS summed (pages shared after fork counted once per process: an upper bound) and PSS
+summed (shared pages split between their processes: the tree's real footprint).
+Prints one JSON line per run: MB/s overall and of the tokenizing pass, seconds, peak RSS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+PART_BYTES = 64 << 20
+
+RUN = """
+import json, sys, time
+from trainer.config.schema import DataConfig
+from trainer.data.prepare import prepare
+marks = {}
+start = time.perf_counter()
+def log(line):
+    marks.setdefault("tokenizer_s" if "trained" in line else "other", time.perf_counter() - start)
+    print(line, file=sys.stderr)
+cfg = DataConfig(name="bench", source="files", paths=[sys.argv[1]], cache_dir=sys.argv[2], num_proc=int(sys.argv[3]))
+prepared = prepare(cfg, log=log, progress=False)
+marks["total_s"] = time.perf_counter() - start
+marks["tokens"] = prepared.train_tokens + prepared.val_tokens
+print(json.dumps(marks))
+"""
+
+
+def build_corpus(directory: Path, target: int) -> int:
+    """Fill ``directory`` with at least ``target`` bytes of text (reused when already big enough)."""
+    have = sum(p.stat().st_size for p in directory.glob("*.txt")) if directory.is_dir() else 0
+    if have >= target:
+        return have
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir(parents=True)
+    shakespeare = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
+    if shakespeare.is_file():
+        shutil.copy(shakespeare, directory / "shakespeare.txt")
+    roots = {Path(sysconfig.get_paths()["stdlib"]), Path(sysconfig.get_paths()["purelib"])}
+    sources = sorted({p for root in roots for p in root.rglob("*.py") if p.is_file()})
+    total = sum(p.stat().st_size for p in directory.glob("*.txt"))
+    part, out = 0, None
+    while total < target:
+        for path in sources:
+            if out is None or out.tell() >= PART_BYTES:
+                if out is not None:
+                    out.close()
+                out = open(directory / f"part-{part:04d}.txt", "w", encoding="utf-8")
+                part += 1
+            text = path.read_text(encoding="utf-8", errors="replace")
+            out.write(text + "\n\n")
+            total += len(text.encode()) + 2
+            if total >= target:
+                break
+    if out is not None:
+        out.close()
+    return total
+
+
+def run(corpus: Path, workers: int) -> dict:
+    with tempfile.TemporaryDirectory(dir=corpus.parent) as cache:
+        cmd = [sys.executable, "-c", RUN, str(corpus), cache, str(workers)]
+        proc = psutil.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+        peak = peak_pss = 0
+        while proc.poll() is None:
+            try:
+                infos = [p.memory_full_info() for p in [proc, *proc.children(recursive=True)]]
+                peak = max(peak, sum(i.rss for i in infos))
+                peak_pss = max(peak_pss, sum(i.pss for i in infos))
+            except psutil.Error:
+                pass
+            time.sleep(0.25)
+        out = proc.stdout.read()
+        if proc.returncode:
+            raise SystemExit(f"preparation with {workers} worker(s) failed (exit {proc.returncode})")
+        return json.loads(out.strip().splitlines()[-1]) | {"peak_rss_gb": peak / 1e9, "peak_pss_gb": peak_pss / 1e9}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--gb", type=float, default=1.05)
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--corpus", type=Path, default=ROOT / "data" / "cache" / "bench-corpus")
+    args = parser.parse_args()
+    size = build_corpus(args.corpus, int(args.gb * 1e9))
+    print(f"corpus: {size / 1e9:.2f} GB in {args.corpus}", flush=True)
+    for workers in args.workers:
+        r = run(args.corpus, workers)
+        tokenize_s = r["total_s"] - r.get("tokenizer_s", 0.0)
+        result = {
+            "workers": workers,
+            "corpus_gb": round(size / 1e9, 3),
+            "tokens": r["tokens"],
+            "total_s": round(r["total_s"], 1),
+            "mb_per_s": round(size / 1e6 / r["total_s"], 2),
+            "tokenizer_train_s": round(r.get("tokenizer_s", 0.0), 1),
+            "tokenize_mb_per_s": round(size / 1e6 / tokenize_s, 2),
+            "peak_rss_gb": round(r["peak_rss_gb"], 3),
+            "peak_pss_gb": round(r["peak_pss_gb"], 3),
+        }
+        print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()
