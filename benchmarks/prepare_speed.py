@@ -30,18 +30,22 @@ ROOT = Path(__file__).resolve().parents[1]
 PART_BYTES = 64 << 20
 
 RUN = """
-import json, sys, time
-from trainer.config.schema import DataConfig
+import json, shutil, sys, time
+from trainer.config.schema import DataConfig, TokenizerConfig
 from trainer.data.prepare import prepare
-marks = {}
-start = time.perf_counter()
+marks = {"start": time.time()}
 def log(line):
-    marks.setdefault("tokenizer_s" if "trained" in line else "other", time.perf_counter() - start)
+    if "trained" in line or "loading tokenizer" in line:
+        marks["tokenizer_end"] = time.time()
     print(line, file=sys.stderr)
-cfg = DataConfig(name="bench", source="files", paths=[sys.argv[1]], cache_dir=sys.argv[2], num_proc=int(sys.argv[3]))
+corpus, cache, workers, tokenizer, save = sys.argv[1:]
+tok = TokenizerConfig(source=tokenizer or "train")
+cfg = DataConfig(name="bench", source="files", paths=[corpus], cache_dir=cache, num_proc=int(workers), tokenizer=tok)
 prepared = prepare(cfg, log=log, progress=False)
-marks["total_s"] = time.perf_counter() - start
+marks["end"] = time.time()
 marks["tokens"] = prepared.train_tokens + prepared.val_tokens
+if save:
+    shutil.copy(prepared.tokenizer_dir / "tokenizer.json", save)
 print(json.dumps(marks))
 """
 
@@ -77,23 +81,31 @@ def build_corpus(directory: Path, target: int) -> int:
     return total
 
 
-def run(corpus: Path, workers: int) -> dict:
+def run(corpus: Path, workers: int, tokenizer: str, save: str) -> dict:
+    """One preparation in a fresh process: its marks plus peak RSS/PSS of the BPE training and the rest."""
     with tempfile.TemporaryDirectory(dir=corpus.parent) as cache:
-        cmd = [sys.executable, "-c", RUN, str(corpus), cache, str(workers)]
+        cmd = [sys.executable, "-c", RUN, str(corpus), cache, str(workers), tokenizer, save]
         proc = psutil.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True)
-        peak = peak_pss = 0
+        samples = []  # (time, rss, pss) of the process tree
         while proc.poll() is None:
             try:
                 infos = [p.memory_full_info() for p in [proc, *proc.children(recursive=True)]]
-                peak = max(peak, sum(i.rss for i in infos))
-                peak_pss = max(peak_pss, sum(i.pss for i in infos))
+                samples.append((time.time(), sum(i.rss for i in infos), sum(i.pss for i in infos)))
             except psutil.Error:
                 pass
             time.sleep(0.25)
         out = proc.stdout.read()
         if proc.returncode:
             raise SystemExit(f"preparation with {workers} worker(s) failed (exit {proc.returncode})")
-        return json.loads(out.strip().splitlines()[-1]) | {"peak_rss_gb": peak / 1e9, "peak_pss_gb": peak_pss / 1e9}
+        marks = json.loads(out.strip().splitlines()[-1])
+        split = marks.get("tokenizer_end", marks["start"])
+        for phase, chosen in (
+            ("train_bpe", [s for s in samples if s[0] <= split]),
+            ("tokenize", [s for s in samples if s[0] > split]),
+        ):
+            marks[f"{phase}_peak_rss_gb"] = max((s[1] for s in chosen), default=0) / 1e9
+            marks[f"{phase}_peak_pss_gb"] = max((s[2] for s in chosen), default=0) / 1e9
+        return marks
 
 
 def main() -> None:
@@ -101,23 +113,24 @@ def main() -> None:
     parser.add_argument("--gb", type=float, default=1.05)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--corpus", type=Path, default=ROOT / "data" / "cache" / "bench-corpus")
+    parser.add_argument("--tokenizer", default="", help="reuse this tokenizer.json (no BPE training)")
+    parser.add_argument("--save-tokenizer", default="", help="copy the first run's trained tokenizer.json here")
     args = parser.parse_args()
     size = build_corpus(args.corpus, int(args.gb * 1e9))
     print(f"corpus: {size / 1e9:.2f} GB in {args.corpus}", flush=True)
-    for workers in args.workers:
-        r = run(args.corpus, workers)
-        tokenize_s = r["total_s"] - r.get("tokenizer_s", 0.0)
+    for i, workers in enumerate(args.workers):
+        r = run(args.corpus, workers, args.tokenizer, args.save_tokenizer if i == 0 else "")
+        total_s = r["end"] - r["start"]
+        tokenize_s = r["end"] - r.get("tokenizer_end", r["start"])
         result = {
             "workers": workers,
             "corpus_gb": round(size / 1e9, 3),
             "tokens": r["tokens"],
-            "total_s": round(r["total_s"], 1),
-            "mb_per_s": round(size / 1e6 / r["total_s"], 2),
-            "tokenizer_train_s": round(r.get("tokenizer_s", 0.0), 1),
+            "total_s": round(total_s, 1),
+            "mb_per_s": round(size / 1e6 / total_s, 2),
+            "tokenizer_s": round(total_s - tokenize_s, 1),
             "tokenize_mb_per_s": round(size / 1e6 / tokenize_s, 2),
-            "peak_rss_gb": round(r["peak_rss_gb"], 3),
-            "peak_pss_gb": round(r["peak_pss_gb"], 3),
-        }
+        } | {k: round(v, 3) for k, v in r.items() if k.endswith("_gb")}
         print(json.dumps(result), flush=True)
 
 

@@ -519,9 +519,9 @@ class _Progress:
         if not self.enabled:
             return
         rate = tokens / max(time.perf_counter() - self.started, 1e-9)
-        line = f"{corpus.nonempty:,} documents, {corpus.chars / 1e6:,.0f} M characters"
+        line = f"{corpus.nonempty:,} docs, {corpus.chars / 1e6:,.0f}M chars"
         if tokens:
-            line += f", {tokens:,} tokens, {rate:,.0f} tokens/s"
+            line += f", {tokens / 1e6:,.1f}M tokens, {rate / 1e3:,.0f}k tokens/s"
         self.bar.update(self.task, line=line)
 
     def track(self, docs: Iterable[str]) -> Iterator[str]:
@@ -531,7 +531,7 @@ class _Progress:
             count += 1
             chars += len(doc)
             if self.enabled and count % 1000 == 0:
-                self.bar.update(self.task, line=f"{count:,} documents, {chars / 1e6:,.0f} M characters")
+                self.bar.update(self.task, line=f"{count:,} docs, {chars / 1e6:,.0f}M chars")
             yield doc
 
 
