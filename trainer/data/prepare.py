@@ -19,6 +19,7 @@ import hashlib
 import itertools
 import json
 import multiprocessing
+import multiprocessing.pool
 import os
 import re
 import shutil
@@ -35,7 +36,7 @@ import tokenizers
 from tokenizers import Tokenizer
 
 from trainer.config.schema import DataConfig
-from trainer.data.tokenizer import eot_id, load_tokenizer, save_tokenizer, train_bpe
+from trainer.data.tokenizer import current_eot, eot_id, load_tokenizer, save_tokenizer, set_eot, train_bpe
 
 FORMAT_VERSION = 1  # bump when the layout or the tokenization changes, to invalidate old caches
 JSON_SUFFIXES = (".json", ".jsonl")
@@ -349,15 +350,31 @@ def _tokenizer(cfg: DataConfig, log: Log, progress: bool) -> Tokenizer:
         log(f"data: loading tokenizer {cfg.tokenizer.source}")
         return load_tokenizer(cfg.tokenizer.source)
     started = time.perf_counter()
-    corpus = _Corpus(cfg)
-    docs = corpus.train_documents()
-    limit = cfg.tokenizer.train_documents
-    if limit > 0:
-        docs = itertools.islice(docs, limit)
-    with _Progress(progress, "tokenizer") as bar:
-        tok = train_bpe(bar.track(docs), cfg.tokenizer.vocab_size)
+    # In a child process: what BPE training allocates (one count per distinct word and the merge tables,
+    # ~1 GB on a 1 GB corpus) goes back to the system when it exits, instead of staying in this process'
+    # heap, where the forked tokenizing workers would copy it page by page.
+    with _pool(1) as pool:
+        trained = pool.apply(_train_tokenizer, (cfg, progress, current_eot()))
+    tok = Tokenizer.from_str(trained)
     log(f"data: trained byte-level BPE, vocab {tok.get_vocab_size():,} in {time.perf_counter() - started:.1f}s")
     return tok
+
+
+def _train_tokenizer(cfg: DataConfig, progress: bool, eot: str) -> str:
+    """Fit the BPE on the streamed training documents (the first ``data.tokenizer.train_documents``)."""
+    docs = _Corpus(cfg).train_documents()
+    if cfg.tokenizer.train_documents > 0:
+        docs = itertools.islice(docs, cfg.tokenizer.train_documents)
+    set_eot(eot)  # this process only serves this call
+    with _Progress(progress, "tokenizer") as bar:
+        return train_bpe(bar.track(docs), cfg.tokenizer.vocab_size).to_str()
+
+
+def _pool(workers: int, init: Callable | None = None, init_args: tuple = ()) -> multiprocessing.pool.Pool:
+    # fork: workers start at once and any script may call prepare() (spawn needs a __main__ guard); the
+    # tokenizers library disables its own threads in a forked child that inherits used ones.
+    context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+    return context.Pool(workers, init, init_args)
 
 
 def token_dtype(vocab_size: int) -> str:
@@ -436,10 +453,7 @@ def _ordered_map(fn: Callable, items: Iterable[tuple], workers: int, init: Calla
     ``Pool.imap`` would read ``items`` to the end ahead of the workers (the whole corpus in memory);
     here at most ``IN_FLIGHT_PER_WORKER * workers`` chunks are queued.
     """
-    # fork: workers start at once and any script may call prepare() (spawn needs a __main__ guard); the
-    # tokenizers library disables its own threads in a forked child, which is what the workers want.
-    context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
-    with _environ(TOKENIZERS_PARALLELISM="false"), context.Pool(workers, init, init_args) as pool:
+    with _environ(TOKENIZERS_PARALLELISM="false"), _pool(workers, init, init_args) as pool:
         pending: collections.deque = collections.deque()
         for item in items:
             pending.append(pool.apply_async(fn, item))
