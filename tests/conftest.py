@@ -107,6 +107,19 @@ def tiny_corpus_overrides(cache_dir: Path) -> list[str]:
     ]
 
 
+def padded_smoke_overrides(cache_dir: Path) -> list[str]:
+    """debug=smoke on the small real corpus with a vocabulary of 511 rows that tp2 pads to 512 (so a tensor-parallel
+    layout's padding rows are exercised): the shared base of the export, decoding and evaluation tests."""
+    return [
+        "debug=smoke",
+        "data=files",
+        f"data.paths=[{small_corpus(cache_dir)}]",
+        f"data.cache_dir={cache_dir}",
+        "data.tokenizer.vocab_size=500",
+        "model.vocab_size=511",
+    ]
+
+
 def train_command(run_dir: Path, overrides: list[str], ranks: int = 0) -> list[str]:
     """``trainer.train`` as one process (ranks=0) or through the deepspeed launcher."""
     args = [*overrides, f"hydra.run.dir={run_dir}"]

@@ -19,7 +19,17 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from conftest import PARITY_RTOL, ROOT, child_env, compose_config, read_metrics, run_layout, run_train, small_corpus
+from conftest import (
+    PARITY_RTOL,
+    ROOT,
+    child_env,
+    compose_config,
+    padded_smoke_overrides,
+    read_metrics,
+    run_layout,
+    run_train,
+    small_corpus,
+)
 from trainer.checkpoint import consolidate, sharded
 from trainer.checkpoint import store as checkpoint
 from trainer.data.tokenizer import load_tokenizer, save_tokenizer, train_bpe
@@ -222,12 +232,7 @@ def train_overrides(data_cache: Path) -> list[str]:
     of 511 that tp2 pads to 512, a Llama-3 rotary base; a checkpoint at step 2."""
     return [
         "model=llama-tiny",
-        "debug=smoke",
-        "data=files",
-        f"data.paths=[{small_corpus(data_cache)}]",
-        f"data.cache_dir={data_cache}",
-        "data.tokenizer.vocab_size=500",
-        "model.vocab_size=511",
+        *padded_smoke_overrides(data_cache),
         "model.seq_len=64",
         "model.rope_theta=500000",
         "train.steps=2",

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PARITY_RTOL, ROOT, child_env, read_metrics, run_layout, small_corpus
+from conftest import PARITY_RTOL, ROOT, child_env, padded_smoke_overrides, read_metrics, run_layout, small_corpus
 from trainer.checkpoint import store as checkpoint
 from trainer.inference.evaluate import EvaluateConfig, main
 
@@ -26,12 +26,7 @@ def _overrides(family: str, data_cache: Path) -> list[str]:
     """Smoke-sized models, a vocabulary of 511 that tp2 pads to 512; validation and a checkpoint at steps 2, 4."""
     return [
         *FAMILIES[family],
-        "debug=smoke",
-        "data=files",
-        f"data.paths=[{small_corpus(data_cache)}]",
-        f"data.cache_dir={data_cache}",
-        "data.tokenizer.vocab_size=500",
-        "model.vocab_size=511",
+        *padded_smoke_overrides(data_cache),
         "train.steps=4",
         "train.eval_interval=2",
         "train.save_interval=2",

@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import ROOT, child_env, run_layout, small_corpus
+from conftest import ROOT, child_env, padded_smoke_overrides, run_layout
 from trainer.checkpoint import store as checkpoint
 from trainer.data.tokenizer import load_tokenizer
 from trainer.hf.export import export
@@ -29,12 +29,7 @@ def _overrides(family: str, data_cache) -> list[str]:
     """Smoke-sized models with room for a prompt and 64 new tokens; a vocabulary of 511 that tp2 pads."""
     return [
         *FAMILIES[family],
-        "debug=smoke",
-        "data=files",
-        f"data.paths=[{small_corpus(data_cache)}]",
-        f"data.cache_dir={data_cache}",
-        "data.tokenizer.vocab_size=500",
-        "model.vocab_size=511",
+        *padded_smoke_overrides(data_cache),
         "model.seq_len=128",
         "train.steps=200",
     ]

@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 
-from conftest import compose_config, read_metrics, run_layout, run_train, small_corpus
+from conftest import compose_config, padded_smoke_overrides, read_metrics, run_layout, run_train
 from trainer.checkpoint import store as checkpoint
 from trainer.config.cli import preflight
 from trainer.data.tokenizer import eot_id, load_tokenizer
@@ -26,12 +26,7 @@ NEW_TOKENS = 8
 def _overrides(data_cache, *extra: str) -> list[str]:
     """Dropout on, so a sampling pass that drew random numbers or left the model in eval mode would show."""
     return [
-        "debug=smoke",
-        "data=files",
-        f"data.paths=[{small_corpus(data_cache)}]",
-        f"data.cache_dir={data_cache}",
-        "data.tokenizer.vocab_size=500",
-        "model.vocab_size=511",
+        *padded_smoke_overrides(data_cache),
         "model.dropout=0.1",
         "train.steps=4",
         "train.eval_interval=2",
