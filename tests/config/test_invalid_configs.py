@@ -58,6 +58,14 @@ INVALID = [
     (["parallel.recompute=partial"], 1, "parallel.recompute"),
     (["parallel.recompute=selective", "parallel.activation_checkpoint_interval=2"], 1, "parallel.recompute"),
     (["parallel.zero_stage=-1"], 1, "parallel.zero_stage"),
+    (["parallel.dp_sync=gossip"], 1, "parallel.dp_sync"),
+    (["parallel=zero1", "parallel.dp_sync=parameter_server"], 2, "parallel.dp_sync"),  # ZeRO partitions gradients
+    (["parallel=pp2", "parallel.dp_sync=local_sgd"], 4, "parallel.dp_sync"),  # the pipeline reduces its own
+    (["parallel.dp_sync=local_sgd", "parallel.precision=bf16"], 2, "parallel.dp_sync"),
+    (["parallel.dp_sync=local_sgd", "parallel.sync_interval=0"], 2, "parallel.sync_interval"),
+    (["parallel.sync_interval=4"], 2, "parallel.sync_interval"),  # only local_sgd reads it
+    (["parallel.dp_sync=local_sgd", "parallel.outer_optimizer=adam"], 2, "parallel.outer_optimizer"),
+    (["parallel.dp_sync=local_sgd", "parallel.outer_momentum=1"], 2, "parallel.outer_momentum"),
     (["parallel.precision=fp8"], 1, "parallel.precision"),
     (["parallel.precision=fp16"], 1, "parallel.precision"),  # no GPU here
     (["train.device=cuda"], 1, "train.device"),  # no GPU here

@@ -66,6 +66,16 @@ class ParallelConfig:
     # Activation recompute in backward (Korthikanti et al. 2022): none | selective (the attention
     # core only) | full (everything but each run's input). recompute=none with an interval > 0 is full.
     recompute: str = "none"
+    # How data-parallel replicas stay in step (trainer.parallel.dp_sync; DP_SYNCS): allreduce = DeepSpeed's
+    # gradient all-reduce; parameter_server = gradients sent to dp rank 0, the mean sent back; local_sgd = no
+    # gradient sync, parameters averaged every sync_interval steps (through outer_optimizer).
+    dp_sync: str = "allreduce"
+    sync_interval: int = 1  # local_sgd: H, optimizer steps between parameter averages
+    # local_sgd: what the average does (OUTER_OPTIMIZERS): none = the replicas' mean; nesterov = DiLoCo (Douillard
+    # et al. 2023): SGD with Nesterov momentum over the averaged delta since the last sync, as the outer gradient.
+    outer_optimizer: str = "none"
+    outer_lr: float = 0.7  # nesterov: the outer learning rate (DiLoCo's 0.7)
+    outer_momentum: float = 0.9  # nesterov: the outer momentum (DiLoCo's 0.9)
 
 
 @dataclass
@@ -216,6 +226,8 @@ class Config:
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 HOST_HEAPS = ("auto", "lean", "glibc")
+DP_SYNCS = ("allreduce", "parameter_server", "local_sgd")
+OUTER_OPTIMIZERS = ("none", "nesterov")
 
 
 def lean_heap(host_heap: str, on_cpu: bool, zero_stage: int) -> bool:

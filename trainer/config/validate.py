@@ -6,7 +6,16 @@ from __future__ import annotations
 
 import os
 
-from trainer.config.schema import HOST_HEAPS, PRECISIONS, BatchPlan, Config, ConfigError, ParallelConfig
+from trainer.config.schema import (
+    DP_SYNCS,
+    HOST_HEAPS,
+    OUTER_OPTIMIZERS,
+    PRECISIONS,
+    BatchPlan,
+    Config,
+    ConfigError,
+    ParallelConfig,
+)
 from trainer.model.shape import MLPS, NORMS, POSITIONS, RECOMPUTE, ModelShape
 
 
@@ -64,6 +73,7 @@ def validate(cfg: Config, world_size: int) -> BatchPlan:
     _validate_tensor_parallel(cfg)
     _validate_pipeline(cfg)
     _validate_recompute(cfg)
+    _validate_dp_sync(p)
     if p.zero_stage not in (0, 1, 2, 3):
         raise ConfigError("parallel.zero_stage", p.zero_stage, "must be 0, 1, 2 or 3")
     if p.precision not in PRECISIONS:
@@ -126,6 +136,37 @@ def _validate_pipeline(cfg: Config) -> None:
         raise ConfigError("parallel.pipeline_partition", p.pipeline_partition, "must be parameters or uniform")
     if p.activation_checkpoint_interval < 0:
         raise ConfigError("parallel.activation_checkpoint_interval", p.activation_checkpoint_interval, "must be >= 0")
+
+
+def _validate_dp_sync(p: ParallelConfig) -> None:
+    """The synchronisation schemes other than DeepSpeed's own all-reduce keep whole fp32 gradients and
+    parameters on every rank and step them outside the engine (trainer.parallel.dp_sync)."""
+    if p.dp_sync not in DP_SYNCS:
+        raise ConfigError("parallel.dp_sync", p.dp_sync, f"must be one of {', '.join(DP_SYNCS)}")
+    if p.outer_optimizer not in OUTER_OPTIMIZERS:
+        raise ConfigError(
+            "parallel.outer_optimizer", p.outer_optimizer, f"must be one of {', '.join(OUTER_OPTIMIZERS)}"
+        )
+    _positive("parallel.sync_interval", p.sync_interval)
+    _positive("parallel.outer_lr", p.outer_lr)
+    if not 0 <= p.outer_momentum < 1:
+        raise ConfigError("parallel.outer_momentum", p.outer_momentum, "must be in [0, 1)")
+    if p.dp_sync != "local_sgd":
+        for key, default in (("sync_interval", 1), ("outer_optimizer", "none")):
+            if getattr(p, key) != default:
+                raise ConfigError(
+                    f"parallel.{key}", getattr(p, key), "only local_sgd reads it; set parallel.dp_sync=local_sgd"
+                )
+    if p.dp_sync == "allreduce":
+        return
+    refusals = (
+        (p.zero_stage > 0, "needs parallel.zero_stage=0 (ZeRO partitions what the scheme keeps whole on every rank)"),
+        (p.pp > 1, "needs parallel.pp=1 (the pipeline engine reduces gradients inside its own schedule)"),
+        (p.precision != "fp32", "needs parallel.precision=fp32 (the scheme moves the fp32 gradients and parameters)"),
+    )
+    for refused, fix in refusals:
+        if refused:
+            raise ConfigError("parallel.dp_sync", p.dp_sync, f"{fix}; or use parallel.dp_sync=allreduce")
 
 
 def _validate_recompute(cfg: Config) -> None:
