@@ -21,6 +21,7 @@ from trainer.config.cli import EXIT_BAD_INPUT, preflight, print_bad_input
 from trainer.config.schema import BadInput, Config
 from trainer.config.validate import validate
 from trainer.runtime.env import adopt_mpi_env, world_size_from_env
+from trainer.runtime.process_exit import run_then_exit
 from trainer.training.guard import TooManySkips
 from trainer.training.preempt import EXIT_PREEMPTED, Preempted
 
@@ -58,4 +59,4 @@ def _discard_unused_run_dir(run_dir: Path) -> None:
 if __name__ == "__main__":
     adopt_mpi_env()  # before anything reads RANK or WORLD_SIZE
     preflight(sys.argv[1:])  # also registers the schema with Hydra
-    main()
+    run_then_exit(main)
