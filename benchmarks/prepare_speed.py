@@ -1,6 +1,7 @@
 """Out-of-core corpus preparation: throughput and peak memory with 1 and 2 tokenizing workers.
 
-    .venv/bin/python benchmarks/prepare_speed.py [--gb 1.05] [--workers 1 2] [--corpus data/cache/bench-corpus]
+    .venv/bin/python benchmarks/prepare_speed.py [--gb 1.05] [--workers 1 2] [--train-bytes N]
+        [--corpus data/cache/bench-corpus]
 
 Builds (once, then reuses) a corpus of at least ``--gb`` GB of text out of files every machine has: the
 ``.py`` files of this Python's standard library and of the venv's site-packages, written again and again
@@ -38,8 +39,10 @@ def log(line):
     if "trained" in line or "loading tokenizer" in line:
         marks["tokenizer_end"] = time.time()
     print(line, file=sys.stderr)
-corpus, cache, workers, tokenizer, save = sys.argv[1:]
+corpus, cache, workers, tokenizer, save, train_bytes = sys.argv[1:]
 tok = TokenizerConfig(source=tokenizer or "train")
+if train_bytes:
+    tok.train_bytes = int(train_bytes)
 cfg = DataConfig(name="bench", source="files", paths=[corpus], cache_dir=cache, num_proc=int(workers), tokenizer=tok)
 prepared = prepare(cfg, log=log, progress=False)
 marks["end"] = time.time()
@@ -81,10 +84,10 @@ def build_corpus(directory: Path, target: int) -> int:
     return total
 
 
-def run(corpus: Path, workers: int, tokenizer: str, save: str) -> dict:
+def run(corpus: Path, workers: int, tokenizer: str, save: str, train_bytes: str) -> dict:
     """One preparation in a fresh process: its marks plus peak RSS/PSS of the BPE training and the rest."""
     with tempfile.TemporaryDirectory(dir=corpus.parent) as cache:
-        cmd = [sys.executable, "-c", RUN, str(corpus), cache, str(workers), tokenizer, save]
+        cmd = [sys.executable, "-c", RUN, str(corpus), cache, str(workers), tokenizer, save, train_bytes]
         proc = psutil.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True)
         samples = []  # (time, rss, pss) of the process tree
         while proc.poll() is None:
@@ -115,15 +118,17 @@ def main() -> None:
     parser.add_argument("--corpus", type=Path, default=ROOT / "data" / "cache" / "bench-corpus")
     parser.add_argument("--tokenizer", default="", help="reuse this tokenizer.json (no BPE training)")
     parser.add_argument("--save-tokenizer", default="", help="copy the first run's trained tokenizer.json here")
+    parser.add_argument("--train-bytes", default="", help="data.tokenizer.train_bytes (default: the config's)")
     args = parser.parse_args()
     size = build_corpus(args.corpus, int(args.gb * 1e9))
     print(f"corpus: {size / 1e9:.2f} GB in {args.corpus}", flush=True)
     for i, workers in enumerate(args.workers):
-        r = run(args.corpus, workers, args.tokenizer, args.save_tokenizer if i == 0 else "")
+        r = run(args.corpus, workers, args.tokenizer, args.save_tokenizer if i == 0 else "", args.train_bytes)
         total_s = r["end"] - r["start"]
         tokenize_s = r["end"] - r.get("tokenizer_end", r["start"])
         result = {
             "workers": workers,
+            "train_bytes": args.train_bytes or "default",
             "corpus_gb": round(size / 1e9, 3),
             "tokens": r["tokens"],
             "total_s": round(total_s, 1),

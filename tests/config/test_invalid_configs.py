@@ -94,7 +94,7 @@ INVALID = [
     (["data=hub-stream", "data.hub_name="], 1, "data.hub_name"),
     (["data.val_fraction=0"], 1, "data.val_fraction"),
     (["data.num_proc=-1"], 1, "data.num_proc"),
-    (["data.tokenizer.train_documents=0"], 1, "data.tokenizer.train_documents"),
+    (["data.tokenizer.train_bytes=-1"], 1, "data.tokenizer.train_bytes"),
     (["data.tokenizer.vocab_size=100"], 1, "data.tokenizer.vocab_size"),
     (["data.tokenizer.vocab_size=100000"], 1, "data.tokenizer.vocab_size"),
     (["data.tokenizer.source=/no/such/tokenizer.json"], 1, "data.tokenizer.source"),

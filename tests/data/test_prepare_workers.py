@@ -77,14 +77,15 @@ def _prepare_growth(tmp_path: Path, parts: int) -> tuple[int, dict]:
 
 
 def test_peak_memory_does_not_grow_with_the_corpus(tmp_path):
-    """8x the corpus (1 -> 8 MB), about the same peak in the reading/writing process: ~64 KB chunks
+    """20x the corpus (1 -> 20 MB), about the same peak in the reading/writing process: ~64 KB chunks
     stream through it (each worker holds the chunk it tokenizes). Either run grows by a fixed 10-30 MB
     (worker pool and its threads, tokenizer copies)."""
     small_size, small = _prepare_growth(tmp_path, 1)
-    big_size, big = _prepare_growth(tmp_path, 8)
-    assert big_size > 7e6 and big["tokens"] > 6 * small["tokens"]
-    # Observed: +0.4 MB for +6.8 MB of corpus, with a few MB of run-to-run noise (malloc arenas of the
-    # pool's threads); the old pipeline grew by more than the corpus (documents + an Arrow copy).
+    big_size, big = _prepare_growth(tmp_path, 20)
+    assert big_size > 18e6 and big["tokens"] > 15 * small["tokens"]
+    # Observed: +0.4 MB for +6.8 MB of corpus (8 parts), with a few MB of run-to-run noise (malloc arenas of
+    # the pool's threads), so the margin must be well above that; the old pipeline grew by more than the
+    # corpus (documents + an Arrow copy).
     assert big["main"] < small["main"] + (big_size - small_size) / 2, (small, big)
 
 
@@ -98,21 +99,45 @@ def test_hub_document_cap_is_max_documents(tmp_path):
     assert len(decoded_documents(prepared, "train")) == 24 - 24 // VAL_EVERY
 
 
-def test_tokenizer_train_documents_caps_the_bpe_sample(tmp_path, corpus):
-    capped = cfg_for(tmp_path, [corpus], tokenizer=TokenizerConfig(vocab_size=400, train_documents=30))
-    assert prep.cache_directory(capped) != prep.cache_directory(cfg_for(tmp_path, [corpus]))
-    prepared = prep.prepare(capped, log=lambda _: None)
-    train_docs = list(prep._Corpus(capped).train_documents())[:30]
-    expected = train_bpe(train_docs, 400).to_str()
-    assert json.loads((prepared.tokenizer_dir / "tokenizer.json").read_text())["model"] == json.loads(expected)["model"]
+def _bpe_model(prepared) -> dict:
+    return json.loads((prepared.tokenizer_dir / "tokenizer.json").read_text())["model"]
+
+
+def test_tokenizer_train_bytes_fits_the_bpe_on_an_even_sample(tmp_path, corpus):
+    corpus_bytes = sum(f.stat().st_size for f in corpus.iterdir())
+    capped = cfg_for(tmp_path, [corpus], tokenizer=TokenizerConfig(vocab_size=400, train_bytes=corpus_bytes // 4))
+    everything = cfg_for(tmp_path, [corpus], tokenizer=TokenizerConfig(vocab_size=400, train_bytes=0))
+    assert prep.bpe_sample_fraction(capped) == pytest.approx(0.25, rel=1e-3)
+    assert prep.cache_directory(capped) != prep.cache_directory(everything)
+    train_docs = list(prep._Corpus(capped).train_documents())
+    sample = list(prep.bpe_sample(train_docs, corpus_bytes // 4, prep.bpe_sample_fraction(capped)))
+    # About a quarter of the training text, taken from every quarter of the corpus, not only the first.
+    kept = sum(map(len, sample)) / sum(map(len, train_docs))
+    assert 0.2 < kept <= 0.25
+    positions = {doc: i for i, doc in enumerate(train_docs)}
+    quarters = {4 * positions[doc] // len(train_docs) for doc in sample}
+    assert quarters == {0, 1, 2, 3}
+    assert _bpe_model(prep.prepare(capped, log=lambda _: None)) == json.loads(train_bpe(sample, 400).to_str())["model"]
+
+
+def test_a_train_bytes_budget_above_the_corpus_changes_nothing(tmp_path, corpus):
+    big = cfg_for(tmp_path, [corpus], tokenizer=TokenizerConfig(vocab_size=400, train_bytes=1 << 30))
+    everything = cfg_for(tmp_path, [corpus], tokenizer=TokenizerConfig(vocab_size=400, train_bytes=0))
+    assert prep.bpe_sample_fraction(big) == 1.0
+    assert prep.cache_directory(big) == prep.cache_directory(everything)
+
+
+def test_train_bytes_takes_the_first_bytes_of_a_stream_of_unknown_size():
+    docs = ["ab", "cde", "fgh", "ij"]
+    assert list(prep.bpe_sample(docs, 5, None)) == ["ab", "cde"]
+    assert list(prep.bpe_sample(docs, 6, None)) == ["ab", "cde", "fgh"]
 
 
 @pytest.mark.parametrize(
     "overrides, message",
     [
         ({"num_proc": -1}, "data.num_proc=-1"),
-        ({"tokenizer": TokenizerConfig(train_documents=0)}, "data.tokenizer.train_documents=0"),
-        ({"tokenizer": TokenizerConfig(train_documents=-3)}, "data.tokenizer.train_documents=-3"),
+        ({"tokenizer": TokenizerConfig(train_bytes=-3)}, "data.tokenizer.train_bytes=-3"),
     ],
 )
 def test_bad_new_keys_refused_in_one_line(tmp_path, corpus, overrides, message):

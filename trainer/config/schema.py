@@ -83,9 +83,10 @@ class TokenizerConfig:
     # "train": fit a byte-level BPE on the corpus; otherwise a path to tokenizer.json or an HF directory.
     source: str = "train"
     vocab_size: int = 8192  # for "train": target vocabulary (must be > 256 and <= model.vocab_size)
-    # for "train": fit on the first N training documents only (-1 = all). BPE training holds one count per
-    # distinct word, not the text, so all is fine for most corpora; cap it for huge, very diverse ones.
-    train_documents: int = -1
+    # for "train": fit on about this many bytes of training text, drawn evenly over the corpus (0 = all).
+    # BPE training holds one count per distinct word plus merge tables that grow with them, ~1 GB for
+    # 1 GB of diverse code; a few hundred MB of text already settles the merges of an 8k-50k vocabulary.
+    train_bytes: int = 256 * 2**20
     # The end-of-text token that separates documents (trained into a new BPE; must exist in a given one).
     eot: str = "<|endoftext|>"
 

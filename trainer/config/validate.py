@@ -249,8 +249,8 @@ def _validate_data(cfg: Config) -> None:
         raise ConfigError("data.val_fraction", d.val_fraction, "must be in (0, 0.5)")
     if d.num_proc < 0:
         raise ConfigError("data.num_proc", d.num_proc, "must be >= 0 (0 = one per core)")
-    if d.tokenizer.train_documents == 0 or d.tokenizer.train_documents < -1:
-        raise ConfigError("data.tokenizer.train_documents", d.tokenizer.train_documents, "must be -1 (all) or > 0")
+    if d.tokenizer.train_bytes < 0:
+        raise ConfigError("data.tokenizer.train_bytes", d.tokenizer.train_bytes, "must be >= 0 (0 = all the text)")
     tok = d.tokenizer
     if tok.source == "train":
         if not 256 < tok.vocab_size <= cfg.model.vocab_size:

@@ -36,7 +36,7 @@ import tokenizers
 from tokenizers import Tokenizer
 
 from trainer.config.schema import DataConfig
-from trainer.data.tokenizer import current_eot, eot_id, load_tokenizer, save_tokenizer, set_eot, train_bpe
+from trainer.data.tokenizer import EOT, eot_id, load_tokenizer, save_tokenizer, set_eot, train_bpe
 
 FORMAT_VERSION = 1  # bump when the layout or the tokenization changes, to invalidate old caches
 JSON_SUFFIXES = (".json", ".jsonl")
@@ -215,16 +215,19 @@ def cache_key(cfg: DataConfig) -> dict:
 
 
 def _tokenizer_key(cfg: DataConfig) -> dict:
+    # The separator is trained into a new BPE and written between documents: another one, other files.
+    # Absent at its default, so caches made before it was a key stay valid.
+    key = {"eot": cfg.tokenizer.eot} if cfg.tokenizer.eot != EOT else {}
     source = cfg.tokenizer.source
     if source == "train":
-        key = {"source": "train", "vocab_size": cfg.tokenizer.vocab_size}
-        if cfg.tokenizer.train_documents > 0:  # absent when -1 (all), so caches from before the key stay valid
-            key["train_documents"] = cfg.tokenizer.train_documents
+        key |= {"source": "train", "vocab_size": cfg.tokenizer.vocab_size}
+        if bpe_sample_fraction(cfg) != 1.0:  # absent when the BPE sees all: any larger budget prepares the same
+            key["train_bytes"] = cfg.tokenizer.train_bytes
         return key
     path = Path(source)
     path = path / "tokenizer.json" if path.is_dir() else path
     content = path.read_bytes() if path.is_file() else b""
-    return {"source": str(path.resolve()), "sha256": hashlib.sha256(content).hexdigest()}
+    return key | {"source": str(path.resolve()), "sha256": hashlib.sha256(content).hexdigest()}
 
 
 def _files_digest(files: Iterable[Path]) -> str:
@@ -263,8 +266,9 @@ def prepare(cfg: DataConfig, log: Log = print, progress: bool | None = None) -> 
     when stderr is a terminal.
     """
     num_workers(cfg)  # refuses a bad data.num_proc before anything is read
-    if cfg.tokenizer.train_documents == 0 or cfg.tokenizer.train_documents < -1:
-        raise ValueError(f"data.tokenizer.train_documents={cfg.tokenizer.train_documents}: must be -1 (all) or > 0")
+    set_eot(cfg.tokenizer.eot)  # the separator these files are made with (a run keeps the same one)
+    if cfg.tokenizer.train_bytes < 0:
+        raise ValueError(f"data.tokenizer.train_bytes={cfg.tokenizer.train_bytes}: must be >= 0 (0 = all the text)")
     key = cache_key(cfg)
     directory = Path(cfg.cache_dir) / f"{cfg.name}-{_digest(key)}"
     cached = _load_cached(directory, key)
@@ -354,20 +358,45 @@ def _tokenizer(cfg: DataConfig, log: Log, progress: bool) -> Tokenizer:
     # ~1 GB on a 1 GB corpus) goes back to the system when it exits, instead of staying in this process'
     # heap, where the forked tokenizing workers would copy it page by page.
     with _pool(1) as pool:
-        trained = pool.apply(_train_tokenizer, (cfg, progress, current_eot()))
+        trained = pool.apply(_train_tokenizer, (cfg, progress, cfg.tokenizer.eot))
     tok = Tokenizer.from_str(trained)
     log(f"data: trained byte-level BPE, vocab {tok.get_vocab_size():,} in {time.perf_counter() - started:.1f}s")
     return tok
 
 
 def _train_tokenizer(cfg: DataConfig, progress: bool, eot: str) -> str:
-    """Fit the BPE on the streamed training documents (the first ``data.tokenizer.train_documents``)."""
-    docs = _Corpus(cfg).train_documents()
-    if cfg.tokenizer.train_documents > 0:
-        docs = itertools.islice(docs, cfg.tokenizer.train_documents)
+    """Fit the BPE on the streamed training documents, or on ``data.tokenizer.train_bytes`` of them."""
+    docs = bpe_sample(_Corpus(cfg).train_documents(), cfg.tokenizer.train_bytes, bpe_sample_fraction(cfg))
     set_eot(eot)  # this process only serves this call
     with _Progress(progress, "tokenizer") as bar:
         return train_bpe(bar.track(docs), cfg.tokenizer.vocab_size).to_str()
+
+
+def bpe_sample_fraction(cfg: DataConfig) -> float | None:
+    """The share of the text the BPE is fitted on: 1.0 all of it, less to stay near ``train_bytes``, or None
+    where the corpus size is not known before reading it (hub streams, a ``max_documents`` cap)."""
+    budget = cfg.tokenizer.train_bytes
+    if budget == 0:
+        return 1.0
+    if cfg.max_documents > 0 or cfg.source == "hub":
+        return None
+    files = stdlib_files() if cfg.source == "pystdlib" else _expand_paths(cfg.paths)
+    return min(1.0, budget / max(1, sum(f.stat().st_size for f in files)))
+
+
+def bpe_sample(docs: Iterable[str], budget: int, fraction: float | None) -> Iterator[str]:
+    """The documents the BPE sees: a document is kept while the bytes kept stay within ``fraction`` of the
+    bytes seen, so the sample spreads evenly over every part of the corpus (deterministic); where the size is
+    unknown (``fraction`` None), the first ``budget`` bytes."""
+    seen = kept = 0
+    for doc in docs:
+        size = len(doc.encode("utf-8", "replace"))
+        seen += size
+        if fraction is None and kept >= budget:
+            return
+        if fraction is None or kept + size <= fraction * seen:
+            kept += size
+            yield doc
 
 
 def _pool(workers: int, init: Callable | None = None, init_args: tuple = ()) -> multiprocessing.pool.Pool:

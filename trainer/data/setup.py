@@ -7,9 +7,7 @@ Both run before any process group exists, so an unusable corpus is bad input (ex
 from __future__ import annotations
 
 import fcntl
-import hashlib
 from contextlib import contextmanager
-from dataclasses import replace
 from pathlib import Path
 
 from trainer.config.schema import BadInput, BatchPlan, Config, ConfigError
@@ -30,7 +28,7 @@ def _exclusive(lock_path: Path):
 def prepare_data(cfg: Config):
     from trainer.data.blend import prepare_blend
     from trainer.data.prepare import prepare
-    from trainer.data.tokenizer import EOT, set_eot
+    from trainer.data.tokenizer import set_eot
 
     if cfg.data.source == "megatron":  # Megatron .bin/.idx files, read in place, not tokenized
         from trainer.data.indexed import prepare_megatron as prepare
@@ -39,8 +37,6 @@ def prepare_data(cfg: Config):
         set_eot(data.tokenizer.eot)  # the document separator for preparing, and for the rest of the run
     except ValueError as err:
         raise BadInput(str(err)) from None
-    if data.tokenizer.eot != EOT:  # the separator is not in prepare's cache key: keep such caches apart
-        data = replace(data, name=f"{data.name}-eot{hashlib.sha256(data.tokenizer.eot.encode()).hexdigest()[:6]}")
     with _exclusive(Path(data.cache_dir) / ".prepare.lock"):
         try:
             prepared = prepare_blend(data, prepare) if data.blend else prepare(data)
