@@ -165,7 +165,7 @@ def test_training_on_a_blend_from_the_cli(tmp_path, data_cache):
     run_dir = tmp_path / "run"
     proc = run_train(run_dir, [*overrides, "train.steps=4", "train.save_interval=2"])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "trained byte-level BPE on the blend" in proc.stdout and "blend source third: weight 0.2000" in proc.stdout
+    assert "trained byte-level BPE" in proc.stdout and "blend source third: weight 0.2000" in proc.stdout
     records = read_metrics(run_dir)
     assert any("val_loss" in r for r in records) and max(r["step"] for r in records if "loss" in r) == 4
 
@@ -189,3 +189,33 @@ def test_blend_with_unknown_source_is_refused_before_training(tmp_path, data_cac
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "data.blend[0].data='nope'" in lines[0], proc.stderr
+
+
+def _tokenizer_model(directory) -> dict:
+    return json.loads((directory / "tokenizer.json").read_text())["model"]
+
+
+@pytest.mark.parametrize("train_bytes", [0, 6000])
+def test_blend_tokenizer_is_fitted_on_the_weighted_mix(tmp_path, train_bytes):
+    """All training documents of every source (0), or each source's weight of ``train_bytes`` spread over it."""
+    from trainer.data import prepare as prep
+    from trainer.data.blend import _blend_tokenizer
+    from trainer.data.tokenizer import train_bpe
+
+    from .test_prepare import cfg_for
+
+    paths = _corpora(tmp_path)
+    data = cfg_for(tmp_path, [], source="files")
+    data.tokenizer.train_bytes = train_bytes
+    sources = [(w, cfg_for(tmp_path, [p], name=f"s{i}")) for i, (w, p) in enumerate(zip(WEIGHTS, paths))]
+    expected = []
+    for weight, source in sources:
+        nonempty = [doc for doc in prep.iter_documents(source) if doc]
+        train = prep.split_documents(nonempty, source.val_fraction)[0]
+        if train_bytes:
+            budget = round(weight * train_bytes)
+            train = list(prep.bpe_sample(train, budget, prep.bpe_sample_fraction(source, budget)))
+            assert 0.6 * budget < sum(len(d.encode()) for d in train) <= budget  # about its share of the budget
+        expected += train
+    got = _blend_tokenizer(sources, data, log=lambda _: None)
+    assert _tokenizer_model(got) == json.loads(train_bpe(expected, 400).to_str())["model"]

@@ -107,10 +107,10 @@ def test_tokenizer_train_bytes_fits_the_bpe_on_an_even_sample(tmp_path, corpus):
     corpus_bytes = sum(f.stat().st_size for f in corpus.iterdir())
     capped = cfg_for(tmp_path, [corpus], tokenizer=TokenizerConfig(vocab_size=400, train_bytes=corpus_bytes // 4))
     everything = cfg_for(tmp_path, [corpus], tokenizer=TokenizerConfig(vocab_size=400, train_bytes=0))
-    assert prep.bpe_sample_fraction(capped) == pytest.approx(0.25, rel=1e-3)
+    assert prep.bpe_sample_fraction(capped, corpus_bytes // 4) == pytest.approx(0.25, rel=1e-3)
     assert prep.cache_directory(capped) != prep.cache_directory(everything)
     train_docs = list(prep._Corpus(capped).train_documents())
-    sample = list(prep.bpe_sample(train_docs, corpus_bytes // 4, prep.bpe_sample_fraction(capped)))
+    sample = list(prep.bpe_sample(train_docs, corpus_bytes // 4, prep.bpe_sample_fraction(capped, corpus_bytes // 4)))
     # About a quarter of the training text, taken from every quarter of the corpus, not only the first.
     kept = sum(map(len, sample)) / sum(map(len, train_docs))
     assert 0.2 < kept <= 0.25
@@ -123,7 +123,7 @@ def test_tokenizer_train_bytes_fits_the_bpe_on_an_even_sample(tmp_path, corpus):
 def test_a_train_bytes_budget_above_the_corpus_changes_nothing(tmp_path, corpus):
     big = cfg_for(tmp_path, [corpus], tokenizer=TokenizerConfig(vocab_size=400, train_bytes=1 << 30))
     everything = cfg_for(tmp_path, [corpus], tokenizer=TokenizerConfig(vocab_size=400, train_bytes=0))
-    assert prep.bpe_sample_fraction(big) == 1.0
+    assert prep.bpe_sample_fraction(big, 1 << 30) == 1.0
     assert prep.cache_directory(big) == prep.cache_directory(everything)
 
 

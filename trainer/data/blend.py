@@ -134,7 +134,7 @@ def prepare_blend(data: DataConfig, prepare, log=print) -> BlendedData:
     sources = blend_sources(data)
     tok_source = data.tokenizer.source
     if tok_source == "train":
-        tok_source = str(_blend_tokenizer([s for _, s in sources], data, log))
+        tok_source = str(_blend_tokenizer(sources, data, log))
     prepared = []
     for weight, source in sources:
         source = dataclasses.replace(source, tokenizer=dataclasses.replace(data.tokenizer, source=tok_source))
@@ -155,27 +155,29 @@ def prepare_blend(data: DataConfig, prepare, log=print) -> BlendedData:
     )
 
 
-def _blend_tokenizer(sources: list[DataConfig], data: DataConfig, log) -> Path:
-    """One byte-level BPE fitted on the training documents of all sources, cached by what it depends on."""
-    from trainer.data import prepare as prep
-    from trainer.data.tokenizer import current_eot, save_tokenizer, train_bpe
+def _blend_tokenizer(sources: list[tuple[float, DataConfig]], data: DataConfig, log) -> Path:
+    """One byte-level BPE fitted on the training documents of all sources, cached by what it depends on.
 
+    With ``data.tokenizer.train_bytes`` > 0, source i gives ``w_i * train_bytes`` of them (spread over it), so
+    the BPE sees the mix the model trains on; a source smaller than its part gives all it has.
+    """
+    from trainer.data import prepare as prep
+    from trainer.data.tokenizer import save_tokenizer
+
+    budget = data.tokenizer.train_bytes
+    parts = [(source, max(1, round(weight * budget)) if budget else 0) for weight, source in sources]
     key = {
-        "sources": [prep.cache_key(s) for s in sources],
+        "sources": [prep.cache_key(s) for _, s in sources],
         "vocab_size": data.tokenizer.vocab_size,
-        "eot": current_eot(),
+        "eot": data.tokenizer.eot,
+        "train_bytes": [b if prep.bpe_sample_fraction(s, b) != 1.0 else 0 for s, b in parts],
     }
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     directory = Path(data.cache_dir) / f"blend-tokenizer-{digest}"
     if (directory / "tokenizer.json").is_file():
         log(f"data: using cached blend tokenizer {directory}")
         return directory
-    docs: list[str] = []
-    for source in sources:
-        nonempty = [doc for doc in prep.iter_documents(source) if doc]
-        docs += prep.split_documents(nonempty, source.val_fraction)[0] if len(nonempty) > 1 else nonempty
-    tok = train_bpe(docs, data.tokenizer.vocab_size)
-    log(f"data: trained byte-level BPE on the blend ({len(docs):,} documents), vocab {tok.get_vocab_size():,}")
+    tok = prep.fit_tokenizer(parts, data.tokenizer, log, progress=False)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
     try:

@@ -35,7 +35,7 @@ import numpy as np
 import tokenizers
 from tokenizers import Tokenizer
 
-from trainer.config.schema import DataConfig
+from trainer.config.schema import DataConfig, TokenizerConfig
 from trainer.data.tokenizer import EOT, eot_id, load_tokenizer, save_tokenizer, set_eot, train_bpe
 
 FORMAT_VERSION = 1  # bump when the layout or the tokenization changes, to invalidate old caches
@@ -221,7 +221,7 @@ def _tokenizer_key(cfg: DataConfig) -> dict:
     source = cfg.tokenizer.source
     if source == "train":
         key |= {"source": "train", "vocab_size": cfg.tokenizer.vocab_size}
-        if bpe_sample_fraction(cfg) != 1.0:  # absent when the BPE sees all: any larger budget prepares the same
+        if bpe_sample_fraction(cfg, cfg.tokenizer.train_bytes) != 1.0:  # absent when the BPE sees all
             key["train_bytes"] = cfg.tokenizer.train_bytes
         return key
     path = Path(source)
@@ -353,29 +353,36 @@ def _tokenizer(cfg: DataConfig, log: Log, progress: bool) -> Tokenizer:
     if cfg.tokenizer.source != "train":
         log(f"data: loading tokenizer {cfg.tokenizer.source}")
         return load_tokenizer(cfg.tokenizer.source)
+    return fit_tokenizer([(cfg, cfg.tokenizer.train_bytes)], cfg.tokenizer, log, progress)
+
+
+def fit_tokenizer(parts: list[tuple[DataConfig, int]], tok: TokenizerConfig, log: Log, progress: bool) -> Tokenizer:
+    """A byte-level BPE fitted on the training documents of ``parts``: (source, its byte budget; 0 = all).
+
+    In a child process: what BPE training allocates (one count per distinct word and the merge tables,
+    ~1 GB on 1 GB of diverse text) goes back to the system when it exits, instead of staying in this
+    process' heap, where the forked tokenizing workers would copy it page by page.
+    """
     started = time.perf_counter()
-    # In a child process: what BPE training allocates (one count per distinct word and the merge tables,
-    # ~1 GB on a 1 GB corpus) goes back to the system when it exits, instead of staying in this process'
-    # heap, where the forked tokenizing workers would copy it page by page.
     with _pool(1) as pool:
-        trained = pool.apply(_train_tokenizer, (cfg, progress, cfg.tokenizer.eot))
-    tok = Tokenizer.from_str(trained)
-    log(f"data: trained byte-level BPE, vocab {tok.get_vocab_size():,} in {time.perf_counter() - started:.1f}s")
-    return tok
+        trained = Tokenizer.from_str(pool.apply(_train_tokenizer, (parts, tok.vocab_size, tok.eot, progress)))
+    log(f"data: trained byte-level BPE, vocab {trained.get_vocab_size():,} in {time.perf_counter() - started:.1f}s")
+    return trained
 
 
-def _train_tokenizer(cfg: DataConfig, progress: bool, eot: str) -> str:
-    """Fit the BPE on the streamed training documents, or on ``data.tokenizer.train_bytes`` of them."""
-    docs = bpe_sample(_Corpus(cfg).train_documents(), cfg.tokenizer.train_bytes, bpe_sample_fraction(cfg))
+def _train_tokenizer(parts: list[tuple[DataConfig, int]], vocab_size: int, eot: str, progress: bool) -> str:
+    docs = itertools.chain.from_iterable(
+        bpe_sample(_Corpus(cfg).train_documents(), budget, bpe_sample_fraction(cfg, budget)) for cfg, budget in parts
+    )
     set_eot(eot)  # this process only serves this call
     with _Progress(progress, "tokenizer") as bar:
-        return train_bpe(bar.track(docs), cfg.tokenizer.vocab_size).to_str()
+        return train_bpe(bar.track(docs), vocab_size).to_str()
 
 
-def bpe_sample_fraction(cfg: DataConfig) -> float | None:
-    """The share of the text the BPE is fitted on: 1.0 all of it, less to stay near ``train_bytes``, or None
-    where the corpus size is not known before reading it (hub streams, a ``max_documents`` cap)."""
-    budget = cfg.tokenizer.train_bytes
+def bpe_sample_fraction(cfg: DataConfig, budget: int) -> float | None:
+    """The share of a source's text the BPE is fitted on for a ``budget`` of bytes: 1.0 all of it (budget 0, or
+    more than the source), less to stay near the budget, or None where the size is not known before reading
+    (hub streams, a ``max_documents`` cap)."""
     if budget == 0:
         return 1.0
     if cfg.max_documents > 0 or cfg.source == "hub":
