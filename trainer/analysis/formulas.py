@@ -252,6 +252,53 @@ def wire_bytes(kind: str, full_bytes: float, n: int) -> float:
     return _RING_FACTOR[kind] * (n - 1) / n * full_bytes if n > 1 else 0.0
 
 
+def link_bytes(kind: str, full_bytes: float, n: int) -> tuple[float, float]:
+    """(sent, received) by one rank for a collective over ``full_bytes`` on ``n`` ranks: a ring sends and
+    receives alike; a point-to-point message is sent by one rank and received by the other."""
+    if kind == "recv":
+        return 0.0, full_bytes
+    sent = wire_bytes(kind, full_bytes, n)
+    return sent, sent if kind != "send" else 0.0
+
+
+# --- data-parallel synchronisation schemes (parallel.dp_sync) ------------------------------------
+
+
+@dataclass(frozen=True)
+class SyncTraffic:
+    """Bytes one data-parallel synchronisation scheme moves per optimizer step."""
+
+    rank: float  # what a rank sends (a worker, under a parameter server)
+    busiest_link: float  # the most that one rank's link carries in one direction
+
+
+def dp_sync_traffic(scheme: str, psi_bytes: float, n: int, syncs_per_step: float = 1.0) -> SyncTraffic:
+    """Traffic of keeping ``n`` data-parallel replicas of ``psi_bytes`` (Ψ: fp32 gradients or parameters) in step:
+
+    allreduce          a ring all-reduce of the gradients: 2(N-1)/N·Ψ per rank, every link alike
+    parameter_server   every worker sends Ψ of gradients to the server and receives Ψ of their mean; the
+                       server is dp rank 0, a worker too, so its link carries (N-1)·Ψ each way (a server
+                       that is not a worker would carry N·Ψ)
+    local_sgd          a ring all-reduce of Ψ parameters on ``syncs_per_step`` of the steps (1/H)
+    """
+    if n <= 1:
+        return SyncTraffic(0.0, 0.0)
+    ring = wire_bytes("all_reduce", psi_bytes, n)
+    if scheme == "allreduce":
+        return SyncTraffic(ring, ring)
+    if scheme == "parameter_server":
+        return SyncTraffic(psi_bytes, (n - 1) * psi_bytes)
+    if scheme == "local_sgd":
+        return SyncTraffic(ring * syncs_per_step, ring * syncs_per_step)
+    raise ValueError(f"unknown data-parallel synchronisation {scheme!r}")
+
+
+def is_sync_step(step: int, interval: int, steps: int) -> bool:
+    """Whether 1-based optimizer ``step`` of ``steps`` averages the replicas under local SGD: every
+    ``interval``-th, and the last, so the run ends on one model."""
+    return step % interval == 0 or step == steps
+
+
 def zero_collectives(psi: float, dp: int, zero_stage: int, micro_batches: int, grad_bytes: int = 4) -> dict:
     """Full-buffer bytes per optimizer step of each collective kind DeepSpeed (0.19) issues over the
     data-parallel group for ZeRO stage 0-3, with this project's DeepSpeed config (one bucket per step

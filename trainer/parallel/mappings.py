@@ -1,9 +1,10 @@
-"""Every collective of tensor and sequence parallelism, counted and timed.
+"""Every collective of tensor and sequence parallelism and of data-parallel synchronisation, counted and timed.
 
 Two layers:
 
-* Primitives -- ``all_reduce``, ``all_gather``, ``reduce_scatter`` and the local ``split`` -- run one
-  collective over a process group passed in, and record it in a ``CommStats`` passed in.
+* Primitives -- ``all_reduce``, ``all_gather``, ``reduce_scatter`` and the local ``split``; point-to-point
+  ``send``/``recv`` and the star-shaped ``reduce_to_root``/``broadcast_from_root`` of a parameter server
+  (trainer.parallel.dp_sync) -- run over a process group passed in, and record it in a ``CommStats`` passed in.
 * Autograd mappings pair a forward primitive with the backward primitive that is its adjoint
   (Megatron-LM's ``mappings.py``; Shoeybi et al. 2019, Korthikanti et al. 2022):
 
@@ -168,6 +169,47 @@ def reduce_scatter(x: torch.Tensor, dim: int, group: dist.ProcessGroup, stats: C
     with stats.record("reduce_scatter", stacked):
         dist.reduce_scatter_single(out, stacked, group=group)
     return out
+
+
+def send(x: torch.Tensor, dst: int, group: dist.ProcessGroup, stats: CommStats) -> None:
+    """Send ``x`` to group rank ``dst`` (point to point)."""
+    with stats.record("send", x):
+        dist.send(x, group=group, group_dst=dst)
+
+
+def recv(x: torch.Tensor, src: int, group: dist.ProcessGroup, stats: CommStats) -> torch.Tensor:
+    """Receive group rank ``src``'s message into ``x`` and return it."""
+    with stats.record("recv", x):
+        dist.recv(x, group=group, group_src=src)
+    return x
+
+
+def reduce_to_root(x: torch.Tensor, group: dist.ProcessGroup, stats: CommStats) -> torch.Tensor:
+    """Sum ``x`` over the group onto group rank 0 (IN PLACE there; unchanged elsewhere). Every other rank
+    sends its ``x`` straight to rank 0, a star rather than the backend's tree or ring, so rank 0's link
+    carries (size-1)·|x|: a parameter server's traffic."""
+    size = group_size(group)
+    if size == 1:
+        return x
+    if group_rank(group) != 0:
+        send(x, 0, group, stats)
+        return x
+    incoming = torch.empty_like(x)
+    for src in range(1, size):
+        x += recv(incoming, src, group, stats)
+    return x
+
+
+def broadcast_from_root(x: torch.Tensor, group: dist.ProcessGroup, stats: CommStats) -> torch.Tensor:
+    """Group rank 0's ``x`` into ``x`` on every rank, sent to each rank straight from rank 0 (a star)."""
+    size = group_size(group)
+    if size == 1:
+        return x
+    if group_rank(group) != 0:
+        return recv(x, 0, group, stats)
+    for dst in range(1, size):
+        send(x, dst, group, stats)
+    return x
 
 
 # --- autograd mappings ------------------------------------------------------------------------

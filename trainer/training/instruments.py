@@ -260,12 +260,16 @@ class StepInstruments:
     """The instruments of one rank, switched on together for the steps the loop logs (``begin(True)``)
     and returning what they measured as records (``trainer.training.record``).
 
-    ``tp_comm`` is the tensor-parallel layers' own counter (trainer.parallel.mappings.CommStats), reset
-    every step; DeepSpeed's collectives come from its logger.
+    ``tp_comm`` is the tensor-parallel layers' own counter (trainer.parallel.mappings.CommStats), ``dp_comm``
+    the data-parallel synchronisation's (trainer.parallel.dp_sync), both reset every step; DeepSpeed's
+    collectives come from its logger.
     """
 
-    def __init__(self, module: nn.Module, optimizer, device: torch.device, tp_comm, tp_size: int):
+    def __init__(
+        self, module: nn.Module, optimizer, device: torch.device, tp_comm, tp_size: int, dp_comm, dp_size: int
+    ):
         self.module, self.device, self.tp_comm, self.tp_size = module, device, tp_comm, tp_size
+        self.dp_comm, self.dp_size = dp_comm, dp_size
         self.ds_comms = DeepSpeedComms()
         self.clock = PhaseClock(device, self._comm_seconds)
         self.census = TensorCensus(module, optimizer)
@@ -279,6 +283,7 @@ class StepInstruments:
     def begin(self, measure: bool) -> None:
         self.measuring = measure
         self.tp_comm.reset()
+        self.dp_comm.reset()
         self.clock.start(measure)
         if measure:
             self.ds_comms.start()
@@ -294,7 +299,8 @@ class StepInstruments:
             self.census.sample()
 
     def end(self):
-        """Stop the measured step's collectives log; (DeepSpeed's Comm, tensor-parallel Comm, CPU seconds)."""
+        """Stop the measured step's collectives log; (DeepSpeed's, tensor-parallel and data-parallel
+        synchronisation Comm, CPU seconds)."""
         from trainer.training.record import Comm
 
         totals = self.ds_comms.stop()  # before the loop's own reduction of the loss
@@ -305,16 +311,9 @@ class StepInstruments:
             sum(v.wire_bytes for v in totals.values()),
             sum(v.seconds for v in totals.values()),
         )
-        kinds = self.tp_comm.snapshot()
-        tp = Comm(
-            {k: {"count": r.count, "bytes": r.bytes, "seconds": round(r.seconds, 6)} for k, r in kinds.items()},
-            sum(r.bytes for r in kinds.values()),
-            sum(wire_bytes(k, r.bytes, self.tp_size) for k, r in kinds.items()),
-            sum(r.seconds for r in kinds.values()),
-        )
-        return ds, tp, cpu_s
+        return ds, _comm_of(self.tp_comm, self.tp_size), _comm_of(self.dp_comm, self.dp_size), cpu_s
 
-    def rank_record(self, rank: int, coords: dict, positions: list[int], step_s: float, cpu_s: float, tp, ds):
+    def rank_record(self, rank: int, coords: dict, positions: list[int], step_s: float, cpu_s: float, tp, ds, dp):
         """This rank's RankRecord of the measured step."""
         from trainer.training.record import RankRecord, rank_fields
 
@@ -325,8 +324,22 @@ class StepInstruments:
             time=self.clock.breakdown(step_s),
             tp_comm=tp,
             ds_comm=ds,
+            dp_comm=dp,
             **rank_fields(self.module, self.device, self.census, self.activations, cpu_s, step_s),
         )
 
     def close(self) -> None:
         self.ds_comms.close()
+
+
+def _comm_of(stats, n: int):
+    """A ``CommStats`` of collectives over groups of ``n`` ranks as the step record's ``Comm``."""
+    from trainer.training.record import Comm
+
+    kinds = stats.snapshot()
+    return Comm(
+        {k: {"count": r.count, "bytes": r.bytes, "seconds": round(r.seconds, 6)} for k, r in kinds.items()},
+        sum(r.bytes for r in kinds.values()),
+        sum(wire_bytes(k, r.bytes, n) for k, r in kinds.items()),
+        sum(r.seconds for r in kinds.values()),
+    )

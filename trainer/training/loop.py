@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 from trainer.config.schema import BatchPlan, TrainConfig
 from trainer.parallel import CommStats, Mesh
+from trainer.parallel.dp_sync import DPSync
 from trainer.parallel.mappings import gather_objects
 from trainer.training.guard import SkipCounter
 from trainer.training.instruments import StepInstruments
@@ -54,6 +55,7 @@ class LoopParts:
     save: Callable[[int], None]  # writes the checkpoint of a step
     stop: StopSignal | None = None  # a scheduler's signal: save and stop after the step (training.preempt)
     samples: Samples | None = None  # rank 0's prompts to continue after each validation pass (training.samples)
+    dp_sync: DPSync | None = None  # parallel.dp_sync's hooks (trainer.parallel.dp_sync); None = the engine's all-reduce
 
 
 class Trainer:
@@ -61,9 +63,13 @@ class Trainer:
         self.p = parts
         engine, mesh = parts.engine, parts.mesh
         self.comm = CommStats()  # the loop's own reductions (loss, gradient norm)
-        self.inst = StepInstruments(engine.module, engine.optimizer, parts.device, parts.tp_comm, mesh.dims.tp)
+        self.sync = parts.dp_sync or DPSync()
+        dims = mesh.dims
+        self.inst = StepInstruments(
+            engine.module, engine.optimizer, parts.device, parts.tp_comm, dims.tp, self.sync.comm, dims.dp
+        )
         runner = PipelineSteps if mesh.dims.pp > 1 else DenseSteps
-        self.steps = runner(engine, parts.stream, parts.plan, parts.device, mesh, self.inst, self.comm)
+        self.steps = runner(engine, parts.stream, parts.plan, parts.device, mesh, self.inst, self.comm, self.sync)
         self.skips = SkipCounter(engine, parts.train.max_skipped_steps)  # non-finite steps (training.guard)
 
     def fit(self, start_step: int = 0) -> FitResult:
@@ -78,6 +84,8 @@ class Trainer:
                 self.inst.begin(measure)
                 t0 = time.perf_counter()
                 loss, grad_norm = self.steps.train_step()
+                with self.inst.clock.phase("dp_sync"):
+                    self.sync.after_step(step + 1)
                 window.steps += 1
                 if measure:
                     self._log_step(step, loss, lr, grad_norm, t0, window, result)
@@ -98,7 +106,7 @@ class Trainer:
         return result
 
     def _log_step(self, step, loss, lr, grad_norm, t0, window: Window, result: FitResult) -> None:
-        ds, tp, cpu_s = self.inst.end()
+        ds, tp, dp, cpu_s = self.inst.end()
         loss = dp_mean(loss, self.p.mesh, self.comm)
         now = time.perf_counter()
         step_time = now - t0  # includes the loss all-reduce: an honest wall time
@@ -112,6 +120,7 @@ class Trainer:
             cpu_s,
             tp,
             ds,
+            dp,
         )
         record = StepRecord(
             step=step + 1,
@@ -123,6 +132,7 @@ class Trainer:
             tp_comm=tp,
             ds_comm=ds,
             pipe=pipe,
+            dp_comm=dp,
             **speed_fields(self.p.plan.tokens_per_step, step_time, window, now, self.p.throughput, self.p.device),
         )
         self.p.metrics.log(record.to_dict())

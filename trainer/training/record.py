@@ -50,6 +50,15 @@ class Comm:
         }
 
 
+# The collectives of a step by who issued them: the tensor-parallel layers, DeepSpeed's engine, and the
+# data-parallel synchronisation of parallel.dp_sync when it is not DeepSpeed's all-reduce.
+COMM_FAMILIES = ("tp_comm", "ds_comm", "dp_comm")
+
+
+def _comm_fields(record) -> dict[str, Any]:
+    return {k: v for family in COMM_FAMILIES for k, v in getattr(record, family).fields(family).items()}
+
+
 @dataclass
 class RankRecord:
     rank: int
@@ -63,10 +72,11 @@ class RankRecord:
     time: dict[str, float]  # seconds per phase (trainer.training.instruments.PhaseClock)
     tp_comm: Comm = field(default_factory=Comm)
     ds_comm: Comm = field(default_factory=Comm)
+    dp_comm: Comm = field(default_factory=Comm)  # parallel.dp_sync's own messages (trainer.parallel.dp_sync)
 
     def to_dict(self) -> dict[str, Any]:
-        out = {k: v for k, v in asdict(self).items() if k not in ("tp_comm", "ds_comm")}
-        return {**out, **self.tp_comm.fields("tp_comm"), **self.ds_comm.fields("ds_comm")}
+        out = {k: v for k, v in asdict(self).items() if k not in COMM_FAMILIES}
+        return {**out, **_comm_fields(self)}
 
 
 @dataclass
@@ -87,11 +97,12 @@ class StepRecord:
     tp_comm: Comm = field(default_factory=Comm)  # rank 0's
     ds_comm: Comm = field(default_factory=Comm)  # rank 0's
     pipe: dict[str, Any] = field(default_factory=dict)  # pipe_* bubble fields at pp > 1
+    dp_comm: Comm = field(default_factory=Comm)  # rank 0's
 
     def to_dict(self) -> dict[str, Any]:
-        skip = ("ranks", "tp_comm", "ds_comm", "pipe")
+        skip = ("ranks", *COMM_FAMILIES, "pipe")
         out = {k: getattr(self, k) for k in self.__dataclass_fields__ if k not in skip}
-        out.update(self.tp_comm.fields("tp_comm"), **self.ds_comm.fields("ds_comm"), **self.pipe)
+        out.update(_comm_fields(self), **self.pipe)
         out["ranks"] = [r.to_dict() for r in self.ranks]
         return out
 
@@ -158,11 +169,11 @@ PIPE_FIELDS = ("pipe_idle_fraction", "pipe_idle_fraction_analytic", "pipe_bubble
 
 def jsonl_fields() -> dict[str, list[str]]:
     """The keys metrics.jsonl records carry, per record kind (what the README lists)."""
-    comm = [f"{p}{suffix}" for p in ("tp_comm", "ds_comm") for suffix in ("", "_bytes", "_wire_bytes", "_s")]
+    comm = [f"{p}{suffix}" for p in COMM_FAMILIES for suffix in ("", "_bytes", "_wire_bytes", "_s")]
     plain = lambda cls, skip: [f for f in cls.__dataclass_fields__ if f not in skip]  # noqa: E731
     return {
-        "step": plain(StepRecord, ("tp_comm", "ds_comm", "pipe")) + comm + list(PIPE_FIELDS) + ["time_s"],
-        "rank": plain(RankRecord, ("tp_comm", "ds_comm")) + comm,
+        "step": plain(StepRecord, (*COMM_FAMILIES, "pipe")) + comm + list(PIPE_FIELDS) + ["time_s"],
+        "rank": plain(RankRecord, COMM_FAMILIES) + comm,
         "eval": plain(EvalRecord, ()),
         "samples": plain(SampleRecord, ()) + ["prompt", "completion"],
         "checkpoint": plain(CheckpointRecord, ()),

@@ -129,6 +129,7 @@ def build_engine_for(cfg: Config, built, ds_dict: dict, mpu):
 
 def run(cfg: Config, cfg_node: DictConfig, plan: BatchPlan, run_dir: Path) -> None:
     from trainer.parallel.apply import build_parallel_model, engine_extras
+    from trainer.parallel.dp_sync import build_dp_sync
     from trainer.runtime.ds_config import ds_config
     from trainer.runtime.engine import shutdown
     from trainer.training.loop import LoopParts, Trainer
@@ -172,6 +173,7 @@ def run(cfg: Config, cfg_node: DictConfig, plan: BatchPlan, run_dir: Path) -> No
     )
     parts.stop = stop
     parts.samples = inputs.samples if rank == 0 else None
+    parts.dp_sync = build_dp_sync(cfg.parallel, engine, mesh, cfg.train.steps)
     try:
         result = Trainer(parts).fit(start_step)
         stop.restore()  # (after a stop the handlers stay: a late signal must not kill the exit's cleanup)

@@ -16,6 +16,7 @@ from trainer.analysis.formulas import pipeline_bubble, pipeline_idle_fraction
 from trainer.config.schema import BatchPlan
 from trainer.parallel import CommStats, Mesh
 from trainer.parallel.bubble import BubbleMeter, gather_stages
+from trainer.parallel.dp_sync import DPSync
 from trainer.parallel.grad_norm import global_grad_norm
 from trainer.parallel.mappings import all_reduce
 from trainer.runtime.compat import wrap_pipe_instructions
@@ -38,10 +39,13 @@ def dp_mean(value: torch.Tensor, mesh: Mesh, stats: CommStats) -> float:
 
 
 class DenseSteps:
-    def __init__(self, engine, stream, plan: BatchPlan, device, mesh: Mesh, inst: StepInstruments, comm: CommStats):
+    def __init__(
+        self, engine, stream, plan: BatchPlan, device, mesh: Mesh, inst: StepInstruments, comm: CommStats, sync: DPSync
+    ):
         self.engine, self.stream, self.plan, self.device, self.mesh = engine, stream, plan, device, mesh
         self.inst = inst
         self.comm = comm  # the loop's own reductions (loss, gradient norm)
+        self.sync = sync  # parallel.dp_sync's hooks (a pipeline has DeepSpeed's all-reduce only)
 
     def train_step(self) -> tuple[torch.Tensor, float | None]:
         """Forward/backward over grad_accum micro-batches, then the optimizer step. Returns this rank's
@@ -57,6 +61,9 @@ class DenseSteps:
                 loss = self.engine(x, y)
             with clock.phase("backward"):
                 self.engine.backward(loss)
+            if self.engine.is_gradient_accumulation_boundary():
+                with clock.phase("dp_sync"):
+                    self.sync.after_backward()  # before the gradient norm: it is the synchronised gradient's
             total += loss.detach().float()
             if self.inst.measuring:
                 self.inst.census.sample()  # gradients are largest here
@@ -103,8 +110,10 @@ class PipelineSteps(DenseSteps):
     """The engine's schedule runs each step; its instruction handlers are wrapped twice, by the bubble
     meter (inner) and by the phase/memory tap (outer), and ``close`` undoes both, outer first."""
 
-    def __init__(self, engine, stream, plan: BatchPlan, device, mesh: Mesh, inst: StepInstruments, comm: CommStats):
-        super().__init__(engine, stream, plan, device, mesh, inst, comm)
+    def __init__(
+        self, engine, stream, plan: BatchPlan, device, mesh: Mesh, inst: StepInstruments, comm: CommStats, sync: DPSync
+    ):
+        super().__init__(engine, stream, plan, device, mesh, inst, comm, sync)
         self.bubble = BubbleMeter(engine)
         self.last_bubble = None
         self._untap = wrap_pipe_instructions(engine, self._tap)

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from trainer.analysis.formulas import (
     dp_comm_bytes_per_step,
     head_activation_bytes,
+    link_bytes,
     pipeline_bubble,
     pipeline_p2p_bytes,
     shape_activation_bytes,
@@ -88,6 +89,17 @@ class LayoutResult:
     ranks: list[RankResult] = field(default_factory=list)
     micro_batches: int = 0
     predicted_bubble: float | None = None
+
+
+def sync_link_bytes(rank_entry: dict, dp: int) -> tuple[float, float]:
+    """(sent, received) bytes of one rank's data-parallel synchronisation in one step (a metrics.jsonl rank
+    entry): DeepSpeed's collectives over groups of ``dp`` ranks -- its gradient all-reduce and, with clipping,
+    the 4-byte mean of the ranks' gradient norms -- and parallel.dp_sync's own messages."""
+    ds = [(*k.partition("@")[::2], v["bytes"]) for k, v in rank_entry.get("ds_comm", {}).items()]
+    kinds = [(kind, full) for kind, group, full in ds if group == str(dp)]
+    kinds += [(kind, v["bytes"]) for kind, v in rank_entry.get("dp_comm", {}).items()]
+    pairs = [link_bytes(kind, full, dp) for kind, full in kinds]
+    return sum(sent for sent, _ in pairs), sum(received for _, received in pairs)
 
 
 def _dev(measured: float, predicted: float) -> float:

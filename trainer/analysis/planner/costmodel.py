@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from trainer.analysis.formulas import BYTES, shape_activation_bytes, tp_collectives, wire_bytes
+from trainer.analysis.formulas import BYTES, dp_sync_traffic, shape_activation_bytes, tp_collectives, wire_bytes
 from trainer.analysis.planner.cluster import ClusterSpec, Link
 from trainer.analysis.planner.layouts import Layout
 from trainer.model.shape import ModelShape
@@ -57,6 +57,20 @@ def ring_time(message_bytes: float, n: int, kind: str, link: Link, call_latency:
         return 0.0
     steps = 2 * (n - 1) if kind == "all_reduce" else n - 1
     return wire_bytes(kind, message_bytes, n) / link.bandwidth + steps * link.latency + call_latency
+
+
+def dp_sync_time(
+    scheme: str, psi_bytes: float, n: int, syncs_per_step: float, link: Link, call_latency: float = 0.0
+) -> float:
+    """Seconds per optimizer step that a data-parallel synchronisation scheme (``parallel.dp_sync``) spends
+    on ``link``: its busiest link's bytes (``dp_sync_traffic``) over the bandwidth, plus latency -- a ring's
+    2(N-1) steps, or the server's 2(N-1) messages one after the other -- on ``syncs_per_step`` of the steps."""
+    if n <= 1:
+        return 0.0
+    traffic = dp_sync_traffic(scheme, psi_bytes, n, syncs_per_step)
+    rounds = syncs_per_step if scheme == "local_sgd" else 1.0
+    calls = 2 * (n - 1) if scheme == "parameter_server" else 1
+    return traffic.busiest_link / link.bandwidth + rounds * (2 * (n - 1) * link.latency + calls * call_latency)
 
 
 def block_flops(shape: ModelShape, layout: Layout) -> float:
