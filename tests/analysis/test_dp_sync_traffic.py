@@ -73,3 +73,24 @@ def test_local_sgd_without_outer_optimizer_keeps_the_mean():
     sync.after_step(1)  # not a sync step
     sync.after_step(2)
     assert param.data.tolist() == [3.0, 4.0]
+
+
+def test_compare_layout_names_choose_the_scheme():
+    from trainer.analysis.compare.runner import parse_layout
+
+    diloco = parse_layout("dp4-diloco16", 4)
+    assert (diloco.dp_sync, diloco.sync_interval, diloco.outer_optimizer) == ("local_sgd", 16, "nesterov")
+    assert "parallel.dp_sync=parameter_server" in parse_layout("dp4-ps", 4).overrides()
+    assert parse_layout("dp4", 4).dp_sync == "allreduce"
+
+
+def test_sync_row_of_local_sgd_counts_the_steps_that_synced():
+    from trainer.analysis.compare.runner import parse_layout
+    from trainer.analysis.compare.sync import sync_result
+
+    synced = {"dp_comm": {"all_reduce": {"count": 1, "bytes": 4 * PSI}}}
+    steps = [{"step": k, "ranks": [synced if k % 4 == 0 else {}] * 4} for k in range(1, 9)]  # of 10 steps
+    row = sync_result(parse_layout("dp4-local4", 4), steps, 10, PSI)
+    ring = 2 * 3 / 4 * 4 * PSI
+    assert row.rank_bytes == row.predicted_rank_bytes == row.busiest_link_bytes == ring * 2 / 8  # steps 4 and 8
+    assert set(row.predicted_seconds) and all(s > 0 for s in row.predicted_seconds.values())

@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 
 from conftest import PARITY_RTOL, read_metrics, run_train, tiny_corpus_overrides
-from trainer.analysis.compare.results import sync_link_bytes
+from trainer.analysis.compare.sync import link_bytes_of
 from trainer.analysis.formulas import dp_sync_traffic
 
 STEPS = 10
@@ -61,6 +61,6 @@ def test_measured_bytes_equal_the_analytic_count(scheme, steps):
     for record in steps[scheme]:
         psi_bytes = 4 * record["ranks"][0]["shard_params"]
         traffic = dp_sync_traffic(scheme, psi_bytes, RANKS)  # H = 1: local SGD syncs every step
-        links = [sync_link_bytes(rank, RANKS) for rank in record["ranks"]]
+        links = [link_bytes_of(rank, RANKS) for rank in record["ranks"]]
         assert min(sent for sent, _ in links) == traffic.rank  # a worker's (every rank's, on a ring)
         assert max(max(link) for link in links) == traffic.busiest_link

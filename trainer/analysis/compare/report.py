@@ -6,7 +6,8 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from trainer.analysis.compare.results import MB, STATE_KINDS, TIME_KINDS, LayoutResult, RankResult, summarise
+from trainer.analysis.compare.results import STATE_KINDS, TIME_KINDS, LayoutResult, RankResult, summarise
+from trainer.analysis.compare.sync import MB, sync_table
 
 # --- writing ------------------------------------------------------------------------------------------
 
@@ -63,6 +64,8 @@ RESULT_FIELDS = [
     "layout", "status", "reason", "ranks", "tp", "pp", "dp", "zero_stage", "sequence_parallel", "micro_batch",
     "global_batch", "precision", "tokens_per_s", "step_time_s", "peak_mem_mb", "max_state_deviation",
     "bubble_per_stage", "predicted_bubble", "final_loss", "val_loss", "run_dir", "wandb_id",
+    "dp_sync", "sync_interval", "outer_optimizer", "sync_rank_bytes", "predicted_sync_rank_bytes",
+    "sync_busiest_link_bytes", "predicted_sync_busiest_link_bytes",
 ]  # fmt: skip
 # ranks.csv: one row per rank of every layout that ran, measured beside predicted. Coordinates are
 # the rank's place in the mesh (tp_rank, pp_rank = pipeline stage, dp_rank).
@@ -95,6 +98,12 @@ def _layout_fields(r: LayoutResult, settings) -> dict:
     row.update(pp=lay.pp, dp=lay.dp, zero_stage=lay.zero, sequence_parallel=lay.sp, precision="fp32")
     row.update(micro_batch=settings.micro_batch, global_batch=settings.global_batch)
     row.update(run_dir=r.run_dir, wandb_id=r.wandb_id, predicted_bubble=r.predicted_bubble)
+    row.update(dp_sync=lay.dp_sync, sync_interval=lay.sync_interval, outer_optimizer=lay.outer_optimizer)
+    if r.sync is not None:
+        s = r.sync
+        row.update(sync_rank_bytes=round(s.rank_bytes), predicted_sync_rank_bytes=round(s.predicted_rank_bytes))
+        row["sync_busiest_link_bytes"] = round(s.busiest_link_bytes)
+        row["predicted_sync_busiest_link_bytes"] = round(s.predicted_busiest_link_bytes)
     if r.status == "ok":
         row.update(tokens_per_s=round(r.tokens_per_s, 1), step_time_s=round(r.step_time_s, 5))
         row["peak_mem_mb"] = round(max(x.peak_rss for x in r.ranks) / MB, 1)  # MiB, as in metrics.jsonl
@@ -226,6 +235,7 @@ def markdown(results: list[LayoutResult], settings, seconds: float, table: str, 
         *_baseline_text(results),
         *[f"![{p.removesuffix('.png')}]({p})" for p in plots],
         "",
+        *sync_table(results),
         "## Per layout",
         "",
     ]

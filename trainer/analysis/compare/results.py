@@ -21,10 +21,10 @@ import json
 import statistics
 from dataclasses import dataclass, field
 
+from trainer.analysis.compare.sync import SyncResult, rank_sync_bytes, scheme_label, sync_result
 from trainer.analysis.formulas import (
     dp_comm_bytes_per_step,
     head_activation_bytes,
-    link_bytes,
     pipeline_bubble,
     pipeline_p2p_bytes,
     shape_activation_bytes,
@@ -34,8 +34,8 @@ from trainer.analysis.formulas import (
     zero_collectives,
     zero_state_bytes,
 )
+from trainer.training.record import COMM_FAMILIES
 
-MB = 2**20
 STATE_KINDS = ("params", "grads", "master", "optimizer")
 TIME_KINDS = ("data_s", "forward_s", "backward_s", "optimizer_s", "comm_s", "other_s")
 
@@ -89,17 +89,7 @@ class LayoutResult:
     ranks: list[RankResult] = field(default_factory=list)
     micro_batches: int = 0
     predicted_bubble: float | None = None
-
-
-def sync_link_bytes(rank_entry: dict, dp: int) -> tuple[float, float]:
-    """(sent, received) bytes of one rank's data-parallel synchronisation in one step (a metrics.jsonl rank
-    entry): DeepSpeed's collectives over groups of ``dp`` ranks -- its gradient all-reduce and, with clipping,
-    the 4-byte mean of the ranks' gradient norms -- and parallel.dp_sync's own messages."""
-    ds = [(*k.partition("@")[::2], v["bytes"]) for k, v in rank_entry.get("ds_comm", {}).items()]
-    kinds = [(kind, full) for kind, group, full in ds if group == str(dp)]
-    kinds += [(kind, v["bytes"]) for kind, v in rank_entry.get("dp_comm", {}).items()]
-    pairs = [link_bytes(kind, full, dp) for kind, full in kinds]
-    return sum(sent for sent, _ in pairs), sum(received for _, received in pairs)
+    sync: SyncResult | None = None  # layouts with whole replicas: parallel.dp_sync's traffic (compare.sync)
 
 
 def _dev(measured: float, predicted: float) -> float:
@@ -119,6 +109,7 @@ def summarise(outcome, settings) -> LayoutResult:
     lay = outcome.layout
     degrees = "1 process" if lay.ranks == 1 else f"tp{lay.tp}·pp{lay.pp}·dp{lay.dp}, ZeRO-{lay.zero}"
     degrees += ", SP" if lay.sp else ""
+    degrees += f", {scheme_label(lay)}" if lay.dp_sync != "allreduce" else ""
     result = LayoutResult(
         lay,
         lay.name,
@@ -145,6 +136,7 @@ def summarise(outcome, settings) -> LayoutResult:
     if lay.pp > 1:
         result.predicted_bubble = pipeline_bubble(lay.pp, outcome.plan.grad_accum)
     result.ranks = [_rank_result(outcome, measured, i) for i in range(len(measured[0]["ranks"]))]
+    result.sync = sync_result(lay, measured, outcome.cfg.train.steps, result.ranks[0].predicted_params)
     return result
 
 
@@ -159,6 +151,9 @@ def _rank_result(outcome, measured: list[dict], i: int) -> RankResult:
     for kind in ("all_reduce", "all_gather", "reduce_scatter") if dp_size > 1 else ():
         dp_kinds[kind] = _median([step.get(f"{kind}@{dp_size}", {}).get("bytes", 0) for step in ds_per_step])
     pred = predict_rank(outcome, last["positions"], last["coords"]["pp"], last["coords"]["dp"])
+    if outcome.layout.dp_sync != "allreduce":  # the scheme's own messages, in place of DeepSpeed's all-reduce
+        steps, dp_rank = outcome.cfg.train.steps, last["coords"]["dp"]
+        pred["comm_wire"] += rank_sync_bytes(outcome.layout, measured, steps, pred["psi"], dp_rank)
     bubble = None
     if outcome.layout.pp > 1:
         bubble = _median([r["pipe_bubble_ratio"][last["coords"]["pp"]] for r in measured])
@@ -173,7 +168,8 @@ def _rank_result(outcome, measured: list[dict], i: int) -> RankResult:
         peak_rss=max(e["peak_mem_bytes"] for e in entries),
         cpu_percent=_median([e["cpu_percent"] for e in entries]),
         time={k: _median([e["time"].get(k, 0.0) for e in entries]) for k in TIME_KINDS},
-        comm_wire=_median([e.get("ds_comm_wire_bytes", 0) + e.get("tp_comm_wire_bytes", 0) for e in entries]),
+        # a mean: local SGD's steps differ (it syncs on some), every other layout's are alike
+        comm_wire=statistics.mean(sum(e.get(f"{f}_wire_bytes", 0) for f in COMM_FAMILIES) for e in entries),
         predicted_comm_wire=pred["comm_wire"],
         paper_comm_wire=pred["paper_comm_wire"],
         tp_count=sum(v["count"] for v in tp_kinds.values()),
@@ -218,7 +214,7 @@ def predict_rank(outcome, positions: list[int], stage: int, coords_dp: int) -> d
     in_flight = min(p - stage, m) if p > 1 else 1
     per_micro = blocks * shape_activation_bytes(shape, b, t, lay.sp, "fp32", scores=False)
     per_micro += head_activation_bytes(s, b, h, V, t) if l + 2 in where else 0.0
-    dp_kinds = zero_collectives(psi, dp, lay.zero, m)
+    dp_kinds = zero_collectives(psi, dp, lay.zero, m) if lay.dp_sync == "allreduce" else {}
     tp = tp_collectives(l, b, s, h, t, lay.sp, positions=where, replicated=shape.replicated_vectors())
     tp_total = (sum(c for c, _ in tp.values()) * m, sum(bytes_ for _, bytes_ in tp.values()) * m)
     comm = sum(wire_bytes(k, v, dp) for k, v in dp_kinds.items())

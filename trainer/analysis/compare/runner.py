@@ -10,8 +10,11 @@ steps first, then measured steps, and writes a report beside the analytic model 
 
 Layouts are names of degrees joined by "-": ``tpN``, ``ppN``, ``dpN``, ``zeroK``, ``sp`` (e.g. ``tp2-dp2-zero1``,
 ``tp4-sp``); the data-parallel degree is what the world leaves, ``dpN`` only checks it. ``baseline`` and
-``single`` run on one process. A layout the world size cannot hold is skipped with the config error that
-``trainer.config.validate.validate`` gives for it; a run that fails is reported with its last error line.
+``single`` run on one process. Words that choose how the data-parallel ranks synchronise (``parallel.dp_sync``):
+``ps`` (a parameter server), ``localH`` (local SGD averaging every H steps), ``dilocoH`` (local SGD with DiLoCo's
+Nesterov outer step), e.g. ``dp4-ps``, ``dp4-local16``, ``dp4-diloco16``. A layout the world size cannot hold is
+skipped with the config error that ``trainer.config.validate.validate`` gives for it; a run that fails is reported
+with its last error line.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from trainer.config.validate import parallel_overrides, validate
 from trainer.runtime.env import free_port
 
 GROUPS = ("model", "data", "optim")  # composed by conf/compare.yaml and passed on to every run
-_TOKEN = re.compile(r"^(tp|pp|dp|zero)(\d+)$|^sp$")
+_TOKEN = re.compile(r"^(tp|pp|dp|zero|local|diloco)(\d+)$|^(sp|ps)$")
 
 
 @dataclass(frozen=True)
@@ -47,13 +50,18 @@ class CompareLayout:
     sp: bool = False
     dp_asked: int | None = None  # "dpN" in the name: checked against what the world leaves
     baseline: bool = False  # plain PyTorch (trainer.baseline) instead of the trainer
+    dp_sync: str = "allreduce"  # parallel.dp_sync
+    sync_interval: int = 1  # parallel.sync_interval (local_sgd)
+    outer_optimizer: str = "none"  # parallel.outer_optimizer (local_sgd)
 
     @property
     def dp(self) -> int:
         return max(self.ranks // (self.tp * self.pp), 1)
 
     def overrides(self) -> list[str]:
-        return parallel_overrides(tp=self.tp, pp=self.pp, zero_stage=self.zero, sequence_parallel=self.sp)
+        degrees = {"tp": self.tp, "pp": self.pp, "zero_stage": self.zero, "sequence_parallel": self.sp}
+        sync = {"dp_sync": self.dp_sync, "sync_interval": self.sync_interval, "outer_optimizer": self.outer_optimizer}
+        return parallel_overrides(**degrees, **sync)
 
 
 def parse_layout(name: str, world: int) -> CompareLayout:
@@ -66,9 +74,11 @@ def parse_layout(name: str, world: int) -> CompareLayout:
         if not match:
             raise BadInput(
                 f"compare.layouts: unknown layout {name!r} (word {token!r}); use baseline, single, or tpN, ppN, "
-                "dpN, zeroK and sp joined by '-', e.g. tp2-dp2-zero1"
+                "dpN, zeroK, sp, ps, localH and dilocoH joined by '-', e.g. tp2-dp2-zero1"
             )
-        degrees[match.group(1) or "sp"] = int(match.group(2) or 1)
+        degrees[match.group(1) or match.group(3)] = int(match.group(2) or 1)
+    interval = degrees.get("local", degrees.get("diloco", 1))
+    scheme = "parameter_server" if "ps" in degrees else "local_sgd" if {"local", "diloco"} & set(degrees) else None
     return CompareLayout(
         name,
         world,
@@ -77,6 +87,9 @@ def parse_layout(name: str, world: int) -> CompareLayout:
         zero=degrees.get("zero", 0),
         sp="sp" in degrees,
         dp_asked=degrees.get("dp"),
+        dp_sync=scheme or "allreduce",
+        sync_interval=interval,
+        outer_optimizer="nesterov" if "diloco" in degrees else "none",
     )
 
 
