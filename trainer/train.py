@@ -32,7 +32,7 @@ def main(cfg_node: DictConfig) -> None:
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
-        cfg: Config = OmegaConf.to_object(cfg_node)
+        cfg = resolved(cfg_node, world_size_from_env())
         plan = validate(cfg, world_size_from_env())
         run(cfg, cfg_node, plan, run_dir)
     except BadInput as err:
@@ -47,6 +47,17 @@ def main(cfg_node: DictConfig) -> None:
         sys.exit(1)
     except Preempted:  # every rank saved the same step; the line was printed
         sys.exit(EXIT_PREEMPTED)
+
+
+def resolved(cfg_node: DictConfig, world: int) -> Config:
+    """The typed config with ``parallel=auto`` turned into the layout it chose; the node (what config.yaml and
+    wandb record) gets the same degrees and the choice."""
+    from trainer.analysis.planner.auto import resolve_parallel
+
+    cfg = resolve_parallel(OmegaConf.to_object(cfg_node), world)
+    if cfg.parallel.auto:
+        cfg_node.parallel = OmegaConf.structured(cfg.parallel)
+    return cfg
 
 
 def _discard_unused_run_dir(run_dir: Path) -> None:

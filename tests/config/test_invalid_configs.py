@@ -66,6 +66,12 @@ INVALID = [
     (["parallel.sync_interval=4"], 2, "parallel.sync_interval"),  # only local_sgd reads it
     (["parallel.dp_sync=local_sgd", "parallel.outer_optimizer=adam"], 2, "parallel.outer_optimizer"),
     (["parallel.dp_sync=local_sgd", "parallel.outer_momentum=1"], 2, "parallel.outer_momentum"),
+    (["parallel=auto", "parallel.tp=2"], 2, "parallel.tp"),  # auto chooses the degrees: one given contradicts it
+    (["parallel=auto", "parallel.zero_stage=3"], 2, "parallel.zero_stage"),
+    (["parallel=auto", "parallel.objective=speed"], 2, "parallel.objective"),
+    (["parallel.objective=memory"], 1, "parallel.objective"),  # only parallel=auto reads it
+    (["parallel=auto", "parallel.cluster=tpu-v5"], 2, "parallel.cluster"),
+    (["parallel=auto", "parallel.cluster=a100-40gb", "model=gpt3-175b"], 8, "parallel.auto"),  # nothing fits
     (["parallel.precision=fp8"], 1, "parallel.precision"),
     (["parallel.precision=fp16"], 1, "parallel.precision"),  # no GPU here
     (["train.device=cuda"], 1, "train.device"),  # no GPU here

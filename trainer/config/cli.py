@@ -158,9 +158,11 @@ def preflight(argv: list[str]) -> None:
 
 
 def _check_job(cfg: Config) -> None:
+    from trainer.analysis.planner.auto import resolve_parallel
     from trainer.runtime.engine import resolve_device
     from trainer.training.preflight import check_memory
 
+    cfg = resolve_parallel(cfg, world_size_from_env())
     validate(cfg, world_size_from_env())
     check_memory(cfg, world_size_from_env(), resolve_device(cfg.train.device))
 

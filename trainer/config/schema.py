@@ -50,6 +50,15 @@ class ModelConfig:
 
 
 @dataclass
+class PlannedLayout:
+    """A layout ``parallel.auto`` weighed, with the planner's predictions (kept in config.yaml and metrics)."""
+
+    name: str = ""  # tpN-ppN-dpN-zeroK-mbN-<recompute>[-sp]
+    memory_gb: float = 0.0  # predicted per rank, GB (1e9 bytes)
+    tokens_per_s: float = 0.0  # predicted
+
+
+@dataclass
 class ParallelConfig:
     name: str = "single"
     tp: int = 1  # tensor-parallel degree (ranks that split each layer)
@@ -76,6 +85,13 @@ class ParallelConfig:
     outer_optimizer: str = "none"
     outer_lr: float = 0.7  # nesterov: the outer learning rate (DiLoCo's 0.7)
     outer_momentum: float = 0.9  # nesterov: the outer momentum (DiLoCo's 0.9)
+    # parallel=auto: the planner (trainer.analysis.planner.auto) chooses tp, pp, ZeRO, recompute, SP and, when
+    # micro_batch is 0, the micro-batch for the launched world, model, batch and cluster (conf/cluster/<cluster>).
+    auto: bool = False
+    objective: str = "throughput"  # auto: throughput (fastest predicted) | memory (least predicted per rank)
+    cluster: str = "cpu-local"  # auto: the hardware it plans for (cpu-local: this machine, measured at launch)
+    chosen: PlannedLayout = field(default_factory=PlannedLayout)  # set by auto at launch, for the record
+    runner_up: PlannedLayout = field(default_factory=PlannedLayout)
 
 
 @dataclass
@@ -229,6 +245,7 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 HOST_HEAPS = ("auto", "lean", "glibc")
 DP_SYNCS = ("allreduce", "parameter_server", "local_sgd")
 OUTER_OPTIMIZERS = ("none", "nesterov")
+OBJECTIVES = ("throughput", "memory")
 
 
 def lean_heap(host_heap: str, on_cpu: bool, zero_stage: int) -> bool:

@@ -9,6 +9,7 @@ import os
 from trainer.config.schema import (
     DP_SYNCS,
     HOST_HEAPS,
+    OBJECTIVES,
     OUTER_OPTIMIZERS,
     PRECISIONS,
     BatchPlan,
@@ -74,6 +75,9 @@ def validate(cfg: Config, world_size: int) -> BatchPlan:
     _validate_pipeline(cfg)
     _validate_recompute(cfg)
     _validate_dp_sync(p)
+    validate_auto_keys(p)
+    if p.auto and not p.chosen.name:  # an entry point that forgot trainer.analysis.planner.auto.resolve_parallel
+        raise ConfigError("parallel.auto", True, "not resolved into a layout before validation")
     if p.zero_stage not in (0, 1, 2, 3):
         raise ConfigError("parallel.zero_stage", p.zero_stage, "must be 0, 1, 2 or 3")
     if p.precision not in PRECISIONS:
@@ -167,6 +171,31 @@ def _validate_dp_sync(p: ParallelConfig) -> None:
     for refused, fix in refusals:
         if refused:
             raise ConfigError("parallel.dp_sync", p.dp_sync, f"{fix}; or use parallel.dp_sync=allreduce")
+
+
+# What parallel=auto chooses (trainer.analysis.planner.auto); the micro-batch too, unless one is given.
+AUTO_CHOSEN = ("tp", "pp", "zero_stage", "sequence_parallel", "recompute", "activation_checkpoint_interval")
+
+
+def validate_auto_keys(p: ParallelConfig) -> None:
+    if p.objective not in OBJECTIVES:
+        raise ConfigError("parallel.objective", p.objective, f"must be one of {', '.join(OBJECTIVES)}")
+    if p.auto:
+        return
+    default = ParallelConfig()
+    for key in ("objective", "cluster"):
+        if getattr(p, key) != getattr(default, key):
+            raise ConfigError(f"parallel.{key}", getattr(p, key), "only parallel=auto reads it; add parallel=auto")
+
+
+def validate_auto_degrees(p: ParallelConfig) -> None:
+    """Before the planner chooses: a degree given as well (away from its default) contradicts it. The planner
+    predicts DeepSpeed's own gradient all-reduce, so the other dp_sync schemes are refused too."""
+    default = ParallelConfig()
+    for key in (*AUTO_CHOSEN, "dp_sync"):
+        if getattr(p, key) != getattr(default, key):
+            fix = "parallel=auto chooses the layout; drop it, or name a layout instead of auto"
+            raise ConfigError(f"parallel.{key}", getattr(p, key), fix)
 
 
 def _validate_recompute(cfg: Config) -> None:

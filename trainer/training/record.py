@@ -140,6 +140,25 @@ class SampleRecord:
 
 
 @dataclass
+class AutoRecord:
+    """``parallel=auto``'s choice and runner-up with the planner's predictions (step 0, before training), to read
+    beside what the run measures."""
+
+    step: int
+    auto_objective: str
+    auto_cluster: str
+    auto_chosen: dict[str, Any]  # PlannedLayout: name, memory_gb, tokens_per_s
+    auto_runner_up: dict[str, Any]
+
+    @classmethod
+    def of(cls, parallel) -> AutoRecord:
+        return cls(0, parallel.objective, parallel.cluster, asdict(parallel.chosen), asdict(parallel.runner_up))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
 class CheckpointRecord:
     """A checkpoint written or read, measured on every rank (lists in rank order)."""
 
@@ -177,6 +196,7 @@ def jsonl_fields() -> dict[str, list[str]]:
         "eval": plain(EvalRecord, ()),
         "samples": plain(SampleRecord, ()) + ["prompt", "completion"],
         "checkpoint": plain(CheckpointRecord, ()),
+        "auto": plain(AutoRecord, ()),
     }
 
 

@@ -156,6 +156,8 @@ def run(cfg: Config, cfg_node: DictConfig, plan: BatchPlan, run_dir: Path) -> No
         cfg.train.keep_last,
     )
     metrics = open_metrics(cfg, cfg_node, run_dir, rank == 0)
+    if cfg.parallel.auto:  # the planner's choice, to read beside what the run measures
+        log_auto_choice(cfg, world, metrics, console)
     start_step, loaded = restore(engine, saver, inputs.found, inputs.start_from, inputs.stream, console)
     if loaded is not None:
         log_checkpoint_io(start_step, "load", loaded, metrics, console)
@@ -201,6 +203,14 @@ def log_checkpoint_io(step: int, kind: str, mine: dict, metrics, console) -> Non
     record = CheckpointRecord(step, kind, *([r.get(f, 0) for r in ranks] for f in fields))
     metrics.log(record.to_dict())
     console.print(record.line())
+
+
+def log_auto_choice(cfg: Config, world: int, metrics, console) -> None:
+    from trainer.analysis.planner.auto import describe
+    from trainer.training.record import AutoRecord
+
+    console.print(describe(cfg.parallel, world))
+    metrics.log(AutoRecord.of(cfg.parallel).to_dict())
 
 
 def open_metrics(cfg: Config, cfg_node: DictConfig, run_dir: Path, is_writer: bool):

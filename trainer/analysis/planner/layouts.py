@@ -95,6 +95,20 @@ def pipeline_degrees(shape: ModelShape, world: int, tp: int, excluded: list[str]
     return degrees
 
 
+def dp_multiple(shape: ModelShape, world: int, gpus_per_node: int) -> int:
+    """The smallest data-parallel degree any (tp, pp) of this model leaves of ``world`` ranks: a global batch
+    that is a multiple of it has a layout."""
+    return min(
+        world // (tp * pp)
+        for tp in range(1, gpus_per_node + 1)
+        for pp in range(1, shape.n_layer + 1)
+        if world % (tp * pp) == 0
+        and gpus_per_node % tp == 0
+        and tp_refusal(shape, tp) is None
+        and shape.n_layer % pp == 0
+    )
+
+
 def enumerate_layouts(shape: ModelShape, world: int, gpus_per_node: int, global_batch: int) -> Enumeration:
     excluded = [f"tp > {gpus_per_node}: tensor parallelism stays inside a node"] if world > gpus_per_node else []
     layouts: list[Layout] = []

@@ -32,7 +32,7 @@ def compose_plan(overrides: list[str]) -> PlanConfig:
 def check(cfg: PlanConfig) -> None:
     """validate_plan, then the global batch against the layouts this cluster allows (enumeration is cheap)."""
     from trainer.analysis.planner.cluster import local_ranks
-    from trainer.analysis.planner.layouts import enumerate_layouts, tp_refusal
+    from trainer.analysis.planner.layouts import dp_multiple, enumerate_layouts
     from trainer.model.shape import ModelShape
 
     validate_plan(cfg)
@@ -41,15 +41,7 @@ def check(cfg: PlanConfig) -> None:
     world = cfg.cluster.nodes * per_node
     if not enumerate_layouts(shape, world, per_node, batch).layouts:
         key = "parallel.global_batch" if cfg.parallel.global_batch is not None else "train.global_batch"
-        smallest = min(
-            world // (tp * pp)
-            for tp in range(1, per_node + 1)
-            for pp in range(1, shape.n_layer + 1)
-            if world % (tp * pp) == 0
-            and per_node % tp == 0
-            and tp_refusal(shape, tp) is None
-            and shape.n_layer % pp == 0
-        )
+        smallest = dp_multiple(shape, world, per_node)
         raise ConfigError(
             key,
             batch,
