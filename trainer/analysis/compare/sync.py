@@ -80,7 +80,7 @@ def sync_result(layout, steps: list[dict], total_steps: int, psi: float) -> Sync
         return None
     traffic, share = _traffic(layout, steps, total_steps, psi)
     rank, busiest = measured_sync(steps, layout.dp)
-    seconds = {label: traffic_seconds(layout, psi, share, link) for label, link in _links().items()}
+    seconds = {label: traffic_seconds(layout, psi, share, link) for label, link in cluster_links().items()}
     return SyncResult(scheme_label(layout), rank, busiest, traffic.rank, traffic.busiest_link, seconds)
 
 
@@ -90,7 +90,7 @@ def traffic_seconds(layout, psi: float, share: float, link) -> float:
     return dp_sync_time(layout.dp_sync, 4 * psi, layout.dp, share, link)
 
 
-def _links() -> dict:
+def cluster_links() -> dict:
     """CLUSTER_LINKS' links, from the cluster descriptions the planner reads."""
     import yaml
 
