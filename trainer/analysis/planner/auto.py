@@ -171,9 +171,8 @@ def measured_once(c: ClusterConfig) -> tuple[ClusterConfig, tuple[str, ...]]:
     import fcntl
 
     from trainer.analysis.planner.cluster import resolve
-    from trainer.config.rundir import launch_id
 
-    path = Path(tempfile.gettempdir()) / f"trainer-{c.name}-{os.getuid()}-{launch_id()}.json"
+    path = measurement_file(c.name)
     with path.with_suffix(".lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
         if path.is_file():
@@ -182,6 +181,13 @@ def measured_once(c: ClusterConfig) -> tuple[ClusterConfig, tuple[str, ...]]:
         measured, notes = resolve(c)
         path.write_text(json.dumps({"cluster": asdict(measured), "notes": list(notes)}))
         return measured, notes
+
+
+def measurement_file(cluster: str) -> Path:
+    """Where the ranks of this launch share the measured numbers of ``cluster`` (a ClusterConfig as JSON)."""
+    from trainer.config.rundir import launch_id
+
+    return Path(tempfile.gettempdir()) / f"trainer-{cluster}-{os.getuid()}-{launch_id()}.json"
 
 
 def describe(p: ParallelConfig, world: int) -> str:
