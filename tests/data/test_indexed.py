@@ -15,7 +15,7 @@ import torch
 
 from tests.conftest import ROOT, child_env, compose_config, read_metrics, run_train, small_corpus
 from trainer.config.cli import preflight
-from trainer.config.schema import BadInput
+from trainer.config.schema import BadInput, ConfigError
 from trainer.data.indexed import IndexedReader, IndexedWriter, TokenRange, export_prepared, main
 from trainer.data.setup import build_streams, prepare_data
 
@@ -259,3 +259,37 @@ def test_token_ids_beyond_the_tokenizer_and_a_short_bin_are_refused(tmp_path, da
     )
     assert proc.returncode == 2 and "token id 600" in proc.stderr.strip().splitlines()[-1], proc.stderr[-2000:]
     assert main(["info", str(prefix)]) == 0 and main(["info", str(tmp_path / "nothing")]) == 2
+
+
+def test_megatron_files_as_a_blend_entry(tmp_path, data_cache):
+    """Megatron's own blending convention (weighted prefixes), mixed here with a text source: the files are read
+    in place, the text is tokenized with the same tokenizer, and samples come from both by weight."""
+    from trainer.data.blend import BlendedData
+
+    prefix, tokenizer, docs = _megatron_corpus(tmp_path, data_cache)
+    text = tmp_path / "text.txt"
+    text.write_text(small_corpus(data_cache).read_text()[300_000:400_000])
+    blend = (
+        f"data.blend=[{{weight:0.6,source:megatron,megatron:{{train_prefix:{prefix}}}}},{{weight:0.4,paths:[{text}]}}]"
+    )
+    overrides = [
+        "debug=smoke",
+        "data=blend",
+        blend,
+        f"data.tokenizer.source={tokenizer}",
+        f"data.cache_dir={tmp_path}/c",
+    ]
+    cfg, _ = compose_config(overrides)
+    prepared = prepare_data(cfg)
+    assert isinstance(prepared, BlendedData) and prepared.weights == (0.6, 0.4)
+    held = round(len(docs) * cfg.data.val_fraction)
+    assert np.array_equal(prepared.sources[0].token_file("train").tokens, np.concatenate(docs[:-held]))
+    assert prepared.sources[1].vocab_size == 512  # tokenized with the Megatron files' tokenizer
+    plan = type("Plan", (), {"micro_batch": 2, "grad_accum": 5, "global_batch": 10})()
+    stream, _ = build_streams(cfg, plan, prepared, 0, 1)
+    origins = [int(s) for s, _ in stream._permutation()[:100]]
+    assert origins.count(0) == 60 and origins.count(1) == 40
+
+    cfg, _ = compose_config([*overrides[:3], f"data.cache_dir={tmp_path}/c"])  # a BPE to train: refused
+    with pytest.raises(ConfigError, match=r"data.blend\[0\]: Megatron files need the tokenizer"):
+        prepare_data(cfg)

@@ -108,6 +108,14 @@ class TokenizerConfig:
 
 
 @dataclass
+class MegatronConfig:
+    """``data.source=megatron``: Megatron/NeoX ``.bin``/``.idx`` files read in place (prefixes without suffix)."""
+
+    train_prefix: str = ""
+    val_prefix: str = ""  # "" = the last data.val_fraction of the train files' documents
+
+
+@dataclass
 class BlendSource:
     """One source of ``data.blend``: a conf/data option by name (``data``) or inline source settings."""
 
@@ -122,14 +130,7 @@ class BlendSource:
     hub_split: str = "train"
     text_field: str = "text"
     max_documents: int = -1
-
-
-@dataclass
-class MegatronConfig:
-    """``data.source=megatron``: Megatron/NeoX ``.bin``/``.idx`` files read in place (prefixes without suffix)."""
-
-    train_prefix: str = ""
-    val_prefix: str = ""  # "" = the last data.val_fraction of the train files' documents
+    megatron: MegatronConfig = field(default_factory=MegatronConfig)  # with source: megatron
 
 
 @dataclass

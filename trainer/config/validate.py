@@ -263,7 +263,7 @@ def _validate_data(cfg: Config) -> None:
     if d.source not in ("pystdlib", "files", "hub", "megatron"):
         raise ConfigError("data.source", d.source, "must be pystdlib, files, hub or megatron")
     if d.source == "megatron":
-        _validate_megatron(d)
+        validate_megatron(d)
     if d.source == "files":
         if not d.paths:
             raise ConfigError("data.paths", list(d.paths), "give at least one text/jsonl file or directory")
@@ -292,24 +292,25 @@ def _validate_data(cfg: Config) -> None:
         raise ConfigError("data.tokenizer.source", tok.source, "use 'train' or a path to tokenizer.json / a directory")
 
 
-def _validate_megatron(d) -> None:
+def validate_megatron(d, where: str = "data") -> None:
     """Megatron .bin/.idx files: both present, the MMIDIDX header (magic, version, an integer dtype), the
-    same dtype for train and val, and the tokenizer they were made with."""
+    same dtype for train and val, and the tokenizer they were made with. ``where``: the source's key
+    (``data``, or ``data.blend[i]`` for a blend entry)."""
     from trainer.data.indexed import read_header
 
     m = d.megatron
     if not m.train_prefix:
-        raise ConfigError("data.megatron.train_prefix", m.train_prefix, "give the prefix of <prefix>.bin/.idx")
+        raise ConfigError(f"{where}.megatron.train_prefix", m.train_prefix, "give the prefix of <prefix>.bin/.idx")
     headers = {}
     for key, prefix in (("train_prefix", m.train_prefix), ("val_prefix", m.val_prefix)):
         if prefix:
             try:
                 headers[key] = read_header(prefix)
             except ValueError as err:
-                raise ConfigError(f"data.megatron.{key}", prefix, str(err)) from None
+                raise ConfigError(f"{where}.megatron.{key}", prefix, str(err)) from None
     if "val_prefix" in headers and headers["val_prefix"].dtype != headers["train_prefix"].dtype:
         raise ConfigError(
-            "data.megatron.val_prefix",
+            f"{where}.megatron.val_prefix",
             m.val_prefix,
             f"dtype {headers['val_prefix'].dtype}, the train files' is {headers['train_prefix'].dtype}",
         )
@@ -317,7 +318,7 @@ def _validate_megatron(d) -> None:
         raise ConfigError(
             "data.tokenizer.source",
             d.tokenizer.source,
-            "data.source=megatron needs the tokenizer the files were made with (tokenizer.json or its directory)",
+            f"{where}: Megatron files need the tokenizer they were made with (tokenizer.json or its directory)",
         )
 
 

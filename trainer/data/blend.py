@@ -42,7 +42,17 @@ from trainer.data.stream import Batch, SampleStream, TokenFile
 CONF_DATA = Path(__file__).resolve().parents[2] / "conf" / "data"
 # DataConfig fields a blend entry may set (the rest: cache_dir, val_fraction, num_proc, tokenizer, come
 # from data.* and are shared by all sources).
-SOURCE_FIELDS = ("name", "source", "paths", "hub_name", "hub_config", "hub_split", "text_field", "max_documents")
+SOURCE_FIELDS = (
+    "name",
+    "source",
+    "paths",
+    "hub_name",
+    "hub_config",
+    "hub_split",
+    "text_field",
+    "max_documents",
+    "megatron",
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -65,11 +75,12 @@ def blend_sources(data: DataConfig) -> list[tuple[float, DataConfig]]:
         fields: dict = {}
         if entry.data:
             fields = _option_fields(i, entry.data)
-        elif not (entry.paths or entry.hub_name or entry.source == "pystdlib"):
+        elif not (entry.paths or entry.hub_name or entry.source in ("pystdlib", "megatron")):
             raise ConfigError(
                 f"data.blend[{i}]",
                 _describe(entry),
-                "names no source; give data: <a conf/data option> or inline paths / hub_name / source: pystdlib",
+                "names no source; give data: <a conf/data option> or inline paths / hub_name / source: pystdlib "
+                "/ source: megatron with megatron: {train_prefix: ...}",
             )
         for key in SOURCE_FIELDS:  # inline settings (those that differ from the defaults) win
             value = getattr(entry, key)
@@ -78,6 +89,10 @@ def blend_sources(data: DataConfig) -> list[tuple[float, DataConfig]]:
         fields["name"] = fields.get("name") or f"source{i}"
         weights.append(float(entry.weight))
         sources.append(dataclasses.replace(data, blend=[], **fields))
+        if sources[-1].source == "megatron":
+            from trainer.config.validate import validate_megatron
+
+            validate_megatron(sources[-1], f"data.blend[{i}]")
     names = [s.name for s in sources]
     if len(set(names)) != len(names):
         raise ConfigError("data.blend", names, "two sources share a name; give each entry its own name")
@@ -130,7 +145,10 @@ class BlendedData:
 
 
 def prepare_blend(data: DataConfig, prepare, log=print) -> BlendedData:
-    """Prepare every source of ``data.blend`` with one tokenizer (``prepare`` = ``trainer.data.prepare.prepare``)."""
+    """Prepare every source of ``data.blend`` with one tokenizer (``prepare`` = ``trainer.data.prepare.prepare``);
+    Megatron sources are read in place (``trainer.data.indexed.prepare_megatron``)."""
+    from trainer.data.indexed import prepare_megatron
+
     sources = blend_sources(data)
     tok_source = data.tokenizer.source
     if tok_source == "train":
@@ -138,7 +156,7 @@ def prepare_blend(data: DataConfig, prepare, log=print) -> BlendedData:
     prepared = []
     for weight, source in sources:
         source = dataclasses.replace(source, tokenizer=dataclasses.replace(data.tokenizer, source=tok_source))
-        prepared.append(prepare(source, log))
+        prepared.append((prepare_megatron if source.source == "megatron" else prepare)(source, log))
         log(f"data: blend source {source.name}: weight {weight:.4f}")
     first = prepared[0]
     return BlendedData(

@@ -65,64 +65,17 @@ def _token_file(prepared, split: str):
 
 def build_streams(cfg: Config, plan: BatchPlan, prepared, dp_rank: int, dp_size: int):
     """This rank's training stream and validation batches; a corpus too small for them is bad input."""
-    from trainer.data.blend import BlendedData
+    from trainer.data.blend import BlendedData, BlendedStream, blended_eval_batches
     from trainer.data.stream import SampleStream, eval_batches
 
-    if isinstance(prepared, BlendedData):
-        return _blended_streams(cfg, plan, prepared, dp_rank, dp_size)
+    train = (cfg.model.seq_len, plan.micro_batch, plan.grad_accum, dp_rank, dp_size, cfg.train.seed)
+    val = (cfg.model.seq_len, plan.global_batch, plan.micro_batch, dp_rank, dp_size, cfg.train.eval_batches)
     try:
-        stream = SampleStream(
-            _token_file(prepared, "train"),
-            cfg.model.seq_len,
-            plan.micro_batch,
-            plan.grad_accum,
-            dp_rank,
-            dp_size,
-            cfg.train.seed,
-        )
-        val = list(
-            eval_batches(
-                _token_file(prepared, "val"),
-                cfg.model.seq_len,
-                plan.global_batch,
-                plan.micro_batch,
-                dp_rank,
-                dp_size,
-                cfg.train.eval_batches,
-            )
-        )
+        if isinstance(prepared, BlendedData):
+            files = {split: [_token_file(p, split) for p in prepared.sources] for split in ("train", "val")}
+            stream = BlendedStream(files["train"], prepared.weights, *train)
+            return stream, list(blended_eval_batches(files["val"], prepared.weights, *val))
+        stream = SampleStream(_token_file(prepared, "train"), *train)
+        return stream, list(eval_batches(_token_file(prepared, "val"), *val))
     except ValueError as err:
         raise BadInput(str(err)) from None
-    return stream, val
-
-
-def _blended_streams(cfg: Config, plan: BatchPlan, prepared, dp_rank: int, dp_size: int):
-    from trainer.data.blend import BlendedStream, blended_eval_batches
-    from trainer.data.stream import TokenFile
-
-    try:
-        stream = BlendedStream(
-            [TokenFile(p.train_path, p.dtype) for p in prepared.sources],
-            prepared.weights,
-            cfg.model.seq_len,
-            plan.micro_batch,
-            plan.grad_accum,
-            dp_rank,
-            dp_size,
-            cfg.train.seed,
-        )
-        val = list(
-            blended_eval_batches(
-                [TokenFile(p.val_path, p.dtype) for p in prepared.sources],
-                prepared.weights,
-                cfg.model.seq_len,
-                plan.global_batch,
-                plan.micro_batch,
-                dp_rank,
-                dp_size,
-                cfg.train.eval_batches,
-            )
-        )
-    except ValueError as err:
-        raise BadInput(str(err)) from None
-    return stream, val
