@@ -96,3 +96,21 @@ def test_auto_run_trains_the_chosen_layout(tmp_path, data_cache, monkeypatch):
     deviation = max(abs(a - b) / abs(b) for a, b in zip(*losses))
     print(f"losses {losses[0]}, max relative deviation from the explicit run {deviation:.2e}")
     assert deviation < PARITY_RTOL, losses
+
+
+def test_compare_chooses_an_auto_row_as_its_run_will(tmp_path):
+    from trainer.analysis.compare.runner import Settings, check, parse_layout
+
+    register()
+    passthrough = ("model=gpt2-small", "parallel.cluster=h100-sxm")
+    settings = Settings(8, 1, 2, 2, 64, 1, 60, "disabled", tmp_path, passthrough)
+    layout = parse_layout("auto", 8)
+    assert "parallel.auto=true" in settings.run_overrides(layout)
+    outcome = check(layout, settings)
+    assert outcome.status == "pending" and outcome.cfg.parallel.micro_batch == 2
+    chosen = outcome.cfg.parallel
+    assert (outcome.layout.tp, outcome.layout.pp, outcome.layout.zero) == (chosen.tp, chosen.pp, chosen.zero_stage)
+    assert (
+        outcome.cfg.parallel.chosen
+        == resolve_parallel(_config("parallel.global_batch=64", "parallel.micro_batch=2"), 8).parallel.chosen
+    )

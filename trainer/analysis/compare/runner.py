@@ -12,9 +12,10 @@ Layouts are names of degrees joined by "-": ``tpN``, ``ppN``, ``dpN``, ``zeroK``
 ``tp4-sp``); the data-parallel degree is what the world leaves, ``dpN`` only checks it. ``baseline`` and
 ``single`` run on one process. Words that choose how the data-parallel ranks synchronise (``parallel.dp_sync``):
 ``ps`` (a parameter server), ``localH`` (local SGD averaging every H steps), ``dilocoH`` (local SGD with DiLoCo's
-Nesterov outer step), e.g. ``dp4-ps``, ``dp4-local16``, ``dp4-diloco16``. A layout the world size cannot hold is
-skipped with the config error that ``trainer.config.validate.validate`` gives for it; a run that fails is reported
-with its last error line.
+Nesterov outer step), e.g. ``dp4-ps``, ``dp4-local16``, ``dp4-diloco16``. ``auto`` is what ``parallel=auto``
+chooses for the world (``trainer.analysis.planner.auto``), the choice made here and in its run alike. A layout the
+world size cannot hold is skipped with the config error that ``trainer.config.validate.validate`` gives for it; a
+run that fails is reported with its last error line.
 """
 
 from __future__ import annotations
@@ -25,13 +26,15 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from trainer.analysis.planner.auto import resolve_parallel
 from trainer.config import cli
+from trainer.config.rundir import launch_id
 from trainer.config.schema import BadInput, BatchPlan, Config, ConfigError
 from trainer.config.validate import parallel_overrides, validate
 from trainer.runtime.env import free_port
@@ -53,12 +56,15 @@ class CompareLayout:
     dp_sync: str = "allreduce"  # parallel.dp_sync
     sync_interval: int = 1  # parallel.sync_interval (local_sgd)
     outer_optimizer: str = "none"  # parallel.outer_optimizer (local_sgd)
+    auto: bool = False  # parallel=auto: the planner's choice
 
     @property
     def dp(self) -> int:
         return max(self.ranks // (self.tp * self.pp), 1)
 
     def overrides(self) -> list[str]:
+        if self.auto:  # the degrees are the planner's choice (check() fills them in); giving them would contradict it
+            return parallel_overrides(auto=True)
         degrees = {"tp": self.tp, "pp": self.pp, "zero_stage": self.zero, "sequence_parallel": self.sp}
         sync = {"dp_sync": self.dp_sync, "sync_interval": self.sync_interval, "outer_optimizer": self.outer_optimizer}
         return parallel_overrides(**degrees, **sync)
@@ -68,12 +74,14 @@ def parse_layout(name: str, world: int) -> CompareLayout:
     """A layout name -> its degrees; unknown words are bad input (exit 2)."""
     if name in ("baseline", "single"):
         return CompareLayout(name, 1, baseline=name == "baseline")
+    if name == "auto":
+        return CompareLayout(name, world, auto=True)
     degrees: dict[str, int] = {}
     for token in name.split("-"):
         match = _TOKEN.match(token)
         if not match:
             raise BadInput(
-                f"compare.layouts: unknown layout {name!r} (word {token!r}); use baseline, single, or tpN, ppN, "
+                f"compare.layouts: unknown layout {name!r} (word {token!r}); use baseline, single, auto, or tpN, ppN, "
                 "dpN, zeroK, sp, ps, localH and dilocoH joined by '-', e.g. tp2-dp2-zero1"
             )
         degrees[match.group(1) or match.group(3)] = int(match.group(2) or 1)
@@ -166,9 +174,13 @@ def check(layout: CompareLayout, settings: Settings) -> Outcome:
         return Outcome(layout, "skipped", reason)
     cfg = compose(settings.run_overrides(layout))
     try:
+        cfg = resolve_parallel(cfg, layout.ranks)  # as its run will: the same inputs and the same measurement
         plan = validate(cfg, layout.ranks)
     except ConfigError as err:
         return Outcome(layout, "skipped", f"config error: {err}", cfg=cfg)
+    if layout.auto:
+        p = cfg.parallel
+        layout = replace(layout, tp=p.tp, pp=p.pp, zero=p.zero_stage, sp=p.sequence_parallel)
     return Outcome(layout, "pending", cfg=cfg, plan=plan)
 
 
@@ -231,8 +243,11 @@ def reuse(outcome: Outcome, settings: Settings) -> Outcome:
 
 
 def _child_env() -> dict[str, str]:
-    drop = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT", "MASTER_ADDR", "LOCAL_SIZE", "TRAINER_LAUNCH_ID")
+    drop = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT", "MASTER_ADDR", "LOCAL_SIZE")
     env = {k: v for k, v in os.environ.items() if k not in drop}
+    # Every run names its directory itself (hydra.run.dir); the id makes an auto row's ranks read the
+    # cpu-local measurement that check() made, so they choose what the report predicts.
+    env["TRAINER_LAUNCH_ID"] = launch_id()
     env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONUNBUFFERED="1")
     env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
     return env
