@@ -26,11 +26,6 @@ from trainer.config.schema import Config, ConfigError, ParallelConfig, PlannedLa
 from trainer.config.validate import validate_auto_degrees, validate_auto_keys
 
 GB = 1e9
-# Best first: the planner's own ranking (fastest, then the smaller footprint), or the least memory, then the fastest.
-ORDER = {
-    "throughput": lambda q: (-q.tokens_per_s, q.memory.total),
-    "memory": lambda q: (q.memory.total, -q.tokens_per_s),
-}
 
 
 def resolve_parallel(cfg: Config, world: int) -> Config:
@@ -69,10 +64,12 @@ def choose(cfg: Config, world: int):
         multiple = dp_multiple(shape, world, cluster.gpus_per_node)
         fix = f"no layout of {world} ranks divides it; use a multiple of {multiple} (dp = ranks / (tp·pp))"
         raise ConfigError("parallel.global_batch", p.global_batch, fix)
-    pool = [q for q in plan.predictions if q.fits and p.micro_batch in (0, q.layout.micro_batch)]
-    if not pool:
+    # The planner's ranking: fastest first, then the smaller footprint, then its fixed enumeration order.
+    ranked = [q for q in plan.ranked if p.micro_batch in (0, q.layout.micro_batch)]
+    if not ranked:
         raise nothing_fits(plan, p, world, lambda ranks: fitting_world(cfg, shape, ranks))
-    ranked = sorted(pool, key=ORDER[p.objective])  # stable: equal keys keep the enumeration's order
+    if p.objective == "memory":
+        ranked.sort(key=lambda q: q.memory.total)  # stable: of equal footprints the faster stays first
     return ranked[0], ranked[1] if len(ranked) > 1 else None
 
 
