@@ -218,6 +218,8 @@ BAD = {  # name -> (arguments given the step directory, the HF directory and tmp
         ["data.tokenizer.source", "own tokenizer"],
     ),
     "sweep": (lambda s, h, t: [f"ckpt={s},{s}"], ["ckpt", "one value per evaluation"]),
+    "blend": (lambda s, h, t: [f"ckpt={s}", "data=blend", "data.blend=[{weight:1,data:pystdlib}]"], ["data.blend"]),
+    "megatron": (lambda s, h, t: [f"ckpt={s}", "data=megatron"], ["data.source='megatron'", "one text source"]),
     "flag": (lambda s, h, t: ["--ckpt", str(s)], ["unknown option --ckpt"]),
 }
 

@@ -260,6 +260,23 @@ def _validate_tensor_parallel(cfg: Config) -> None:
 
 def _validate_data(cfg: Config) -> None:
     d = cfg.data
+    validate_source(d)
+    if d.tokenizer.train_bytes < 0:
+        raise ConfigError("data.tokenizer.train_bytes", d.tokenizer.train_bytes, "must be >= 0 (0 = all the text)")
+    tok = d.tokenizer
+    if tok.source == "train":
+        if not 256 < tok.vocab_size <= cfg.model.vocab_size:
+            raise ConfigError(
+                "data.tokenizer.vocab_size",
+                tok.vocab_size,
+                f"must be in (256, model.vocab_size={cfg.model.vocab_size}]",
+            )
+    elif not os.path.exists(tok.source):
+        raise ConfigError("data.tokenizer.source", tok.source, "use 'train' or a path to tokenizer.json / a directory")
+
+
+def validate_source(d) -> None:
+    """Where the text comes from and how it is split (``d`` a DataConfig): what any preparation needs."""
     if d.source not in ("pystdlib", "files", "hub", "megatron"):
         raise ConfigError("data.source", d.source, "must be pystdlib, files, hub or megatron")
     if d.source == "megatron":
@@ -278,18 +295,6 @@ def _validate_data(cfg: Config) -> None:
         raise ConfigError("data.val_fraction", d.val_fraction, "must be in (0, 0.5)")
     if d.num_proc < 0:
         raise ConfigError("data.num_proc", d.num_proc, "must be >= 0 (0 = one per core)")
-    if d.tokenizer.train_bytes < 0:
-        raise ConfigError("data.tokenizer.train_bytes", d.tokenizer.train_bytes, "must be >= 0 (0 = all the text)")
-    tok = d.tokenizer
-    if tok.source == "train":
-        if not 256 < tok.vocab_size <= cfg.model.vocab_size:
-            raise ConfigError(
-                "data.tokenizer.vocab_size",
-                tok.vocab_size,
-                f"must be in (256, model.vocab_size={cfg.model.vocab_size}]",
-            )
-    elif not os.path.exists(tok.source):
-        raise ConfigError("data.tokenizer.source", tok.source, "use 'train' or a path to tokenizer.json / a directory")
 
 
 def validate_megatron(d, where: str = "data") -> None:

@@ -195,23 +195,16 @@ def _describe(data: DataConfig) -> str:
 
 
 def check_data(data: DataConfig) -> None:
-    """The data keys a preparation needs (as the trainer checks them; the tokenizer is checked apart)."""
-    import os
+    """The data keys a preparation needs, checked as the trainer checks them (the tokenizer is checked apart).
+    Evaluation tokenizes one text source; a blend or Megatron files are refused rather than silently replaced
+    by the single source their config also holds."""
+    from trainer.config.validate import validate_source
 
-    if data.source not in ("pystdlib", "files", "hub"):
-        raise ConfigError("data.source", data.source, "must be pystdlib, files or hub")
-    if data.source == "files":
-        if not data.paths:
-            raise ConfigError("data.paths", list(data.paths), "give at least one text/jsonl file or directory")
-        for path in data.paths:
-            if not os.path.exists(path):
-                raise ConfigError("data.paths", path, "no such file or directory")
-    if data.source == "hub" and not data.hub_name:
-        raise ConfigError("data.hub_name", data.hub_name, "name the hub data set")
-    if not 0.0 < data.val_fraction < 0.5:
-        raise ConfigError("data.val_fraction", data.val_fraction, "must be in (0, 0.5)")
-    if data.num_proc < 0:
-        raise ConfigError("data.num_proc", data.num_proc, "must be >= 0 (0 = one per core)")
+    if data.blend or data.source == "megatron":
+        key, value = ("data.blend", "[...]") if data.blend else ("data.source", data.source)
+        fix = "evaluation reads one text source (pystdlib, files, hub); give one, e.g. data=files 'data.paths=[...]'"
+        raise ConfigError(key, value, fix)
+    validate_source(data)
 
 
 def requested_tokenizer(cfg: EvaluateConfig, data_overrides: list) -> str | None:
