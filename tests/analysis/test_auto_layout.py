@@ -79,7 +79,7 @@ def test_auto_run_trains_the_chosen_layout(tmp_path, data_cache, monkeypatch):
     proc = run_train(tmp_path / "auto", [*base, "parallel=auto"], ranks=2)
     stated.unlink()
     assert proc.returncode == 0, proc.stderr[-3000:]
-    line = next(line for line in proc.stdout.splitlines() if "parallel=auto" in line)
+    line = next(line for line in proc.stdout.splitlines() if line.startswith("parallel=auto ("))
     print(f"\n{line}")
     assert "parallel=auto (throughput, cluster cpu-local, world 2): chose " in line
     p = yaml.safe_load((tmp_path / "auto" / "config.yaml").read_text())["parallel"]
