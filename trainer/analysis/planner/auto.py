@@ -92,7 +92,7 @@ def nothing_fits(plan, p: ParallelConfig, world: int, more_ranks) -> ConfigError
     fitting = [q for q in plan.predictions if q.fits]
     if fitting:  # only the micro-batch the user fixed is too large
         least = min(fitting, key=lambda q: q.memory.total).layout.micro_batch
-        fix = f"no layout of {world} ranks fits with it; use micro_batch={least} or 0 (auto chooses it)"
+        fix = f"no layout of {world} ranks that fits takes it at global_batch={p.global_batch}; use {least} or 0 (auto)"
         return ConfigError("parallel.micro_batch", p.micro_batch, fix)
     smallest = min(plan.predictions, key=lambda q: q.memory.total)
     need, have, c = smallest.memory.total / GB, plan.cluster.mem_bytes / GB, plan.cluster
