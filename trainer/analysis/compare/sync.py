@@ -115,17 +115,18 @@ def sync_table(results) -> list[str]:
         "## Data-parallel synchronisation",
         "",
         "Bytes per optimizer step (mean over the measured steps), measured / predicted "
-        "(`formulas.dp_sync_traffic`); predicted seconds per step of the busiest link on the planner's clusters; "
+        "(`formulas.dp_sync_traffic`); predicted milliseconds per step of the busiest link on the planner's clusters "
+        "(`costmodel.dp_sync_time`); "
         "the loss after the same tokens.",
         "",
         "| layout | scheme | step s | MB/step a rank sends | MB/step busiest link | "
-        + " | ".join(f"s/step {label}" for label in labels)
+        + " | ".join(f"ms/step {label}" for label in labels)
         + " | final loss | val loss |",
         "|" + "---|" * (7 + len(labels)),
     ]
     for r in rows:
         s = r.sync
-        times = " | ".join(f"{s.predicted_seconds[label] * 1e3:.3f} ms" for label in labels)
+        times = " | ".join(f"{s.predicted_seconds[label] * 1e3:.3f}" for label in labels)
         lines.append(
             f"| {r.name} | {s.scheme} | {r.step_time_s:.3f} | {s.rank_bytes / MB:.3f} / "
             f"{s.predicted_rank_bytes / MB:.3f} | {s.busiest_link_bytes / MB:.3f} / "
