@@ -523,20 +523,70 @@ def _init_worker(tokenizer_json: str, eot: int, k: int, dtype: str) -> None:
     encoder = Tokenizer.from_str(tokenizer_json)
     # A document that contains the text "<|endoftext|>" must not gain a document boundary.
     encoder.encode_special_tokens = True
-    _worker.update(encoder=encoder, eot=eot, k=k, dtype=np.dtype(dtype))
+    cut = splits_exactly(json.loads(tokenizer_json))
+    _worker.update(encoder=encoder, eot=eot, k=k, dtype=np.dtype(dtype), cut=cut)
+
+
+# An encoding costs ~100 bytes per token (ids, offsets, token strings) on top of the text: a document longer
+# than this is encoded in pieces where that gives the ids of the whole (``splits_exactly``), so a worker's
+# memory is bounded by the chunk size, not by the longest document of the corpus.
+PIECE_CHARS = 1 << 16
+# A cut after a newline between two non-space characters: GPT-2's pre-tokenizing regex ends a pre-token
+# before such a newline, matches the newline alone (``\s+``) and starts afresh after it (it never looks back).
+_CUT = re.compile(r"(?<=\S\n)(?=\S)")
+
+
+def splits_exactly(tokenizer: dict) -> bool:
+    """Whether ``_CUT`` keeps the ids: a byte-level pre-tokenizer with GPT-2's regex (the BPE trained here,
+    GPT-2's own) and no normalizer. Others (e.g. SentencePiece-style, which prepend a marker to every text)
+    encode each document whole."""
+    pre = tokenizer.get("pre_tokenizer") or {}
+    return tokenizer.get("normalizer") is None and pre.get("type") == "ByteLevel" and pre.get("use_regex", True)
+
+
+def pieces(doc: str, size: int) -> list[str]:
+    """``doc`` cut at ``_CUT`` into pieces of at least ``size`` characters (longer where no cut comes sooner)."""
+    out, start = [], 0
+    while len(doc) - start > size and (cut := _CUT.search(doc, start + size)):
+        out.append(doc[start : cut.start()])
+        start = cut.start()
+    return [*out, doc[start:]]
 
 
 def _encode_chunk(first: int, docs: list[str]) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
     """((train ids, train document lengths), (val ids, val document lengths)); EOT ends each document."""
-    encoder, eot, k, dtype = _worker["encoder"], _worker["eot"], _worker["k"], _worker["dtype"]
-    encodings = encoder.encode_batch_fast(docs, add_special_tokens=False)
-    out: dict[bool, tuple[list[int], list[int]]] = {False: ([], []), True: ([], [])}
-    for i, enc in enumerate(encodings, start=first):
-        ids, lengths = out[i % k == k - 1]
-        ids += enc.ids
-        ids.append(eot)
-        lengths.append(len(enc.ids) + 1)
-    return tuple((np.array(ids, dtype=dtype), np.array(lengths, dtype=np.int64)) for ids, lengths in out.values())
+    encoder, eot, k, dtype, cut = (_worker[key] for key in ("encoder", "eot", "k", "dtype", "cut"))
+    texts, owners = [], []
+    for j, doc in enumerate(docs):
+        parts = pieces(doc, PIECE_CHARS) if cut else [doc]
+        texts += parts
+        owners += [j] * len(parts)
+    ids: list[list[np.ndarray]] = [[] for _ in docs]
+    for lo, hi in _batches([len(t) for t in texts], CHUNK_CHARS):  # a bounded number of encodings alive
+        for j, enc in zip(owners[lo:hi], encoder.encode_batch_fast(texts[lo:hi], add_special_tokens=False)):
+            ids[j].append(np.array(enc.ids, dtype=dtype))
+    end = np.array([eot], dtype=dtype)
+    out: dict[bool, tuple[list[np.ndarray], list[int]]] = {False: ([], []), True: ([], [])}
+    for i, parts in enumerate(ids, start=first):
+        arrays, lengths = out[i % k == k - 1]
+        arrays += [*parts, end]
+        lengths.append(sum(map(len, parts)) + 1)
+    return tuple(
+        (np.concatenate(arrays) if arrays else np.empty(0, dtype), np.array(lengths, dtype=np.int64))
+        for arrays, lengths in out.values()
+    )
+
+
+def _batches(sizes: list[int], limit: int) -> Iterator[tuple[int, int]]:
+    """Consecutive [lo, hi) ranges of ``sizes`` adding up to at most ``limit`` (at least one item each)."""
+    lo, total = 0, 0
+    for i, size in enumerate(sizes):
+        if i > lo and total + size > limit:
+            yield lo, i
+            lo, total = i, 0
+        total += size
+    if lo < len(sizes):
+        yield lo, len(sizes)
 
 
 class _Progress:
