@@ -1,7 +1,8 @@
 """One optimizer step and one validation pass over a built engine, per engine kind:
 
     DenseSteps      DeepSpeedEngine (any ZeRO stage, tp): grad_accum forward/backward micro-steps; the
-                    engine reduces gradients and steps the optimizer at the accumulation boundary
+                    engine reduces gradients and steps the optimizer at the accumulation boundary (or, under
+                    another parallel.dp_sync, its hook synchronises them: trainer.parallel.dp_sync)
     PipelineSteps   PipelineEngine: DeepSpeed's 1F1B schedule runs the micro-batches (train_batch)
 
 Both read the instruments only on measured steps (``StepInstruments.measuring``), so every other step
