@@ -531,9 +531,10 @@ def _init_worker(tokenizer_json: str, eot: int, k: int, dtype: str) -> None:
 # than this is encoded in pieces where that gives the ids of the whole (``splits_exactly``), so a worker's
 # memory is bounded by the chunk size, not by the longest document of the corpus.
 PIECE_CHARS = 1 << 16
-# A cut after a newline between two non-space characters: GPT-2's pre-tokenizing regex ends a pre-token
-# before such a newline, matches the newline alone (``\s+``) and starts afresh after it (it never looks back).
-_CUT = re.compile(r"(?<=\S\n)(?=\S)")
+# A cut between a non-space character and a space, tab or newline: no alternative of GPT-2's pre-tokenizing
+# regex matches a non-space followed by a space (a leading space joins the word after it, never the one
+# before), so a pre-token always ends there, and the regex never looks back at what came before the cut.
+_CUT = re.compile(r"(?<=\S)(?=[ \t\r\n])")
 
 
 def splits_exactly(tokenizer: dict) -> bool:
