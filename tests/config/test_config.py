@@ -25,8 +25,15 @@ def test_every_option_composes_and_validates(group, option, tmp_path):
             f"data.megatron.train_prefix={tmp_path}/corpus",
             f"data.tokenizer.source={ROOT / 'pyproject.toml'}",
         ]
+    if option == "auto":  # resolved into explicit degrees first, as at launch; a named cluster (no measuring)
+        overrides.append("parallel.cluster=h100-sxm")
     cfg, _ = compose_config(overrides)
     world = 2 * cfg.parallel.tp * cfg.parallel.pp  # room for data parallelism beside the model-parallel degrees
+    if cfg.parallel.auto:
+        from trainer.analysis.planner.auto import resolve_parallel
+
+        world = 8  # one node of the cluster
+        cfg = resolve_parallel(cfg, world)
     plan = validate(cfg, world_size=world)
     assert getattr(cfg, group).name == option
     assert plan.global_batch == plan.micro_batch * plan.grad_accum * plan.dp
