@@ -4,8 +4,6 @@ documents, files written here read by megatron-core, training from them through 
 from __future__ import annotations
 
 import math
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -13,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import ROOT, child_env, compose_config, read_metrics, run_train, small_corpus
+from tests.conftest import compose_config, read_metrics, run_train, small_corpus
 from trainer.config.cli import preflight
 from trainer.config.schema import BadInput, ConfigError
 from trainer.data.indexed import IndexedReader, IndexedWriter, TokenRange, export_prepared, main
@@ -243,20 +241,7 @@ def test_token_ids_beyond_the_tokenizer_and_a_short_bin_are_refused(tmp_path, da
         with pytest.raises(BadInput, match=words) as err:
             prepare_data(cfg)
         assert "\n" not in str(err.value)
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "trainer.train",
-            *_overrides(wide, tokenizer, tmp_path / "cache"),
-            f"hydra.run.dir={tmp_path}/run",
-        ],
-        cwd=ROOT,
-        env=child_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = run_train(tmp_path / "run", _overrides(wide, tokenizer, tmp_path / "cache"), timeout=120)
     assert proc.returncode == 2 and "token id 600" in proc.stderr.strip().splitlines()[-1], proc.stderr[-2000:]
     assert main(["info", str(prefix)]) == 0 and main(["info", str(tmp_path / "nothing")]) == 2
 
