@@ -73,7 +73,9 @@ def _signal_after(run_dir, proc, ranks: int, sig: int, repeat: int = 1, timeout:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("layout", "sig"), [("single", signal.SIGTERM), ("tp2-pp2", signal.SIGUSR1)])
+# SIGTERM at world 4 (a scheduler's kill), SIGUSR1 at world 1 (Slurm's --signal ahead of the limit); both signals take
+# the same path, and SIGTERM at world 1 is the signal of test_second_signal_during_the_save_changes_nothing.
+@pytest.mark.parametrize(("layout", "sig"), [("single", signal.SIGUSR1), ("tp2-pp2", signal.SIGTERM)])
 def test_signalled_run_saves_exits_75_and_resumes_bitwise(layout, sig, tmp_path, data_cache):
     ranks, extra = LAYOUTS[layout]
     common = ["debug=smoke", *tiny_corpus_overrides(data_cache), f"train.steps={STEPS}", *extra]
