@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields, replace
+from functools import lru_cache
 from typing import Any
 
 # Activation recompute in backward (Korthikanti et al. 2022): none | selective (the attention core) |
@@ -44,6 +45,52 @@ def padded_vocab(vocab_size: int, tp: int, multiple: int = 1) -> int:
     holds an equal, ``multiple``-aligned slice of the embedding."""
     step = tp * multiple
     return -(-vocab_size // step) * step
+
+
+# How the pipeline's n_layer + 3 positions are cut into stages. "parameters" and "uniform" are DeepSpeed's
+# ``PipelineModule(partition_method=...)`` (the trainer's ``parallel.pipeline_partition``; "parameters" is its
+# default); "even" is Megatron-LM's: l/p blocks per stage, the embedding on the first, the final norm and head on
+# the last (p must divide l).
+PARTITIONS = ("parameters", "uniform", "even")
+
+
+def partition_uniform(num_items: int, num_parts: int) -> list[int]:
+    """DeepSpeed's ``runtime.utils.partition_uniform`` (0.19): ``num_parts + 1`` boundaries, each part
+    ``num_items // num_parts`` items and the first ``num_items % num_parts`` parts one more."""
+    if num_items <= num_parts:
+        return [min(p, num_items) for p in range(num_parts + 1)]
+    chunk, residual = divmod(num_items, num_parts)
+    return [p * chunk + min(p, residual) for p in range(num_parts + 1)]
+
+
+def partition_balanced(weights: list[float], num_parts: int) -> list[int]:
+    """DeepSpeed's ``runtime.utils.partition_balanced`` (0.19), the same result: contiguous parts chosen by
+    dynamic programming to minimise (heaviest part - lightest part), ties going to the last split point it
+    tries; its inner loop over split points is vectorised here (the same float64 arithmetic)."""
+    import numpy as np
+
+    n, m = len(weights), num_parts
+    if n <= m:
+        return partition_uniform(n, m)
+    prefix = np.zeros(n + 1)
+    prefix[1:] = np.cumsum(weights)
+    inf = np.inf
+    dp_max, dp_min, dp_cost = np.full((n + 1, m + 1), inf), np.full((n + 1, m + 1), inf), np.full((n + 1, m + 1), inf)
+    position = np.zeros((n + 1, m + 1), dtype=int)
+    dp_max[0, 0] = dp_cost[0, 0] = 0
+    for i in range(1, n + 1):
+        segment = prefix[i] - prefix[:i]  # the last part = items k..i-1, for every k < i
+        for j in range(1, min(i, m) + 1):
+            max_sum = np.maximum(dp_max[:i, j - 1], segment)
+            min_sum = np.minimum(dp_min[:i, j - 1], segment)
+            cost = max_sum - min_sum
+            # DeepSpeed keeps k when dp_cost >= cost while scanning k upwards: the last k of least cost.
+            k = i - 1 - int(np.argmin(cost[::-1]))
+            dp_cost[i, j], dp_max[i, j], dp_min[i, j], position[i, j] = cost[k], max_sum[k], min_sum[k], k
+    parts = [n]
+    for j in reversed(range(1, m + 1)):
+        parts.append(int(position[parts[-1], j]))
+    return parts[::-1]
 
 
 # The architecture fields a checkpoint records beside the sizes (meta.json "model"); older checkpoints,
@@ -174,12 +221,38 @@ class ModelShape:
         return int(self.padded(tp).rank_params())
 
     def stage_params(self, tp: int, pp: int, first: bool, last: bool) -> float:
-        """One rank of a stage of an even split of the blocks over ``pp`` stages: ``first`` adds the
-        embedding, ``last`` the final LayerNorm and the head (a middle stage holds its blocks only)."""
+        """One rank of a stage of an even split of the blocks over ``pp`` stages (Megatron-LM's; "even" of
+        ``stage_bounds``): ``first`` adds the embedding, ``last`` the final LayerNorm and the head (a middle stage
+        holds its blocks only). ``stages`` gives any partition's positions, ``rank_params`` their count."""
         per_stage = self.n_layer // pp
         lo = 0 if first else 1 + (self.n_layer - per_stage if last else 0)
         hi = self.n_layer + 3 if last else lo + per_stage + (1 if first else 0)
         return self.padded(tp).rank_params(tp, range(lo, hi))
+
+    def layer_params(self, tp: int = 1) -> list[int]:
+        """Parameters one tp rank builds at each of the n_layer + 3 pipeline positions (padded vocabulary; the
+        tied head's copy counted): what DeepSpeed's ``PipelineModule._count_layer_params`` counts."""
+        padded = self.padded(tp)
+        return [round(padded.rank_params(tp, range(pos, pos + 1))) for pos in range(self.n_layer + 3)]
+
+    def stage_bounds(self, tp: int, pp: int, method: str = "parameters") -> list[int]:
+        """The pp + 1 position boundaries of the stages: stage i runs positions [b[i], b[i+1]). "parameters"
+        and "uniform" as DeepSpeed's partitioner cuts the trainer's layer specs, "even" as Megatron-LM does."""
+        l = self.n_layer
+        if method == "even":
+            if l % pp:
+                raise ValueError(f"an even split needs pp={pp} to divide n_layer={l}")
+            return [0] + [1 + (i + 1) * (l // pp) for i in range(pp - 1)] + [l + 3]
+        if method == "uniform":
+            return partition_uniform(l + 3, pp)
+        if method == "parameters":
+            return list(_balanced(tuple(self.layer_params(tp)), pp))
+        raise ValueError(f"partition method {method!r}: must be one of {PARTITIONS}")
+
+    def stages(self, tp: int, pp: int, method: str = "parameters") -> list[range]:
+        """Each stage's pipeline positions (``stage_bounds`` as ranges)."""
+        bounds = self.stage_bounds(tp, pp, method)
+        return [range(lo, hi) for lo, hi in zip(bounds, bounds[1:])]
 
     def largest_tensor(self, tp: int = 1, embedding: bool = True) -> float:
         """Elements of the largest single parameter on one tp rank: the vocabulary embedding (or head) on a
@@ -192,3 +265,8 @@ class ModelShape:
         it leaves out the final LayerNorm (2h). Defined for the GPT architecture only."""
         l, h = self.n_layer, self.n_embd
         return 12 * l * h * h + 13 * l * h + (self.vocab_size + self.seq_len) * h
+
+
+@lru_cache(maxsize=4096)
+def _balanced(weights: tuple[int, ...], parts: int) -> tuple[int, ...]:
+    return tuple(partition_balanced(list(weights), parts))

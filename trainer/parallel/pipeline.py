@@ -167,7 +167,9 @@ def build_pipeline_module(
 
     partition_method: "parameters" balances the trainable parameter count per stage (the embedding and
         the head count V·h each, so the end stages get fewer blocks); "uniform" gives every stage the
-        same number of layers of the n_layer + 3.
+        same number of layers of the n_layer + 3. The cut DeepSpeed makes is
+        ``shape.stage_bounds(dims.tp, dims.pp, partition_method)`` (trainer/model/shape.py, which the planner
+        predicts stages from; tests/parallel/test_pipeline_partition.py checks the two agree on these specs).
     activation_checkpoint_interval: k > 0 recomputes activations in backward for each run of k
         consecutive layers of a stage that are all ``Block``s (DeepSpeed's reentrant checkpoint; a run
         that contains the embedding, ln_f or the head is not checkpointed -- the reentrant function

@@ -57,11 +57,13 @@ def choose(cfg: Config, world: int):
     p = cfg.parallel
     cluster = cluster_for(p.cluster, world, cfg.train.device)
     shape = ModelShape.from_config(cfg.model)
-    plan = make_plan(shape, cluster, p.global_batch, p.precision)
+    plan = make_plan(shape, cluster, p.global_batch, p.precision, p.pipeline_partition)
     if not plan.predictions:
         from trainer.analysis.planner.layouts import dp_multiple
+        from trainer.analysis.planner.stages import partition_method
 
-        multiple = dp_multiple(shape, world, cluster.gpus_per_node)
+        method = partition_method(cluster.engine, p.pipeline_partition)
+        multiple = dp_multiple(shape, world, cluster.gpus_per_node, method)
         fix = f"no layout of {world} ranks divides it; use a multiple of {multiple} (dp = ranks / (tp·pp))"
         raise ConfigError("parallel.global_batch", p.global_batch, fix)
     # The planner's ranking: fastest first, then the smaller footprint, then its fixed enumeration order.
@@ -117,7 +119,8 @@ def fitting_world(cfg: Config, shape, world: int, doublings: int = 10):
     p = cfg.parallel
     for k in range(1, doublings + 1):
         ranks = world * 2**k
-        plan = make_plan(shape, cluster_for(p.cluster, ranks, cfg.train.device), p.global_batch, p.precision)
+        cluster = cluster_for(p.cluster, ranks, cfg.train.device)
+        plan = make_plan(shape, cluster, p.global_batch, p.precision, p.pipeline_partition)
         if plan.ranked:
             return ranks, plan.ranked[0]
     return None

@@ -44,6 +44,7 @@ class ClusterSpec:
     rank_cap: float = 1.0
     collectives: Collectives = Collectives()  # the backend's collective temporaries (memory)
     cpu: bool = False  # the ranks are CPU processes (their memory is the C heap's)
+    engine: str = "deepspeed"  # whose costs are predicted: this trainer's (DeepSpeed) or Megatron-LM 2021's
 
     @property
     def world(self) -> int:
@@ -56,10 +57,15 @@ class ClusterSpec:
         """A dp group holds ``gpus_per_node / tp`` ranks per node. Inside one node it rides NVLink;
         across nodes every member of the node sends through its own NIC (NCCL puts one ring per NIC),
         so the ring runs at the members' summed NIC bandwidth, capped by NVLink."""
-        per_node = self.gpus_per_node // tp
+        per_node = max(1, self.gpus_per_node // tp)
         if dp <= per_node or self.nodes == 1:
             return self.intra
         return Link(min(self.intra.bandwidth, per_node * self.inter.bandwidth), self.inter.latency)
+
+    def tp_link(self, tp: int) -> Link:
+        """NVLink inside a node; a tp group larger than a node rings through the nodes' NICs, one per rank (the
+        planner enumerates no such layout; the paper's sweeps measured some)."""
+        return self.intra if tp <= self.gpus_per_node or self.nodes == 1 else self.inter
 
     def pp_link(self) -> Link:
         """Some stage boundary crosses nodes whenever there is more than one node, and the pipeline
@@ -130,6 +136,7 @@ def cluster_spec(c: ClusterConfig, notes: tuple[str, ...] = ()) -> ClusterSpec:
         rank_cap=rank_cap(share, c.cpu_cores) if c.shared else 1.0,
         collectives=Collectives(c.gather_overhead, c.scatter_overhead),
         cpu=c.gpu.lower().startswith("cpu"),
+        engine=c.engine,
     )
 
 

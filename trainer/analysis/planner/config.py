@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from omegaconf import MISSING
 
+from trainer.analysis.planner.stages import ENGINES, PARTITIONS
 from trainer.config.schema import ConfigError, ModelConfig, ParallelConfig
 from trainer.config.validate import _validate_architecture
 
@@ -49,12 +50,17 @@ class ClusterConfig:
     shared: bool = False  # ranks of a node share one device's compute and memory (CPU processes)
     measure: bool = False  # fill the hardware numbers by measuring this machine (cpu-local)
     default_precision: str = "bf16"  # what parallel.precision=auto means on this cluster
+    # Whose training engine the predictions are for: deepspeed (this trainer: DeepSpeed's pipeline partitioner
+    # and its gradient reductions in the model's dtype) or megatron (Megatron-LM 2021: even stages, fp32
+    # reductions; what the published A100 runs ran). docs/planner.md: what differs, what is measured.
+    engine: str = "deepspeed"
 
 
 @dataclass
 class PlanParallel:
     global_batch: int | None = None  # samples per optimizer step (the trainer's key); default 8
     precision: str = "auto"  # auto (the cluster's default) | fp32 | bf16 | fp16
+    pipeline_partition: str = "parameters"  # the trainer's key: how DeepSpeed cuts stages (parameters | uniform)
 
 
 @dataclass
@@ -97,6 +103,8 @@ def precision(cfg: PlanConfig) -> str:
 def validate_cluster(c: ClusterConfig) -> None:
     if c.nodes < 1:
         raise ConfigError("cluster.nodes", c.nodes, "must be >= 1 (whole nodes), e.g. cluster.nodes=16")
+    if c.engine not in ENGINES:
+        raise ConfigError("cluster.engine", c.engine, f"must be one of {', '.join(ENGINES)}")
     if c.gpus_per_node < (0 if c.measure else 1):
         raise ConfigError("cluster.gpus_per_node", c.gpus_per_node, "must be >= 1")
     if c.measure:
@@ -137,6 +145,9 @@ def validate_plan(cfg: PlanConfig) -> None:
         raise ConfigError("parallel.precision", chosen, f"cluster {cfg.cluster.name} has no {chosen} peak; use bf16")
     if chosen == "fp16" and cfg.cluster.measure:
         raise ConfigError("parallel.precision", chosen, "fp16 needs a GPU; use bf16 or fp32 on cpu-local")
+    if cfg.parallel.pipeline_partition not in PARTITIONS:
+        choices = ", ".join(PARTITIONS)
+        raise ConfigError("parallel.pipeline_partition", cfg.parallel.pipeline_partition, f"must be one of {choices}")
     if global_batch(cfg) < 1:
         raise ConfigError("parallel.global_batch", global_batch(cfg), "must be >= 1")
     if cfg.plan.top < 1:

@@ -28,14 +28,16 @@ V/12lh) (96 and V/16lh with full recompute). Collectives are ring collectives (t
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 from trainer.analysis.formulas import BYTES, dp_sync_traffic, shape_activation_bytes, tp_collectives, wire_bytes
 from trainer.analysis.planner.cluster import ClusterSpec, Link
 from trainer.analysis.planner.layouts import Layout
+from trainer.analysis.planner.stages import Stage, even_stage, partition_method, pipeline_stages
 from trainer.model.shape import ModelShape
 
-GRAD_COMM_BYTES = 4  # gradients are accumulated and reduced in fp32 (Megatron-LM; DeepSpeed's bf16 optimizer)
+GRAD_COMM_BYTES = 4  # Megatron-LM accumulates and reduces gradients in fp32 (DeepSpeed: see grad_comm_bytes)
 ADAM_BYTES_PER_PARAM = 30
 
 
@@ -86,19 +88,23 @@ def head_flops(shape: ModelShape, layout: Layout) -> float:
     return 6 * layout.micro_batch * shape.seq_len * shape.n_embd * shape.padded_vocab(layout.tp)
 
 
-def elementwise_bytes(shape: ModelShape, layout: Layout, precision: str, last: bool = True) -> float:
+def elementwise_bytes(
+    shape: ModelShape, layout: Layout, precision: str, last: bool = True, blocks: int | None = None
+) -> float:
     """Memory traffic of the last stage's memory-bound work (the norms, GeLU or SiLU and the gating product,
     softmax, dropout, the loss) for one micro-batch. Each op reads its input and writes its output, which
     Korthikanti et al. count as the activations a block stores, A (``formulas.shape_activation_bytes``: wider
     for SwiGLU, narrower K and V for GQA): the forward moves 2A; the backward twice that, as with FLOPs; full
-    recompute adds a forward, selective the attention core's share of A at t = 1 (5as/h of 34 + 5as/h for GPT)."""
+    recompute adds a forward, selective the attention core's share of A at t = 1 (5as/h of 34 + 5as/h for GPT).
+    ``blocks``: the stage's blocks (default l/p, an even split)."""
     s, b, h, t = shape.seq_len, layout.micro_batch, shape.n_embd, layout.tp
     block = shape_activation_bytes(shape, b, t, layout.sequence_parallel, precision)
     whole = shape_activation_bytes(shape, b)
     core = (whole - shape_activation_bytes(shape, b, scores=False)) / whole
     passes = {"none": 3.0, "selective": 3 + core, "full": 4.0}[layout.recompute]
     head = 4 * s * b * h / t * (1 + shape.padded_vocab(t) / h) * BYTES[precision] / 2 if last else 0.0
-    return 2 * (passes * (shape.n_layer // layout.pp) * block + 3 * head)
+    blocks = shape.n_layer // layout.pp if blocks is None else blocks
+    return 2 * (passes * blocks * block + 3 * head)
 
 
 def executed_flops_per_step(shape: ModelShape, layout: Layout, global_batch: int) -> float:
@@ -107,20 +113,30 @@ def executed_flops_per_step(shape: ModelShape, layout: Layout, global_batch: int
     return micro_batches * (shape.n_layer * block_flops(shape, layout) + head_flops(shape, layout))
 
 
-def stage_compute(shape: ModelShape, layout: Layout, precision: str, cluster: ClusterSpec, last: bool) -> float:
-    """Seconds of one micro-batch's compute on a rank of a middle (``last=False``) or the last stage."""
+def stage_compute(
+    shape: ModelShape, layout: Layout, precision: str, cluster: ClusterSpec, last: bool, stage: Stage | None = None
+) -> float:
+    """Seconds of one micro-batch's compute on a rank of ``stage`` (default: a middle (``last=False``) or the
+    last stage of an even split)."""
+    if stage is None:
+        middle = Stage(1, range(0), shape.n_layer // layout.pp, False, False)
+        stage = even_stage(shape, layout.pp, first=False) if last or layout.pp == 1 else middle
     rate = cluster.rank_peak(precision) * cluster.compute_efficiency
-    flops = (shape.n_layer // layout.pp) * block_flops(shape, layout) + (head_flops(shape, layout) if last else 0.0)
-    return flops / layout.tp / rate + elementwise_bytes(shape, layout, precision, last) / cluster.mem_bw
+    head = head_flops(shape, layout) if stage.last else 0.0
+    flops = stage.blocks * block_flops(shape, layout) + head
+    memory = elementwise_bytes(shape, layout, precision, stage.last, stage.blocks)
+    return flops / layout.tp / rate + memory / cluster.mem_bw
 
 
-def tp_calls(shape: ModelShape, layout: Layout) -> int:
-    """Tensor-parallel collective calls of one micro-batch on a last-stage rank (trainer.analysis.formulas's count;
-    full recompute repeats the forward's: 2 all-reduces, or 2 all-gathers and 2 reduce-scatters, per block)."""
-    l, t, blocks = shape.n_layer, layout.tp, shape.n_layer // layout.pp
+def tp_calls(shape: ModelShape, layout: Layout, stage: Stage | None = None) -> int:
+    """Tensor-parallel collective calls of one micro-batch on a rank of ``stage`` (default: the last of an even
+    split; trainer.analysis.formulas's count; full recompute repeats the forward's: 2 all-reduces, or 2
+    all-gathers and 2 reduce-scatters, per block)."""
+    l, t = shape.n_layer, layout.tp
     if t <= 1:
         return 0
-    positions = range(0 if layout.pp == 1 else l - blocks + 1, l + 3)
+    stage = stage or even_stage(shape, layout.pp, first=layout.pp == 1)
+    blocks, positions = stage.blocks, stage.positions
     found = tp_collectives(
         l, layout.micro_batch, shape.seq_len, shape.n_embd, t, layout.sequence_parallel, 4, positions,
         shape.replicated_vectors(),
@@ -129,30 +145,51 @@ def tp_calls(shape: ModelShape, layout: Layout) -> int:
     return sum(count for count, _ in found.values()) + recompute
 
 
-def step_time(shape: ModelShape, layout: Layout, global_batch: int, precision: str, cluster: ClusterSpec) -> StepTime:
+def grad_comm_bytes(cluster: ClusterSpec, precision: str) -> int:
+    """Bytes per gradient element the data-parallel reductions move: fp32 in Megatron-LM; the model's dtype in
+    DeepSpeed (its ``communication_data_type`` defaults to it, and the trainer's ds_config sets none)."""
+    return GRAD_COMM_BYTES if cluster.engine == "megatron" else BYTES[precision]
+
+
+def step_time(
+    shape: ModelShape,
+    layout: Layout,
+    global_batch: int,
+    precision: str,
+    cluster: ClusterSpec,
+    partition: str | None = None,
+) -> StepTime:
+    """The step on the busiest stage: every 1F1B slot runs at the pace of the slowest stage's micro-batch, and
+    the step ends when the slowest stage has reduced its gradients and stepped. ``partition``: how the stages
+    are cut (default: the engine's, ``stages.partition_method``)."""
     m, p, t = layout.micro_batches(global_batch), layout.pp, layout.tp
-    blocks = shape.n_layer // p
-    compute = stage_compute(shape, layout, precision, cluster, last=True)
+    method = partition or partition_method(cluster.engine)
+    stages = pipeline_stages(shape, t, p, method)
     act = layout.micro_batch * shape.seq_len * shape.n_embd * BYTES[precision]
     collectives = 6 if layout.recompute == "full" else 4
-    tp = (
-        blocks * collectives * ring_time(act, t, "all_reduce", cluster.intra)
-        + tp_calls(shape, layout) * cluster.call_latency
-    )
+    tp_ring = ring_time(act, t, "all_reduce", cluster.tp_link(t))
     link = cluster.pp_link()
     pp = 2 * (act / t / link.bandwidth + link.latency + cluster.call_latency) if p > 1 else 0.0
-    psi = shape.stage_params(t, p, first=p == 1, last=True)
-    zero = zero_micro_batch_time(layout, psi, precision, cluster)
+    grad_bytes = grad_comm_bytes(cluster, precision)
+    per_stage = []
+    distinct = {(st.blocks, st.first, st.last): st for st in reversed(stages)}  # equal stages cost the same
+    for stage in distinct.values():
+        compute = stage_compute(shape, layout, precision, cluster, stage.last, stage)
+        tp = stage.blocks * collectives * tp_ring + tp_calls(shape, layout, stage) * cluster.call_latency
+        psi = shape.padded(t).rank_params(t, stage.positions)
+        zero = zero_micro_batch_time(layout, psi, precision, cluster, grad_bytes)
+        dp = dp_step_time(layout, psi, precision, cluster, grad_bytes)
+        optimizer = (psi / layout.dp if layout.zero_stage >= 1 else psi) * ADAM_BYTES_PER_PARAM / cluster.mem_bw
+        per_stage.append((compute + tp + pp + zero, compute, tp, zero, dp, optimizer))
+    _, compute, tp, zero, _, _ = max(per_stage, key=lambda x: x[0])
+    _, _, _, _, dp, optimizer = max(per_stage, key=lambda x: x[4] + x[5])
     slots, bubble = m + p - 1, (p - 1) / m
-    dp = dp_step_time(layout, psi, precision, cluster)
-    updated = psi / layout.dp if layout.zero_stage >= 1 else psi
-    optimizer = updated * ADAM_BYTES_PER_PARAM / cluster.mem_bw
     if cluster.pooled and p > 1:
         # Ranks time-share the cores: the bubble fills with other stages' work, so the step takes the
         # machine's whole work (m micro-batches of the mean stage) unless the slowest stage, even at
         # rank_cap times its fair share, is the longer path.
-        middle = stage_compute(shape, layout, precision, cluster, last=False)
-        mean = ((p - 1) * middle + compute) / p
+        counts = Counter((st.blocks, st.first, st.last) for st in stages)
+        mean = sum(counts[key] * x[1] for key, x in zip(distinct, per_stage)) / p
         if m * mean > slots * compute / cluster.rank_cap:
             slots, compute, bubble = m, mean, 0.0
         else:
@@ -161,22 +198,26 @@ def step_time(shape: ModelShape, layout: Layout, global_batch: int, precision: s
     return StepTime(slots * compute, slots * tp, slots * pp, slots * zero, dp, optimizer, bubble, total)
 
 
-def zero_micro_batch_time(layout: Layout, psi: float, precision: str, cluster: ClusterSpec) -> float:
+def zero_micro_batch_time(
+    layout: Layout, psi: float, precision: str, cluster: ClusterSpec, grad_bytes: int = GRAD_COMM_BYTES
+) -> float:
     if layout.zero_stage < 2:
         return 0.0
     link, d, call = cluster.dp_link(layout.tp, layout.dp), layout.dp, cluster.call_latency
-    reduce = ring_time(psi * GRAD_COMM_BYTES, d, "reduce_scatter", link, call)
+    reduce = ring_time(psi * grad_bytes, d, "reduce_scatter", link, call)
     if layout.zero_stage == 2:
         return reduce
     gathers = 3 if layout.recompute == "full" else 2  # forward, (recompute), backward
     return reduce + gathers * ring_time(psi * BYTES[precision], d, "all_gather", link, call)
 
 
-def dp_step_time(layout: Layout, psi: float, precision: str, cluster: ClusterSpec) -> float:
+def dp_step_time(
+    layout: Layout, psi: float, precision: str, cluster: ClusterSpec, grad_bytes: int = GRAD_COMM_BYTES
+) -> float:
     link, d, call = cluster.dp_link(layout.tp, layout.dp), layout.dp, cluster.call_latency
     if layout.zero_stage == 0:
-        return ring_time(psi * GRAD_COMM_BYTES, d, "all_reduce", link, call)
+        return ring_time(psi * grad_bytes, d, "all_reduce", link, call)
     gather = ring_time(psi * BYTES[precision], d, "all_gather", link, call)
     if layout.zero_stage == 1:
-        return ring_time(psi * GRAD_COMM_BYTES, d, "reduce_scatter", link, call) + gather
+        return ring_time(psi * grad_bytes, d, "reduce_scatter", link, call) + gather
     return gather if layout.zero_stage == 2 else 0.0

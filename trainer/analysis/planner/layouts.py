@@ -1,8 +1,9 @@
 """Every layout the trainer accepts for a model on a cluster, and the command line that runs one.
 
 Rules (the trainer's validate() plus the planner's own): tp divides the GPUs per node (a tp group stays
-inside a node), the query heads, the key/value heads and the MLP's inner size; pp divides the layers (uneven
-splits refused); dp = world / (tp·pp) divides the global batch; ZeRO-2/3 only without a pipeline; the
+inside a node), the query heads, the key/value heads and the MLP's inner size; pp <= the layers (DeepSpeed's
+partitioner cuts uneven stages, ``stages.py``; Megatron-LM's even split, the "even" method, needs pp to divide
+them); dp = world / (tp·pp) divides the global batch; ZeRO-2/3 only without a pipeline; the
 micro-batch divides the per-replica batch (integer gradient accumulation); sequence parallelism only at tp > 1
 with seq_len divisible by tp.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from trainer.analysis.planner.stages import pipeline_refusal
 from trainer.config.validate import parallel_overrides
 from trainer.model.shape import RECOMPUTE, ModelShape
 
@@ -80,22 +82,27 @@ def tensor_degrees(shape: ModelShape, gpus_per_node: int, excluded: list[str]) -
     return degrees
 
 
-def pipeline_degrees(shape: ModelShape, world: int, tp: int, excluded: list[str]) -> list[int]:
-    """Degrees that divide both the layers and the ranks left after tp; the others are noted once."""
+def pipeline_degrees(
+    shape: ModelShape, world: int, tp: int, excluded: list[str], method: str = "parameters"
+) -> list[int]:
+    """Degrees that divide the ranks left after tp and that the engine can cut the model into (``method``:
+    "parameters" / "uniform", DeepSpeed's partitioner: any pp <= n_layer; "even": pp divides n_layer); the
+    others are noted once."""
     degrees = []
     for pp in divisors(world // tp):
+        refusal = pipeline_refusal(shape, pp, method)
+        if refusal is None:
+            degrees.append(pp)
+            continue
+        note = f"pp={pp}: {refusal}"
+        if note not in excluded:
+            excluded.append(note)
         if pp > shape.n_layer:
             break
-        if shape.n_layer % pp:
-            note = f"pp={pp}: does not divide {shape.n_layer} layers (uneven stages refused)"
-            if note not in excluded:
-                excluded.append(note)
-        else:
-            degrees.append(pp)
     return degrees
 
 
-def dp_multiple(shape: ModelShape, world: int, gpus_per_node: int) -> int:
+def dp_multiple(shape: ModelShape, world: int, gpus_per_node: int, method: str = "parameters") -> int:
     """The smallest data-parallel degree any (tp, pp) of this model leaves of ``world`` ranks: a global batch
     that is a multiple of it has a layout."""
     return min(
@@ -105,15 +112,17 @@ def dp_multiple(shape: ModelShape, world: int, gpus_per_node: int) -> int:
         if world % (tp * pp) == 0
         and gpus_per_node % tp == 0
         and tp_refusal(shape, tp) is None
-        and shape.n_layer % pp == 0
+        and pipeline_refusal(shape, pp, method) is None
     )
 
 
-def enumerate_layouts(shape: ModelShape, world: int, gpus_per_node: int, global_batch: int) -> Enumeration:
+def enumerate_layouts(
+    shape: ModelShape, world: int, gpus_per_node: int, global_batch: int, method: str = "parameters"
+) -> Enumeration:
     excluded = [f"tp > {gpus_per_node}: tensor parallelism stays inside a node"] if world > gpus_per_node else []
     layouts: list[Layout] = []
     for tp in tensor_degrees(shape, gpus_per_node, excluded):
-        for pp in pipeline_degrees(shape, world, tp, excluded):
+        for pp in pipeline_degrees(shape, world, tp, excluded, method):
             dp = world // (tp * pp)
             if global_batch % dp:
                 excluded.append(f"tp={tp} pp={pp}: dp={dp} does not divide the global batch {global_batch}")

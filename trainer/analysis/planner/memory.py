@@ -2,13 +2,16 @@
 
 Model states follow Rajbhandari et al. 2020 (mixed precision: 2Ψ weights + 2Ψ gradients + KΨ optimizer
 with K = 12; fp32: 4Ψ + 4Ψ + 8Ψ), through trainer.analysis.formulas, with Ψ the stage's share of the
-shape's parameters (``ModelShape.stage_params``: GQA's narrower QKV, SwiGLU's three matrices, an untied head).
+shape's parameters (``ModelShape.rank_params`` of the stage's positions: GQA's narrower QKV, SwiGLU's three
+matrices, an untied head).
 Activations follow Korthikanti et al. 2022 (bytes per layer per micro-batch, 16-bit): sbh(10 + S + 5as/h)
 without parallelism, sbh(10 + S/t + 5as/(ht)) with tp, sbh/t(10 + S + 5as/h) with tp + SP, where S is the
 tp-split part (24 for GPT, ``formulas.split_activations`` for GQA, SwiGLU and rotary positions); selective
 recompute drops the 5as/h term (the attention core is recomputed), full recompute keeps only the block
-input, 2sbh (2sbh/t with SP), plus one block's activations while it is recomputed. Under 1F1B the first
-stage holds min(p, m) micro-batches in flight.
+input, 2sbh (2sbh/t with SP), plus one block's activations while it is recomputed. Under 1F1B stage i
+holds min(p - i, m) micro-batches in flight. Stages are cut as the engine cuts them (``stages.py``: DeepSpeed's
+parameter-balanced or uniform partition for this trainer, any pp <= l; Megatron-LM's even split), and the
+most loaded stage is reported.
 
 Buffers are what DeepSpeed (0.19) allocates beside the model states, sized by the trainer's ds_config:
 ZeRO-1/2 reduce gradients through one bucket and all-gather updated weights straight into the flat
@@ -24,6 +27,7 @@ from dataclasses import dataclass
 
 from trainer.analysis.formulas import BYTES, shape_activation_bytes, zero_state_bytes
 from trainer.analysis.planner.layouts import Layout
+from trainer.analysis.planner.stages import Stage, even_stage, memory_candidates, pipeline_stages
 from trainer.model.shape import ModelShape
 from trainer.runtime.ds_config import ZERO3_MAX_LIVE_PARAMETERS, ZERO3_SUB_GROUP_ELEMENTS, ZERO_BUCKET_ELEMENTS
 
@@ -68,18 +72,21 @@ def layer_activation_bytes(shape: ModelShape, layout: Layout, precision: str) ->
     return 2 * s * b * h / (t if sp else 1) * scale  # full: the block's input only
 
 
-def activation_bytes(shape: ModelShape, layout: Layout, global_batch: int, precision: str, first: bool) -> float:
-    """A stage's activations: its blocks for the micro-batches in flight, the embedding's dropout mask
-    (first stage) or the head's input and fp32 logits (last stage: 4sbh/t·(1 + V/h), Korthikanti et al.; the
-    same for a tied or an untied head)."""
+def activation_bytes(
+    shape: ModelShape, layout: Layout, global_batch: int, precision: str, first: bool, stage: Stage | None = None
+) -> float:
+    """A stage's activations: its blocks for the micro-batches in flight (pp - stage index under 1F1B), the
+    embedding's dropout mask (first stage) or the head's input and fp32 logits (last stage: 4sbh/t·(1 + V/h),
+    Korthikanti et al.; the same for a tied or an untied head). ``stage``: which one (default: the first or the
+    last of an even split, as ``first`` says)."""
     s, b, h, t = shape.seq_len, layout.micro_batch, shape.n_embd, layout.tp
-    in_flight = min(layout.pp, layout.micro_batches(global_batch)) if first else 1
-    blocks = in_flight * (shape.n_layer // layout.pp) * layer_activation_bytes(shape, layout, precision)
-    if layout.recompute == "full":  # one block's full activations exist while it is recomputed
+    stage = stage or even_stage(shape, layout.pp, first)
+    in_flight = stage.in_flight(layout.pp, layout.micro_batches(global_batch))
+    blocks = in_flight * stage.blocks * layer_activation_bytes(shape, layout, precision)
+    if layout.recompute == "full" and stage.blocks:  # one block's full activations exist while it is recomputed
         blocks += shape_activation_bytes(shape, b, t, layout.sequence_parallel, precision)
-    last = not first or layout.pp == 1
-    embedding = in_flight * s * b * h / (t if layout.sequence_parallel else 1) if first else 0.0
-    head = 4 * s * b * h / t * (1 + shape.padded_vocab(t) / h) if last else 0.0
+    embedding = in_flight * s * b * h / (t if layout.sequence_parallel else 1) if stage.first else 0.0
+    head = 4 * s * b * h / t * (1 + shape.padded_vocab(t) / h) if stage.last else 0.0
     return blocks + embedding + head
 
 
@@ -123,21 +130,23 @@ def memory_per_gpu(
     reserved: float,
     fragmentation: float,
     collectives: Collectives = Collectives(),
+    partition: str = "parameters",
 ) -> Memory:
-    """The larger of the first stage (most activations, the embedding) and the last (the head)."""
-    stages = (True, False) if layout.pp > 1 else (True,)
+    """The most loaded stage of the layout as ``partition`` cuts it ("parameters" or "uniform": DeepSpeed's
+    partitioner, as the trainer runs it; "even": Megatron-LM's). Candidates: the first stage (most micro-batches
+    in flight, the embedding), the last (the head) and the earliest middle stage of each block count."""
+    stages = memory_candidates(pipeline_stages(shape, layout.tp, layout.pp, partition))
     return max(
-        (_stage(shape, layout, global_batch, precision, reserved, fragmentation, collectives, f) for f in stages),
+        (_stage(shape, layout, global_batch, precision, reserved, fragmentation, collectives, st) for st in stages),
         key=lambda m: m.total,
     )
 
 
-def _stage(shape, layout, global_batch, precision, reserved, fragmentation, collectives, first) -> Memory:
-    last = not first or layout.pp == 1
-    psi = shape.stage_params(layout.tp, layout.pp, first, last)
+def _stage(shape, layout, global_batch, precision, reserved, fragmentation, collectives, stage: Stage) -> Memory:
+    psi = shape.padded(layout.tp).rank_params(layout.tp, stage.positions)
     states = zero_state_bytes(psi, layout.dp, layout.zero_stage, precision)
-    acts = activation_bytes(shape, layout, global_batch, precision, first)
-    largest = shape.largest_tensor(layout.tp, embedding=first or last)
+    acts = activation_bytes(shape, layout, global_batch, precision, stage.first, stage)
+    largest = shape.largest_tensor(layout.tp, embedding=stage.first or stage.last)
     buffers = buffer_bytes(layout, psi, precision, collectives, largest)
     allocated = states.total + acts + buffers
     margin = allocated * fragmentation + reserved

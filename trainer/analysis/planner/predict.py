@@ -10,6 +10,7 @@ from trainer.analysis.planner.cluster import ClusterSpec
 from trainer.analysis.planner.costmodel import StepTime, executed_flops_per_step, step_time
 from trainer.analysis.planner.layouts import Layout, enumerate_layouts
 from trainer.analysis.planner.memory import Memory, memory_per_gpu
+from trainer.analysis.planner.stages import partition_method
 from trainer.config.schema import lean_heap
 from trainer.model.shape import ModelShape
 
@@ -41,14 +42,24 @@ class Plan:
         return [p for p in self.predictions if p.rank is not None]
 
 
-def predict(shape: ModelShape, layout: Layout, global_batch: int, precision: str, cluster: ClusterSpec) -> Prediction:
+def predict(
+    shape: ModelShape,
+    layout: Layout,
+    global_batch: int,
+    precision: str,
+    cluster: ClusterSpec,
+    partition: str = "parameters",
+) -> Prediction:
+    """``partition``: the trainer's ``parallel.pipeline_partition`` (the engine decides: a ``megatron`` cluster
+    cuts evenly whatever it says)."""
+    method = partition_method(cluster.engine, partition)
     # A lean C heap (the trainer's default for CPU ranks at ZeRO-3) hands freed memory back: no slack.
     lean = lean_heap("auto", cluster.cpu, layout.zero_stage)
     fragmentation = 0.0 if lean else cluster.fragmentation
     memory = memory_per_gpu(
-        shape, layout, global_batch, precision, cluster.reserved_bytes, fragmentation, cluster.collectives
+        shape, layout, global_batch, precision, cluster.reserved_bytes, fragmentation, cluster.collectives, method
     )
-    time = step_time(shape, layout, global_batch, precision, cluster)
+    time = step_time(shape, layout, global_batch, precision, cluster, method)
     world = layout.tp * layout.pp * layout.dp
     tokens = global_batch * shape.seq_len
     model_flops = tokens * shape_flops_per_token(shape, shape.padded_vocab(layout.tp))
@@ -59,9 +70,12 @@ def predict(shape: ModelShape, layout: Layout, global_batch: int, precision: str
     return Prediction(layout, memory, time, tokens / time.total, tflops, hw, mfu, fits)
 
 
-def make_plan(shape: ModelShape, cluster: ClusterSpec, global_batch: int, precision: str) -> Plan:
-    found = enumerate_layouts(shape, cluster.world, cluster.gpus_per_node, global_batch)
-    predictions = [predict(shape, layout, global_batch, precision, cluster) for layout in found.layouts]
+def make_plan(
+    shape: ModelShape, cluster: ClusterSpec, global_batch: int, precision: str, partition: str = "parameters"
+) -> Plan:
+    method = partition_method(cluster.engine, partition)
+    found = enumerate_layouts(shape, cluster.world, cluster.gpus_per_node, global_batch, method)
+    predictions = [predict(shape, layout, global_batch, precision, cluster, partition) for layout in found.layouts]
     return Plan(shape, cluster, global_batch, precision, rank(predictions), found.excluded)
 
 

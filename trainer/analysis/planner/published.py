@@ -100,7 +100,8 @@ def check(run: PublishedRun, cluster) -> Check:
     from trainer.analysis.planner.cluster import cluster_spec
     from trainer.analysis.planner.predict import make_plan
 
-    plan = make_plan(run.shape(), cluster_spec(replace(cluster, nodes=run.nodes)), run.global_batch, "bf16")
+    spec = cluster_spec(replace(cluster, nodes=run.nodes, engine="megatron"))
+    plan = make_plan(run.shape(), spec, run.global_batch, "bf16")
     space = [p for p in plan.ranked if megatron_2021(p)]
     published = [
         p

@@ -33,15 +33,17 @@ def check(cfg: PlanConfig) -> None:
     """validate_plan, then the global batch against the layouts this cluster allows (enumeration is cheap)."""
     from trainer.analysis.planner.cluster import local_ranks
     from trainer.analysis.planner.layouts import dp_multiple, enumerate_layouts
+    from trainer.analysis.planner.stages import partition_method
     from trainer.model.shape import ModelShape
 
     validate_plan(cfg)
     shape, batch = ModelShape.from_config(cfg.model), global_batch(cfg)
     per_node = local_ranks(cfg.cluster)
     world = cfg.cluster.nodes * per_node
-    if not enumerate_layouts(shape, world, per_node, batch).layouts:
+    method = partition_method(cfg.cluster.engine, cfg.parallel.pipeline_partition)
+    if not enumerate_layouts(shape, world, per_node, batch, method).layouts:
         key = "parallel.global_batch" if cfg.parallel.global_batch is not None else "train.global_batch"
-        smallest = dp_multiple(shape, world, per_node)
+        smallest = dp_multiple(shape, world, per_node, method)
         raise ConfigError(
             key,
             batch,
@@ -79,7 +81,8 @@ def run(cfg: PlanConfig) -> None:
     check(cfg)
     if cfg.plan.calibrate:
         return calibrate(cfg)
-    plan = make_plan(ModelShape.from_config(cfg.model), cluster_spec(cfg.cluster), global_batch(cfg), precision(cfg))
+    shape, partition = ModelShape.from_config(cfg.model), cfg.parallel.pipeline_partition
+    plan = make_plan(shape, cluster_spec(cfg.cluster), global_batch(cfg), precision(cfg), partition)
     print_plan(plan, cfg.plan.top, cfg.plan.rejected, model_overrides())
     if cfg.plan.out:
         write_json(plan, cfg.plan.out)
