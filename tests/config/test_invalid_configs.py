@@ -73,7 +73,6 @@ INVALID = [
     (["parallel=auto", "parallel.cluster=tpu-v5"], 2, "parallel.cluster"),
     (["parallel=auto", "parallel.cluster=a100-40gb", "model=gpt3-175b"], 8, "parallel.auto"),  # nothing fits
     (["parallel.precision=fp8"], 1, "parallel.precision"),
-    (["parallel.precision=fp16"], 1, "parallel.precision"),  # no GPU here
     (["train.device=cuda"], 1, "train.device"),  # no GPU here
     (["parallel.micro_batch=0"], 1, "parallel.micro_batch"),
     (["parallel.global_batch=6"], 4, "parallel.global_batch"),  # not a multiple of micro 4 x dp 4

@@ -215,8 +215,6 @@ def _validate_device(cfg: Config) -> None:
     if device == "cuda" and not has_cuda:
         raise ConfigError("train.device", device, "no CUDA device is visible; use train.device=auto or cpu")
     on_gpu = has_cuda and device != "cpu"
-    if precision == "fp16" and not on_gpu:
-        raise ConfigError("parallel.precision", precision, "fp16 needs a GPU; use bf16 or fp32 on CPU")
     if precision == "bf16" and on_gpu and not torch.cuda.is_bf16_supported():
         raise ConfigError("parallel.precision", precision, "this GPU has no bf16; use fp16 or fp32")
 

@@ -15,6 +15,10 @@ The trainer relies on a few private attributes, replaced methods and module glob
     name_comm_logs               deepspeed.comm.comm.get_debug_log_name                    restore callable
     bound_gloo_collectives       the comm backend's all_gather_into_tensor, reduce_scatter_tensor   restore callable
     check_tied_weight_sync       PipelineModule._synchronize_tied_weights (overridden)     not a patch
+    allow_cpu_fp16               the CPU accelerator's is_fp16_supported, supported_dtypes  restore callable
+    scale_zero0_fp16_loss        DeepSpeedEngine.backward (the class's, for the run)        restore callable
+    undo_fp16_optimizer_warmup   FP16_(Unfused)Optimizer's Adam state and fp32 masters      nothing to undo
+    tag_fp16_gradients           FP16_(Unfused)Optimizer.step (shadowed per optimizer)     restore callable
 
 Each patch first calls ``check_version``: where an attribute it changes is missing it raises a
 RuntimeError naming the patch and both versions; where the attributes are there but the installed
@@ -341,3 +345,136 @@ def check_tied_weight_sync() -> None:
     from deepspeed.pipe import PipelineModule
 
     check_version("check_tied_weight_sync", PipelineModule, "_synchronize_tied_weights")
+
+
+def allow_cpu_fp16() -> Restore:
+    """Let DeepSpeed train fp16 on the CPU accelerator.
+
+    What: shadows ``is_fp16_supported`` (True) and ``supported_dtypes`` (+ float16) on the accelerator
+    instance ``deepspeed.accelerator.get_accelerator()`` returns, when it is DeepSpeed's ``CPU_Accelerator``.
+    Why: that accelerator reports fp16 only where oneDNN has fast fp16 kernels (AVX512-FP16/AMX-FP16), so
+    ``DeepSpeedEngine`` refuses ``fp16.enabled`` ("Type fp16 is not supported on your device") and its
+    gradient all-reduce asserts on fp16 gradients. torch's CPU kernels and gloo compute fp16 everywhere,
+    only slower, so fp16 with loss scaling can be trained and tested on any CPU.
+    Undo: the returned callable removes the shadows (the class's methods again).
+    """
+    import torch
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
+
+    accelerator = get_accelerator()
+    check_version("allow_cpu_fp16", accelerator, "is_fp16_supported", "supported_dtypes")
+    if not isinstance(accelerator, CPU_Accelerator) or accelerator.is_fp16_supported():
+        return lambda: None
+    dtypes = [*accelerator.supported_dtypes(), torch.float16]
+    return _chain(
+        _swap(vars(accelerator), "supported_dtypes", lambda: list(dtypes), "allow_cpu_fp16"),
+        _swap(vars(accelerator), "is_fp16_supported", lambda: True, "allow_cpu_fp16"),
+    )
+
+
+def _fp16_wrappers() -> tuple[type, ...]:
+    from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+
+    return FP16_Optimizer, FP16_UnfusedOptimizer
+
+
+def scale_zero0_fp16_loss() -> Restore:
+    """Scale the loss by the fp16 loss scale in ``DeepSpeedEngine.backward`` without ZeRO.
+
+    What: wraps the class's ``backward`` (the pipeline engine's last stage calls it through ``super()``): for
+    an engine whose optimizer is DeepSpeed's ``FP16_Optimizer`` / ``FP16_UnfusedOptimizer`` with fp16 on, it
+    runs backward on ``loss * loss_scale`` and returns what DeepSpeed returns divided by the scale again.
+    Why: DeepSpeed 0.19.8 scales the loss only for ZeRO optimizers (and torch autocast), yet those two
+    optimizers divide every gradient by the scale in ``step``: fp16 at ZeRO-0 updated with gradients 2^16
+    times too small (Adam's eps then dominates; the loss fell at a fraction of fp32's rate) and small
+    gradients underflowed unscaled (deepspeedai/DeepSpeed#8393, open). Non-finite gradients still overflow
+    the scaled backward, so the optimizer's skip and the scale's halving work as designed.
+    Undo: the returned callable puts the class's method back (a no-op when it was already in place).
+    """
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    check_version("scale_zero0_fp16_loss", DeepSpeedEngine, "backward", "fp16_enabled", "zero_optimization")
+    if getattr(DeepSpeedEngine.backward, "scales_zero0_fp16_loss", False):  # in place: once per process
+        return lambda: None
+    wrappers, unscaled_backward = _fp16_wrappers(), DeepSpeedEngine.backward
+
+    def backward(self, loss, *args, **kwargs):
+        optimizer = self.optimizer
+        if not (self.fp16_enabled() and not self.zero_optimization() and isinstance(optimizer, wrappers)):
+            return unscaled_backward(self, loss, *args, **kwargs)
+        scale = optimizer.loss_scale
+        return unscaled_backward(self, loss.float() * scale, *args, **kwargs) / scale
+
+    backward.scales_zero0_fp16_loss = True
+    DeepSpeedEngine.backward = backward  # a class's namespace is read-only to _swap
+
+    def restore() -> None:
+        if DeepSpeedEngine.__dict__.get("backward") is backward:
+            DeepSpeedEngine.backward = unscaled_backward
+
+    return restore
+
+
+def undo_fp16_optimizer_warmup(optimizer) -> bool:
+    """Give DeepSpeed's fp16/bf16 ZeRO-0 optimizer wrapper the state of an optimizer that never stepped.
+
+    What: for ``FP16_Optimizer`` / ``FP16_UnfusedOptimizer`` (bf16 or fp16 without ZeRO), clears the inner
+    optimizer's state and copies the 16-bit weights back into the fp32 masters (cloned from them at set-up).
+    Returns whether it did (False for any other optimizer).
+    Why: both wrappers create Adam's state by stepping once with zero gradients at set-up. That counts as
+    Adam's first step -- the real first step then uses step-2 bias correction, 0.73x fp32's update, and
+    every early step is smaller -- and AdamW's decoupled decay shrinks the masters once at the full
+    learning rate (DeepSpeed removed that step from ZeRO in deepspeedai/DeepSpeed#5104, not here). torch's
+    Adam creates its state lazily at the real first step.
+    Undo: nothing to undo: the optimizer is as it would be without that step.
+    """
+    import torch
+
+    if not isinstance(optimizer, _fp16_wrappers()):
+        return False
+    check_version("undo_fp16_optimizer_warmup", optimizer, "optimizer", "fp16_groups")
+    with torch.no_grad():
+        if hasattr(optimizer, "fp32_groups_flat"):  # FP16_Optimizer: flat buffers per group
+            for master, weights in zip(optimizer.fp32_groups_flat, optimizer.fp16_groups_flat):
+                master.copy_(weights)
+        else:
+            for masters, params in zip(optimizer.fp32_groups, optimizer.fp16_groups):
+                for master, param in zip(masters, params):
+                    master.copy_(param)
+    optimizer.optimizer.state.clear()
+    return True
+
+
+GRADIENT_TAGS = ("tensor_model_parallel", "ds_pipe_replicated")  # what DeepSpeed's norm reads off a tensor
+
+
+def tag_fp16_gradients(optimizer) -> Restore | None:
+    """Let DeepSpeed's fp16/bf16 ZeRO-0 optimizer wrapper count each gradient once in its clipping norm.
+
+    What: shadows ``step`` of an ``FP16_Optimizer`` / ``FP16_UnfusedOptimizer`` by one that first copies
+    each parameter's ``tensor_model_parallel`` and ``ds_pipe_replicated`` flags onto its gradient tensor,
+    then steps. Returns the undo, or None for any other optimizer.
+    Why: the wrappers compute the gradient norm (``runtime.utils.get_weight_norm``) over the gradient
+    tensors, but read those flags from the tensors it is given: gradients carry none, so every tp rank
+    but the first dropped its shards of the split weights (tp2, gpt-tiny: norm 1.75 instead of 2.04, so
+    clipping was too weak) and a pipeline's tied embedding was counted twice. With the flags the norm is
+    the parameters' own: shards from every tp rank, replicated tensors once.
+    Undo: the returned callable puts the optimizer's step back.
+    """
+    if not isinstance(optimizer, _fp16_wrappers()):
+        return None
+    check_version("tag_fp16_gradients", optimizer, "step", "fp16_groups")
+    untagged_step = optimizer.step
+
+    def step(*args, **kwargs):
+        for group in optimizer.fp16_groups:
+            for param in group:
+                if param.grad is not None:
+                    for tag in GRADIENT_TAGS:
+                        if hasattr(param, tag):
+                            setattr(param.grad, tag, getattr(param, tag))
+        return untagged_step(*args, **kwargs)
+
+    return _swap(vars(optimizer), "step", step, "tag_fp16_gradients")

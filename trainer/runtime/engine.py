@@ -13,10 +13,14 @@ from torch import nn
 
 # skip_shm_comm_op is also imported from here (tests start DeepSpeed without init_distributed)
 from trainer.runtime.compat import (
+    allow_cpu_fp16,
     bound_gloo_collectives,
+    scale_zero0_fp16_loss,
     set_default_pg_timeout,
     share_zero3_fp32_partitions,
     skip_shm_comm_op,
+    tag_fp16_gradients,
+    undo_fp16_optimizer_warmup,
 )
 from trainer.runtime.ds_config import ZERO_BUCKET_ELEMENTS
 
@@ -100,6 +104,9 @@ def build_engine(model: nn.Module, ds_dict: dict[str, Any], weight_decay: float,
     from trainer.parallel.pipeline import install_pipeline_clipping
     from trainer.runtime.hardware import release_free_memory
 
+    if ds_dict["fp16"]["enabled"]:
+        allow_cpu_fp16()  # DeepSpeed refuses fp16 on CPUs without fast fp16 kernels; torch's run it (compat)
+        scale_zero0_fp16_loss()  # without ZeRO DeepSpeed 0.19.8 unscales gradients it never scaled (compat)
     engine, *_ = deepspeed.initialize(
         model=model,
         model_parameters=param_groups(model, weight_decay),
@@ -108,6 +115,8 @@ def build_engine(model: nn.Module, ds_dict: dict[str, Any], weight_decay: float,
         mpu=mpu,
         dist_init_required=False,
     )
+    undo_fp16_optimizer_warmup(engine.optimizer)  # bf16/fp16 at ZeRO-0: Adam starts at step 0 (compat)
+    tag_fp16_gradients(engine.optimizer)  # ... and its clipping norm counts tp shards and tied weights once
     if ds_dict["zero_optimization"]["stage"] == 3:
         share_zero3_fp32_partitions(engine.optimizer)  # fp32: no second copy of the weights (compat)
     release_free_memory()  # what the optimizer's set-up copied and freed
