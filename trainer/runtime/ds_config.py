@@ -31,7 +31,9 @@ def ds_config(cfg: Config, plan: BatchPlan) -> dict[str, Any]:
         # The learning-rate schedule is trainer.training.schedule.lr_at, handed to deepspeed.initialize.
         "zero_optimization": _zero(p.zero_stage),
         "bf16": {"enabled": p.precision == "bf16"},
-        "fp16": {"enabled": p.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        # Dynamic loss scaling from 2^16; hysteresis 1: every overflow halves the scale at once, as DeepSpeed's
+        # unfused fp16 optimizer (ZeRO-0) always does, so ZeRO's optimizers (default 2) behave the same.
+        "fp16": {"enabled": p.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16, "hysteresis": 1},
     }
 
 

@@ -133,6 +133,7 @@ class Trainer:
             ds_comm=ds,
             pipe=pipe,
             dp_comm=dp,
+            loss_scale=float(self.p.engine.optimizer.loss_scale) if self.p.engine.fp16_enabled() else None,
             **speed_fields(self.p.plan.tokens_per_step, step_time, window, now, self.p.throughput, self.p.device),
         )
         self.p.metrics.log(record.to_dict())

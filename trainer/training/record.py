@@ -98,6 +98,7 @@ class StepRecord:
     ds_comm: Comm = field(default_factory=Comm)  # rank 0's
     pipe: dict[str, Any] = field(default_factory=dict)  # pipe_* bubble fields at pp > 1
     dp_comm: Comm = field(default_factory=Comm)  # rank 0's
+    loss_scale: float | None = None  # fp16: the dynamic loss scale after this step (halved by an overflow)
 
     def to_dict(self) -> dict[str, Any]:
         skip = ("ranks", *COMM_FAMILIES, "pipe")
