@@ -55,6 +55,31 @@ def _zero_stage(engine) -> int:
     return engine.zero_optimization_stage()
 
 
+def _bf16_pipeline(engine) -> bool:
+    """bf16 under a pipeline without ZeRO: DeepSpeed's BF16_Optimizer, whose fp32 masters are flat dp
+    partitions each parameter is mapped into, as ZeRO-1/2's are."""
+    from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
+
+    return isinstance(engine.optimizer, BF16_Optimizer)
+
+
+def _mapped(engine) -> bool:
+    """Whether parameters reach their fp32 masters and moments through DeepSpeed's hp mapping
+    (``deepspeed.utils.safe_*``): ZeRO, and the bf16 pipeline."""
+    return _zero_stage(engine) > 0 or _bf16_pipeline(engine)
+
+
+def _master(engine, param: nn.Parameter) -> torch.Tensor:
+    """The fp32 copy Adam steps (and keys its state by) for a parameter without hp mapping: the parameter
+    itself in fp32, its master in DeepSpeed's bf16/fp16 wrapper at ZeRO-0 (``FP16_UnfusedOptimizer``)."""
+    groups = zip(getattr(engine.optimizer, "fp16_groups", ()), getattr(engine.optimizer, "fp32_groups", ()))
+    for params, masters in groups:
+        for low, master in zip(params, masters):
+            if low is param:
+                return master
+    return param
+
+
 def full_over_dp(engine, param: nn.Parameter, key: str | None) -> torch.Tensor | None:
     """``param`` (key None) or its Adam moment ``key``, whole over ZeRO partitions, fp32, local tp shard.
 
@@ -62,11 +87,12 @@ def full_over_dp(engine, param: nn.Parameter, key: str | None) -> torch.Tensor |
     """
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
-    if _zero_stage(engine) > 0:
+    if _mapped(engine):
         return safe_get_full_fp32_param(param) if key is None else safe_get_full_optimizer_state(param, key)
+    master = _master(engine, param)
     if key is None:
-        return param.detach().float()
-    state = engine.optimizer.state.get(param, {})
+        return master.detach().float()
+    state = engine.optimizer.state.get(master, {})
     return state.get(key)
 
 
@@ -76,15 +102,23 @@ def relink_moments(engine) -> None:
     DeepSpeed 0.19.8 builds those views once; after a skipped (non-finite) step they can miss the
     moments, and ``safe_get_full_optimizer_state`` fails with "exp_avg not found".
     """
-    zero = engine.optimizer
+    flats = _flat_partitions(engine)
+    if flats is not None and any(engine.optimizer.optimizer.state.get(flat) for flat in flats):
+        relink_zero_moments(engine.optimizer)
+
+
+def _flat_partitions(engine) -> list | None:
+    """ZeRO-1/2's and the bf16 pipeline's flat fp32 partitions (Adam's state is keyed by them); None elsewhere."""
     if _zero_stage(engine) in (1, 2):
-        if any(zero.optimizer.state.get(flat) for flat in zero.single_partition_of_fp32_groups):
-            relink_zero_moments(zero)
+        return engine.optimizer.single_partition_of_fp32_groups
+    if _bf16_pipeline(engine):
+        return engine.optimizer.fp32_groups_flat_partition
+    return None
 
 
 def adam_step(engine) -> int:
     """Adam's step count (its bias correction depends on it); 0 before the first step."""
-    base = engine.optimizer.optimizer if _zero_stage(engine) > 0 else engine.optimizer
+    base = engine.optimizer.optimizer if _mapped(engine) else engine.optimizer
     steps = [int(state["step"]) for state in base.state.values() if "step" in state]
     return max(steps, default=0)
 
@@ -122,21 +156,24 @@ def load_into(engine, named: list[tuple[str, nn.Parameter]], items: Iterable, me
     """
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
-    stage = _zero_stage(engine)
+    stage, mapped = _zero_stage(engine), _mapped(engine)
     if moments:
         _create_adam_state(engine, [p for _, p in named], step)
     for name, param, saved in items:
         local = to_layout(saved["model"], name, param, mesh.tp_group).to(param.device)
-        if stage > 0:
+        master = None if mapped else _master(engine, param)
+        if mapped:
             safe_set_full_fp32_param(param, local)
+        elif master is not param:  # bf16/fp16 at ZeRO-0: the fp32 master too, or the next step undoes the load
+            master.copy_(local)
         if stage < 3:
             param.copy_(local.to(param.dtype))
         for key in MOMENTS if moments else ():
             value = to_layout(saved[key], name, param, mesh.tp_group).to(param.device)
-            if stage > 0:
+            if mapped:
                 safe_set_full_optimizer_state(param, value, key)
             else:
-                engine.optimizer.state[param][key].copy_(value)
+                engine.optimizer.state[master][key].copy_(value)
     return moments
 
 
@@ -157,17 +194,17 @@ def _create_adam_state(engine, params: list[nn.Parameter], step: int) -> None:
     the flat partition's state only after that (``_lazy_init_hp_params_optimizer_state``); ZeRO-3 keys
     the state by each sub-group's flat fp32 partition, where ``set_full_hp_param`` finds a parameter's slice.
     """
-    stage = _zero_stage(engine)
-    if stage == 0:
+    if not _mapped(engine):
         for param in params:
-            engine.optimizer.state[param] = _zero_adam_state(param, step)
+            master = _master(engine, param)
+            engine.optimizer.state[master] = _zero_adam_state(master, step)
         return
     zero = engine.optimizer
-    if stage == 3:
+    if _zero_stage(engine) == 3:
         for flat in zero.fp32_partitioned_groups_flat:
             zero.optimizer.state[flat] = _zero_adam_state(flat, step)
         return
-    for flat in zero.single_partition_of_fp32_groups:
+    for flat in _flat_partitions(engine):
         zero.optimizer.state[flat] = _zero_adam_state(flat, step)
     relink_zero_moments(zero)
 
