@@ -22,7 +22,13 @@ from trainer.analysis.planner.costmodel import executed_flops_per_step
 from trainer.analysis.planner.layouts import Layout, enumerate_layouts
 from trainer.analysis.planner.memory import activation_bytes, layer_activation_bytes
 from trainer.analysis.planner.predict import make_plan, predict
-from trainer.analysis.planner.published import GPT3_1024_TFLOPS, MEGATRON_2021, check, megatron_2021
+from trainer.analysis.planner.published import (
+    GPT3_1024_TFLOPS,
+    MEGATRON_2021,
+    TRAINING_TIME_ESTIMATES,
+    check,
+    megatron_2021,
+)
 from trainer.analysis.planner.run import compose_plan, preflight
 from trainer.config.schema import BadInput, Config, ModelConfig, ParallelConfig
 from trainer.config.validate import validate
@@ -31,9 +37,13 @@ from trainer.model.shape import ModelShape
 GB = 1e9
 A100 = ClusterConfig(**yaml.safe_load((ROOT / "conf/cluster/a100-80gb.yaml").read_text()))
 GPT3 = ModelShape(96, 12288, 96, 2048, 51200, name="gpt3-175b")
-# The acceptance band for throughput, and how far down Megatron-LM 2021's own option space the published
-# layout may rank (observed worst: 14th, docs/planner.md lists every rank).
-BAND, TOP_K = 0.25, 15
+# The acceptance bands (issue #22): predicted TFLOP/s per GPU within 10 % of the published, and the published
+# layout within 10 % of the planner's best in Megatron-LM 2021's own option space; and how far down that space
+# the published layout may rank (observed worst: 14th, docs/planner.md lists every rank).
+BAND, GAP, TOP_K = 0.10, 0.10, 15
+# Rows whose published layout the planner predicts more than GAP slower than its best (docs/planner.md, "Where the
+# planner disagrees with the paper"): tp2·pp4 and tp4·pp4, which the paper did not run, are predicted faster.
+GAP_MISSES = {"18.4B on 256 GPUs (Table 1)": 0.146, "39.1B on 512 GPUs (Table 1)": 0.109}
 
 
 # --- memory formulas -------------------------------------------------------------------------------------
@@ -164,19 +174,67 @@ def test_the_override_line_composes_and_validates():
 
 @pytest.mark.parametrize("run", MEGATRON_2021, ids=lambda r: r.name)
 def test_published_megatron_runs(run):
-    """Narayanan et al. 2021 (Tables 1 and 2): the published layout fits, its predicted TFLOP/s per GPU is within
-    25% of the measured one, and it ranks among the first TOP_K of the layouts Megatron-LM 2021 could run."""
+    """Narayanan et al. 2021 (Tables 1 and 2), predicted as Megatron-LM's engine: the published layout fits, its
+    predicted TFLOP/s per GPU is within 10% of the measured one, and it ranks among the first TOP_K of the layouts
+    Megatron-LM 2021 could run."""
     result = check(run, A100)
     assert result.predicted_tflops is not None, "the published layout does not fit in the plan"
     assert abs(result.error) <= BAND, f"predicted {result.predicted_tflops:.1f} vs {run.tflops_per_gpu}"
     assert result.rank <= TOP_K, f"rank {result.rank} of {result.candidates}"
 
 
+@pytest.mark.parametrize("run", MEGATRON_2021, ids=lambda r: r.name)
+def test_published_layout_is_near_the_planners_best(run):
+    """The published layout within 10% of the planner's best of the paper's option space, every row but the two
+    the planner disagrees on; those are held to what they are, so a change to the model shows here."""
+    gap = check(run, A100).gap
+    if run.name in GAP_MISSES:
+        assert gap == pytest.approx(GAP_MISSES[run.name], abs=0.01)
+    else:
+        assert gap <= GAP, f"the published layout is predicted {gap:.1%} slower than the planner's best"
+
+
 def test_gpt3_on_1024_gpus_matches_the_papers_estimate():
     """Section 5.1: 140 TFLOP/s per GPU for GPT-3 175B on 1024 A100s at batch 1536 (no layout given)."""
-    spec = cluster_spec(replace(A100, nodes=128))
+    spec = cluster_spec(replace(A100, nodes=128, engine="megatron"))
     best = next(p for p in make_plan(GPT3, spec, 1536, "bf16").ranked if megatron_2021(p))
     assert abs(best.hw_tflops_per_gpu / GPT3_1024_TFLOPS - 1) <= BAND
+
+
+# --- the paper's own arithmetic ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("run", [r for r in MEGATRON_2021 if r.aggregate_pflops], ids=lambda r: r.name)
+def test_table1_aggregate_is_gpus_times_per_gpu(run):
+    """Table 1's two throughput columns agree: aggregate petaFLOP/s = GPUs × TFLOP/s per GPU, within the
+    rounding of both (per GPU to 0.5 TFLOP/s, the aggregate to 0.05 PFLOP/s)."""
+    per_gpu = run.aggregate_pflops * 1000 / run.gpus
+    assert abs(per_gpu - run.tflops_per_gpu) <= 0.5 + 50 / run.gpus
+
+
+@pytest.mark.parametrize("run", MEGATRON_2021, ids=lambda r: r.name)
+def test_eq3_is_the_planners_flop_count_and_gives_the_iteration_time(run):
+    """The paper's eq. (3), F = 96·B·s·l·h²(1 + s/6h + V/16lh) per iteration (full recompute), is what the planner
+    counts as executed (formulas.flops_per_token with recompute), and F / (n·X) is the iteration time the
+    published TFLOP/s implies; the planner's prediction of the published layout lies within BAND of it."""
+    s, V, B, l, h = 2048, 51200, run.global_batch, run.n_layer, run.hidden
+    eq3 = 96 * B * s * l * h * h * (1 + s / (6 * h) + V / (16 * l * h))
+    assert B * s * flops_per_token(l, h, s, V, recompute=True) == pytest.approx(eq3, rel=1e-12)
+    implied = eq3 / (run.gpus * run.tflops_per_gpu * 1e12)
+    predicted = eq3 / (run.gpus * check(run, A100).predicted_tflops * 1e12)
+    assert 1 / (1 + BAND) <= predicted / implied <= 1 / (1 - BAND), (implied, predicted)
+
+
+@pytest.mark.parametrize("estimate", TRAINING_TIME_ESTIMATES, ids=lambda e: f"{e.params:.0e} params")
+def test_section_5_1_training_times_follow_eq4(estimate):
+    """Section 5.1's end-to-end training times (GPT-3: 300B tokens on 1024 GPUs at 140 TFLOP/s, about 34 days;
+    1T: 450B tokens on 3072 GPUs at 163 TFLOP/s, about 84 days) by eq. (4), 8·T·P / (n·X), and eq. (4)'s 8·P per
+    token is eq. (3)'s count to within its small terms (s/6h, V/16lh) for GPT-3."""
+    e = estimate
+    seconds = 8 * e.tokens * e.params / (e.gpus * e.tflops_per_gpu * 1e12)
+    assert seconds / 86400 == pytest.approx(e.days, abs=1.0)
+    per_token = flops_per_token(96, 12288, 2048, 51200, recompute=True)
+    assert per_token / (8 * 174.6e9) == pytest.approx(1.0, abs=0.06)
 
 
 # --- calibration ---------------------------------------------------------------------------------------------

@@ -1,6 +1,8 @@
 """Measured large-scale runs to check the planner against: Megatron-LM on DGX A100 80GB nodes
 (Selene), Narayanan et al. 2021, "Efficient Large-Scale Language Model Training on GPU Clusters Using
-Megatron-LM" (SC'21), as we recall them from the paper (docs/planner.md lists them with the caveat).
+Megatron-LM" (SC'21; arXiv:2104.04473), as we recall them from the paper (docs/planner.md lists them with the
+caveat). No copy of the paper is in the project: the places cited are sections, tables and figures; page
+numbers are not given because we could not check them.
 
 All use sequence length 2048, vocabulary 51,200, mixed precision, full activation recomputation and no
 ZeRO; the TFLOP/s count recomputation (the paper's eq. 3: 96·B·s·l·h²(1 + s/6h + V/16lh)). Table 2
@@ -29,6 +31,7 @@ class PublishedRun:
     global_batch: int
     tflops_per_gpu: float  # achieved, recompute counted
     micro_batch: int | None = None  # None: not published
+    aggregate_pflops: float | None = None  # Table 1's "achieved aggregate petaFLOP/s" column (GPUs x TFLOP/s)
 
     @property
     def name(self) -> str:
@@ -48,17 +51,18 @@ class PublishedRun:
 
 T1, T2 = "Table 1", "Table 2"
 MEGATRON_2021 = (
-    # Table 1: weak scaling, PTD-P
-    PublishedRun(T1, 1.7, 24, 2304, 24, 1, 1, 32, 512, 137),
-    PublishedRun(T1, 3.6, 30, 3072, 32, 2, 1, 64, 512, 138),
-    PublishedRun(T1, 7.5, 36, 4096, 32, 4, 1, 128, 512, 142),
-    PublishedRun(T1, 18.4, 40, 6144, 48, 8, 1, 256, 1024, 135),
-    PublishedRun(T1, 39.1, 48, 8192, 64, 8, 2, 512, 1536, 138),
-    PublishedRun(T1, 76.1, 60, 10240, 80, 8, 4, 1024, 1792, 140),
-    PublishedRun(T1, 145.6, 80, 12288, 96, 8, 8, 1536, 2304, 148),
-    PublishedRun(T1, 310.1, 96, 16384, 128, 8, 16, 1920, 2160, 155),
-    PublishedRun(T1, 529.6, 105, 20480, 128, 8, 35, 2520, 2520, 163),
-    PublishedRun(T1, 1008.0, 128, 25600, 160, 8, 64, 3072, 3072, 163),
+    # Table 1 (Section 5.1, "End-to-End Performance"): weak scaling, PTD-P; the last field is its aggregate
+    # petaFLOP/s column (the 1T row's 502 is also in the abstract: "502 petaFLOP/s on 3072 GPUs", 52% of peak)
+    PublishedRun(T1, 1.7, 24, 2304, 24, 1, 1, 32, 512, 137, aggregate_pflops=4.4),
+    PublishedRun(T1, 3.6, 30, 3072, 32, 2, 1, 64, 512, 138, aggregate_pflops=8.8),
+    PublishedRun(T1, 7.5, 36, 4096, 32, 4, 1, 128, 512, 142, aggregate_pflops=18.2),
+    PublishedRun(T1, 18.4, 40, 6144, 48, 8, 1, 256, 1024, 135, aggregate_pflops=34.6),
+    PublishedRun(T1, 39.1, 48, 8192, 64, 8, 2, 512, 1536, 138, aggregate_pflops=70.8),
+    PublishedRun(T1, 76.1, 60, 10240, 80, 8, 4, 1024, 1792, 140, aggregate_pflops=143.8),
+    PublishedRun(T1, 145.6, 80, 12288, 96, 8, 8, 1536, 2304, 148, aggregate_pflops=227.1),
+    PublishedRun(T1, 310.1, 96, 16384, 128, 8, 16, 1920, 2160, 155, aggregate_pflops=297.4),
+    PublishedRun(T1, 529.6, 105, 20480, 128, 8, 35, 2520, 2520, 163, aggregate_pflops=410.2),
+    PublishedRun(T1, 1008.0, 128, 25600, 160, 8, 64, 3072, 3072, 163, aggregate_pflops=502.0),
     # Table 2: PTD-P rows (model-parallel size 96 = tp8 x pp12 for GPT-3 175B, 280 = tp8 x pp35), micro-batch 1
     PublishedRun(T2, 174.6, 96, 12288, 96, 8, 12, 384, 1536, 153, 1),
     PublishedRun(T2, 174.6, 96, 12288, 96, 8, 12, 768, 1536, 149, 1),
@@ -71,6 +75,93 @@ MEGATRON_2021 = (
 # Section 5.1's estimate for GPT-3 175B on 1024 GPUs at batch 1536 (the issue's example): 140 TFLOP/s
 # per GPU, 34 days for 300B tokens. A derived figure with no layout given.
 GPT3_1024_TFLOPS = 140.0
+
+
+@dataclass(frozen=True)
+class TrainingTimeEstimate:
+    """Section 5.1's end-to-end estimates by its eq. (4), time ≈ 8·T·P / (n·X): T tokens, P parameters, n GPUs,
+    X TFLOP/s per GPU (8 = 6 FLOPs per parameter and token, plus 2 for the full recomputation's forward)."""
+
+    params: float
+    tokens: float
+    gpus: int
+    tflops_per_gpu: float
+    days: float  # as the paper states it
+
+
+TRAINING_TIME_ESTIMATES = (
+    TrainingTimeEstimate(175e9, 300e9, 1024, 140, 34),  # GPT-3: "about 34 days"
+    TrainingTimeEstimate(1e12, 450e9, 3072, 163, 84),  # the 1T model: "about 84 days"
+)
+
+
+# --- the paper's sweeps of parallel configurations (Section 5.4, "Comparison of Parallel Configurations") ------
+#
+# Each figure plots achieved TFLOP/s per GPU of five configurations of 64 A100 GPUs at a few global batch sizes.
+# What we hold is the ordering the paper reports, not the bar heights (we do not trust our recollection of those):
+# ``order`` is best first as the figure shows it; ``unimodal`` says the figure falls off on both sides of its best
+# configuration along the x-axis (Figure 13), otherwise the order is total. The model configurations are not given
+# in the captions as we recall them; the shapes below are the GPT shapes of the stated sizes with 32 layers
+# (162.2B: h = 20480, a = 128 gives 162.16B; 5.9B: h = 3840, a = 32 gives 5.87B) -- an assumption. All runs are
+# Megatron-LM 2021's space: no ZeRO, full recomputation, no sequence parallelism; micro-batch not stated (the
+# planner's fastest one that fits is used for every configuration).
+
+
+@dataclass(frozen=True)
+class PublishedSweep:
+    figure: str
+    section: str
+    shape: ModelShape
+    axes: tuple[str, str]  # which degrees the pairs give, e.g. ("pp", "tp"); the third is 1 or what is left
+    pairs: tuple[tuple[int, int], ...]  # along the figure's x-axis
+    batches: tuple[int, ...]
+    best: tuple[int, int]  # the paper's best pair at every batch size
+    shape_of_curve: str  # "unimodal": falls off on both sides of ``best`` along the x-axis; "monotone": in x order
+    gpus: int = 64
+
+    def degrees(self, pair: tuple[int, int]) -> tuple[int, int, int]:
+        """(tp, pp, dp) of a pair; the degree not on the axes fills the GPUs."""
+        given = dict(zip(self.axes, pair))
+        rest = self.gpus // (given.get("tp", 1) * given.get("pp", 1) * given.get("dp", 1))
+        missing = ({"tp", "pp", "dp"} - set(self.axes)).pop()
+        given[missing] = rest
+        return given["tp"], given["pp"], given["dp"]
+
+
+SHAPE_162B = ModelShape(32, 20480, 128, SEQ_LEN, VOCAB, name="162.2B")
+SHAPE_5_9B = ModelShape(32, 3840, 32, SEQ_LEN, VOCAB, name="5.9B")
+_PAIRS = ((2, 32), (4, 16), (8, 8), (16, 4), (32, 2))
+SWEEPS = (
+    # Figure 13 (Section 5.4.1, tensor versus pipeline parallelism): x = (pipeline, tensor) sizes, batch 32 and 128
+    # (as we recall); (8, 8) is best at both, falling off on either side: more tensor parallelism crosses nodes, more
+    # pipeline parallelism adds bubble.
+    PublishedSweep("Figure 13", "5.4.1", SHAPE_162B, ("pp", "tp"), _PAIRS, (32, 128), (8, 8), "unimodal"),
+    # Figure 14 (Section 5.4.2, pipeline versus data parallelism, tensor size 1): x = (pipeline, data) sizes; the
+    # throughput falls as the pipeline grows, at every batch size shown (32, 128, 512 as we recall).
+    PublishedSweep("Figure 14", "5.4.2", SHAPE_5_9B, ("pp", "dp"), _PAIRS, (32, 128, 512), (2, 32), "monotone"),
+    # Figure 15 (Section 5.4.3, tensor versus data parallelism, pipeline size 1): x = (tensor, data) sizes; the
+    # throughput falls as tensor parallelism grows (it crosses nodes at 16 and 32), at every batch size shown.
+    PublishedSweep("Figure 15", "5.4.3", SHAPE_5_9B, ("tp", "dp"), _PAIRS, (32, 128, 512), (2, 32), "monotone"),
+)
+
+
+def sweep_point(sweep: PublishedSweep, pair: tuple[int, int], batch: int, cluster):
+    """The planner's fastest prediction for one configuration of a sweep in Megatron-LM 2021's option space (over
+    the micro-batches that fit), or None when none fits. ``cluster``: a ClusterConfig of DGX A100 nodes."""
+    from dataclasses import replace
+
+    from trainer.analysis.planner.cluster import cluster_spec
+    from trainer.analysis.planner.layouts import Layout, divisors
+    from trainer.analysis.planner.predict import predict
+
+    tp, pp, dp = sweep.degrees(pair)
+    spec = cluster_spec(replace(cluster, nodes=sweep.gpus // cluster.gpus_per_node, engine="megatron"))
+    fitting = [
+        q
+        for micro in divisors(batch // dp)
+        if (q := predict(sweep.shape, Layout(tp, pp, dp, 0, micro, "full", False), batch, "bf16", spec)).fits
+    ]
+    return max(fitting, key=lambda q: q.tokens_per_s, default=None)
 
 
 @dataclass(frozen=True)
