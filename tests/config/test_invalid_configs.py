@@ -68,6 +68,7 @@ INVALID = [
     (["parallel.dp_sync=local_sgd", "parallel.outer_momentum=1"], 2, "parallel.outer_momentum"),
     (["parallel=auto", "parallel.tp=2"], 2, "parallel.tp"),  # auto chooses the degrees: one given contradicts it
     (["parallel=auto", "parallel.zero_stage=3"], 2, "parallel.zero_stage"),
+    (["parallel=auto", "parallel.tp=1"], 2, "parallel.tp"),  # named, so meant: contradicts auto at its default too
     (["parallel=auto", "parallel.objective=speed"], 2, "parallel.objective"),
     (["parallel.objective=memory"], 1, "parallel.objective"),  # only parallel=auto reads it
     (["parallel=auto", "parallel.cluster=tpu-v5"], 2, "parallel.cluster"),

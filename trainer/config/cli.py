@@ -54,6 +54,20 @@ def _jobs(overrides) -> list[list[str]]:
     return jobs
 
 
+def _check_auto_degrees(job: list[str], cfg: Any) -> None:
+    """A degree named on the command line beside parallel=auto contradicts it, even at its default value (which
+    ``validate_auto_degrees``, seeing only the composed config, cannot tell from an unset one)."""
+    from trainer.config.validate import AUTO_CHOSEN, auto_conflict
+
+    parallel = getattr(cfg, "parallel", None)
+    if not getattr(parallel, "auto", False):
+        return
+    for override in job:
+        key, _, value = override.lstrip("+~").partition("=")
+        if key.startswith("parallel.") and key.removeprefix("parallel.") in (*AUTO_CHOSEN, "dp_sync"):
+            raise auto_conflict(key, value)
+
+
 def _check_group_choice(override: str) -> None:
     key, _, value = override.partition("=")
     group = key.lstrip("+~")
@@ -145,7 +159,9 @@ def check_command_line(argv: list[str], config_name: str, check: Callable[[Any],
         for job in _jobs(_overrides(argv)):
             for override in job:
                 _check_group_choice(override)
-            check(compose(job, config_name))
+            cfg = compose(job, config_name)
+            _check_auto_degrees(job, cfg)
+            check(cfg)
     except BadInput as err:
         exit_bad_input(err)
 

@@ -5,6 +5,7 @@ line naming the key, its value and the fix. Also the batch math derived from a v
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from trainer.config.schema import (
     DP_SYNCS,
@@ -194,8 +195,11 @@ def validate_auto_degrees(p: ParallelConfig) -> None:
     default = ParallelConfig()
     for key in (*AUTO_CHOSEN, "dp_sync"):
         if getattr(p, key) != getattr(default, key):
-            fix = "parallel=auto chooses the layout; drop it, or name a layout instead of auto"
-            raise ConfigError(f"parallel.{key}", getattr(p, key), fix)
+            raise auto_conflict(f"parallel.{key}", getattr(p, key))
+
+
+def auto_conflict(key: str, value: Any) -> ConfigError:
+    return ConfigError(key, value, "parallel=auto chooses the layout; drop it, or name a layout instead of auto")
 
 
 def _validate_recompute(cfg: Config) -> None:
