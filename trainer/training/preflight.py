@@ -52,7 +52,9 @@ def predicted_bytes(cfg: Config, layout) -> float:
     from trainer.model.shape import ModelShape
 
     shape = ModelShape.from_config(cfg.model)
-    memory = memory_per_gpu(shape, layout, cfg.parallel.global_batch, cfg.parallel.precision, 0.0, 0.0)
+    p = cfg.parallel
+    # The trainer runs DeepSpeed's pipeline engine: its stages are cut by parallel.pipeline_partition.
+    memory = memory_per_gpu(shape, layout, p.global_batch, p.precision, 0.0, 0.0, partition=p.pipeline_partition)
     return memory.total
 
 
