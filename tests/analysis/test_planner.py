@@ -519,3 +519,20 @@ def test_cpu_ranks_at_zero3_count_no_allocator_slack():
         memory = predict(TINY, _layout(1, 1, 4, zero, 2), 8, "fp32", spec).memory
         allocated = memory.total - memory.margin
         assert memory.margin == pytest.approx(spec.reserved_bytes + slack * allocated)
+
+
+@pytest.mark.parametrize("partition", ["parameters", "uniform"])
+def test_the_printed_command_keeps_the_partition_it_was_planned_for(partition):
+    from io import StringIO
+
+    from rich.console import Console
+
+    from trainer.analysis.planner.report import print_command
+
+    cluster = cluster_spec(replace(compose_plan(["cluster=dgx-a100"]).cluster, nodes=16))
+    shape = ModelShape.from_config(compose_config(["model=gpt3-175b"])[0].model)
+    plan = make_plan(shape, cluster, 1536, "bf16", partition)
+    assert plan.ranked[0].layout.pp > 1  # a pipeline is planned: its stages depend on the partition
+    out = StringIO()
+    print_command(Console(file=out, width=400), plan, ["model=gpt3-175b"])
+    assert ("parallel.pipeline_partition=uniform" in out.getvalue()) == (partition == "uniform")

@@ -36,6 +36,7 @@ class Plan:
     precision: str
     predictions: list[Prediction]  # ranked ones first, in rank order; then the rest
     excluded: list[str]
+    partition: str = "parameters"  # parallel.pipeline_partition the predictions assume
 
     @property
     def ranked(self) -> list[Prediction]:
@@ -76,7 +77,7 @@ def make_plan(
     method = partition_method(cluster.engine, partition)
     found = enumerate_layouts(shape, cluster.world, cluster.gpus_per_node, global_batch, method)
     predictions = [predict(shape, layout, global_batch, precision, cluster, partition) for layout in found.layouts]
-    return Plan(shape, cluster, global_batch, precision, rank(predictions), found.excluded)
+    return Plan(shape, cluster, global_batch, precision, rank(predictions), found.excluded, partition)
 
 
 def rank(predictions: list[Prediction]) -> list[Prediction]:

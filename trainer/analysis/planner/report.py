@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from trainer.analysis.planner.predict import Plan, Prediction, rejected_families
+from trainer.config.schema import ParallelConfig
 
 GB = 1e9
 COLUMNS = (
@@ -129,6 +130,8 @@ def print_command(out: Console, plan: Plan, model_overrides: list[str]) -> None:
         return
     best = ranked[0]
     overrides = model_overrides + best.layout.overrides(plan.global_batch, plan.precision)
+    if best.layout.pp > 1 and plan.partition != ParallelConfig.pipeline_partition:  # the stages it was planned for
+        overrides.append(f"parallel.pipeline_partition={plan.partition}")
     out.print(f"\nbest layout: {best.tokens_per_s:,.0f} tokens/s, {best.memory.total / GB:.1f} GB per GPU")
     out.print(launch_command(plan, overrides), soft_wrap=True)
 
