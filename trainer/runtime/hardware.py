@@ -10,12 +10,24 @@ from contextlib import contextmanager
 
 import torch
 
-# Dense peak FLOP/s per GPU from the vendors' data sheets (no sparsity).
+# Dense peak FLOP/s per GPU from NVIDIA's data sheets (no sparsity; fp32 without TF32), by the part of
+# ``torch.cuda.get_device_name`` that tells the variants apart. The first match wins, so the more specific
+# names come first: "NVIDIA H100 80GB HBM3" is the SXM part, "NVIDIA H100 PCIe" and "NVIDIA H100 NVL" are not.
+# The planner's clusters (conf/cluster/*.yaml) state the same numbers (tests/runtime/test_device_peaks.py).
 GPU_PEAK = {
-    "H200": {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12},
-    "H100": {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12},  # SXM
-    "A100": {"bf16": 312e12, "fp16": 312e12, "fp32": 19.5e12},
+    "H200 NVL": {"bf16": 835e12, "fp16": 835e12, "fp32": 60e12},
+    "H200": {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12},  # SXM (H100's compute, more and faster memory)
+    "H100 NVL": {"bf16": 835e12, "fp16": 835e12, "fp32": 60e12},
+    "H100 PCIE": {"bf16": 756e12, "fp16": 756e12, "fp32": 51e12},
+    "H100": {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12},  # SXM: "NVIDIA H100 80GB HBM3"
+    "A100": {"bf16": 312e12, "fp16": 312e12, "fp32": 19.5e12},  # 40 and 80 GB, SXM4 and PCIe alike
 }
+
+
+def gpu_peaks(device_name: str) -> dict[str, float] | None:
+    """The data-sheet peaks (precision -> FLOP/s) of a GPU by its name, or None for a GPU not in GPU_PEAK."""
+    name = device_name.upper().replace("-", " ")
+    return next((peaks for model, peaks in GPU_PEAK.items() if model in name), None)
 
 
 def measured_matmul_peak(dtype: torch.dtype = torch.float32, size: int = 1024, seconds: float = 0.5) -> float:
@@ -32,11 +44,8 @@ def measured_matmul_peak(dtype: torch.dtype = torch.float32, size: int = 1024, s
 def peak_flops(device: torch.device, precision: str) -> float:
     """Peak FLOP/s of one rank's device: the data sheet for known GPUs, a measurement otherwise."""
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for model, peaks in GPU_PEAK.items():
-            if model in name:
-                return peaks[precision]
-        return measured_on_gpu(device, precision)
+        peaks = gpu_peaks(torch.cuda.get_device_name(device))
+        return peaks[precision] if peaks else measured_on_gpu(device, precision)
     return measured_matmul_peak(torch.bfloat16 if precision == "bf16" else torch.float32)
 
 
