@@ -20,6 +20,7 @@ from trainer.runtime.env import world_size_from_env
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 EXIT_BAD_INPUT = 2
+FREE_FORM = "speed.deepspeed_extra"  # a dict whose keys the schema does not list
 
 
 def register() -> None:
@@ -134,6 +135,8 @@ def _check_known_keys(job: list[str], config_name: str) -> None:
         key, _, value = override.partition("=")
         key = key.lstrip("+~")
         if override in choices or key in keys:
+            continue
+        if key.startswith(f"{FREE_FORM}."):  # DeepSpeed's own keys, checked by validate (extra_problem)
             continue
         close = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
         hint = f"did you mean {close[0]}?" if close else "see the Configuration reference in README.md"

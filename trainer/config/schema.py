@@ -233,6 +233,32 @@ class LoggingConfig:
 
 
 @dataclass
+class SpeedConfig:
+    """Speed options: kernels and DeepSpeed settings that change how fast a step runs, not what it computes
+    (beyond the precision's rounding). "auto" is what a GPU run wants and leaves CPU runs as they were."""
+
+    # torch's fused AdamW kernel (one launch for every parameter): auto = fused on CUDA, torch's foreach
+    # AdamW on CPU (the parity tests' reference); true runs torch's fused CPU kernel too.
+    fused_adamw: str = "auto"  # auto | true | false
+    # ZeRO >= 1: reduce gradient buckets on a side stream while backward continues. auto = on for CUDA (what
+    # DeepSpeed users run), off on CPU (gloo has no streams to overlap on, and the planner assumes off).
+    overlap_comm: str = "auto"  # auto | true | false
+    # ZeRO >= 1: copy gradients into one contiguous buffer as they are reduced (DeepSpeed's default, fewer
+    # fragments); false saves that buffer's copy.
+    contiguous_gradients: bool = True
+    # torch.compile each transformer block (inductor; the first steps pay the compilation, tens of seconds).
+    compile: bool = False
+    # Attention through scaled_dot_product_attention's flash kernel: auto = required on CUDA with bf16/fp16
+    # (checked once at start, one line if this GPU or shape cannot run it), nothing on CPU or fp32; false lets
+    # torch choose a kernel per call.
+    flash_attention: str = "auto"  # auto | false
+    # Any other DeepSpeed setting, deep-merged into the generated config (ds_config.json), e.g.
+    # {zero_optimization: {offload_optimizer: {device: cpu}}}. Keys the trainer sets from its own keys are
+    # refused naming that key; unknown top-level keys are refused.
+    deepspeed_extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -240,6 +266,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    speed: SpeedConfig = field(default_factory=SpeedConfig)
 
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -247,6 +274,7 @@ HOST_HEAPS = ("auto", "lean", "glibc")
 DP_SYNCS = ("allreduce", "parameter_server", "local_sgd")
 OUTER_OPTIMIZERS = ("none", "nesterov")
 OBJECTIVES = ("throughput", "memory")
+SWITCHES = ("auto", "true", "false")  # speed.* keys that default to what the device wants
 
 
 def lean_heap(host_heap: str, on_cpu: bool, zero_stage: int) -> bool:

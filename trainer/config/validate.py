@@ -13,6 +13,7 @@ from trainer.config.schema import (
     OBJECTIVES,
     OUTER_OPTIMIZERS,
     PRECISIONS,
+    SWITCHES,
     BatchPlan,
     Config,
     ConfigError,
@@ -124,6 +125,7 @@ def validate(cfg: Config, world_size: int) -> BatchPlan:
     if not all(0 <= b < 1 for b in o.betas):
         raise ConfigError("optim.betas", list(o.betas), "each beta must be in [0, 1)")
     _validate_device(cfg)
+    _validate_speed(cfg)
     _validate_data(cfg)
     _validate_logging(cfg)
     return batch_plan(cfg, world_size)
@@ -221,6 +223,52 @@ def _validate_device(cfg: Config) -> None:
     on_gpu = has_cuda and device != "cpu"
     if precision == "bf16" and on_gpu and not torch.cuda.is_bf16_supported():
         raise ConfigError("parallel.precision", precision, "this GPU has no bf16; use fp16 or fp32")
+
+
+def _validate_speed(cfg: Config) -> None:
+    """speed.*: the switches, what compile and flash attention run with, and the DeepSpeed passthrough."""
+    import torch
+
+    from trainer.runtime.ds_config import extra_problem
+
+    s, p = cfg.speed, cfg.parallel
+    for key in ("fused_adamw", "overlap_comm", "flash_attention"):
+        if str(getattr(s, key)).lower() not in SWITCHES:
+            raise ConfigError(f"speed.{key}", getattr(s, key), f"must be one of {', '.join(SWITCHES)}")
+    if s.compile and (p.tp > 1 or p.pp > 1 or p.zero_stage == 3):
+        fix = "torch.compile of the blocks is checked at tp=1, pp=1 and ZeRO <= 2 only; set speed.compile=false"
+        raise ConfigError("speed.compile", True, fix)
+    cuda = torch.cuda.is_available() and cfg.train.device != "cpu"
+    if str(s.flash_attention).lower() == "true" and not (cuda and p.precision in ("bf16", "fp16")):
+        raise ConfigError("speed.flash_attention", True, "flash needs a CUDA device and bf16/fp16; use auto or false")
+    _probe_flash(cfg, cuda)
+    problem = extra_problem(dict(s.deepspeed_extra)) if s.deepspeed_extra else None
+    if problem:
+        raise ConfigError(f"speed.deepspeed_extra.{problem[0]}", _at(s.deepspeed_extra, problem[0]), problem[1])
+
+
+def _at(tree, dotted: str):
+    for key in dotted.split("."):
+        tree = tree[key]
+    return tree
+
+
+def _probe_flash(cfg: Config, cuda: bool) -> None:
+    """Where flash attention is required, run it once on this rank's GPU at the model's attention shape."""
+    from trainer.runtime.speed import flash_required, probe_flash
+
+    m, p = cfg.model, cfg.parallel
+    if not flash_required(cfg.speed, p.precision, cuda):
+        return
+    import torch
+
+    shape = ModelShape.from_config(m)
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    dtype = torch.bfloat16 if p.precision == "bf16" else torch.float16
+    reason = probe_flash(device, dtype, m.n_head // p.tp, shape.kv_heads // p.tp, shape.head_dim, m.dropout)
+    if reason:
+        fix = f"the flash kernel cannot run head size {shape.head_dim} here ({reason}); set speed.flash_attention=false"
+        raise ConfigError("speed.flash_attention", cfg.speed.flash_attention, fix)
 
 
 def _validate_architecture(m) -> None:

@@ -27,6 +27,7 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
 from trainer.model.kv_cache import KVCache
@@ -61,6 +62,8 @@ class CausalSelfAttention(nn.Module):
         self.dropout = shape.dropout
         self.resid_drop = nn.Dropout(shape.dropout)
         self.recompute_attention = recompute_attention  # selective recompute of the attention core
+        # SDPA kernels training attention may use (trainer.runtime.speed.use_flash); None = torch chooses.
+        self.sdpa_backends: list | None = None
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         """x (B, T, h) -> (B, T, h). With a ``cache`` the T tokens sit at positions cache.length.. and attend
@@ -86,17 +89,21 @@ class CausalSelfAttention(nn.Module):
         if self.recompute_attention and self.training and torch.is_grad_enabled():
             # Only q, k, v are kept; the (B, nh, T, T) scores, probabilities and dropout mask -- the
             # 5as/h term of the activations -- are recomputed in backward.
-            return checkpoint(_attention, q, k, v, dropout_p, use_reentrant=False)
-        return _attention(q, k, v, dropout_p)
+            return checkpoint(_attention, q, k, v, dropout_p, self.sdpa_backends, use_reentrant=False)
+        return _attention(q, k, v, dropout_p, self.sdpa_backends)
 
 
-def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> torch.Tensor:
+def _attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float, backends: list | None = None
+) -> torch.Tensor:
     # Flash / memory-efficient kernels on GPU, the math kernel on CPU. Query head i attends with key/value
     # head i // (nh / nkv) (grouped-query attention); fewer key/value heads are not copied out first.
     gqa = q.shape[1] != k.shape[1]
     Tq, Tk = q.shape[2], k.shape[2]
     if Tq == Tk or Tq == 1:  # training and a cache's prefill: causal; one new token sees every cached one
-        return F.scaled_dot_product_attention(q, k, v, is_causal=Tq > 1, dropout_p=dropout_p, enable_gqa=gqa)
+        # ``backends`` pins the kernel (flash on GPUs): a call it cannot run fails rather than falls back.
+        with sdpa_kernel(backends) if backends else nullcontext():
+            return F.scaled_dot_product_attention(q, k, v, is_causal=Tq > 1, dropout_p=dropout_p, enable_gqa=gqa)
     # Several new tokens after cached ones: query i sits at position Tk - Tq + i.
     mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(Tk - Tq)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, enable_gqa=gqa)

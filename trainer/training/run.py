@@ -137,10 +137,12 @@ def run(cfg: Config, cfg_node: DictConfig, plan: BatchPlan, run_dir: Path) -> No
 
     inputs = check_inputs(cfg, plan, run_dir)  # everything that can be refused, before the process group
     device, rank, world, mesh = start_ranks(cfg, inputs, run_dir)
-    ds_dict, mpu = engine_extras(cfg, mesh, ds_config(cfg, plan))
+    ds_dict, mpu = engine_extras(cfg, mesh, ds_config(cfg, plan, cuda=device.type == "cuda"))
     built = build_parallel_model(cfg, mesh, device, ds_dict)
+    speed = apply_speed(cfg, built.model, device, ds_dict)
     console = Console(rank == 0, cfg.train.steps, cfg.logging.progress)
     console.print(describe(cfg, plan, built, inputs.dims, world, run_dir))
+    console.print(speed)
     if cfg.train.sample_prompts and inputs.samples is None:
         console.print(skip_reason(cfg))
     if rank == 0:
@@ -191,6 +193,24 @@ def run(cfg: Config, cfg_node: DictConfig, plan: BatchPlan, run_dir: Path) -> No
         metrics.close()
     finish(result, run_dir, rank == 0, console, RUN_FILES)
     shutdown()
+
+
+def apply_speed(cfg: Config, model, device, ds_dict: dict) -> str:
+    """speed.flash_attention and speed.compile on the built model (or this rank's pipeline stage); one line
+    saying what every speed option resolved to."""
+    from trainer.runtime.speed import compile_blocks, flash_required, use_flash
+
+    flash = flash_required(cfg.speed, cfg.parallel.precision, device.type == "cuda")
+    if flash:
+        use_flash(model)  # validation ran the kernel once at this shape
+    compiled = compile_blocks(model) if cfg.speed.compile else 0
+    zero = ds_dict["zero_optimization"]
+    on = lambda value: "on" if value else "off"  # noqa: E731
+    overlap = f"overlap_comm {on(zero.get('overlap_comm'))}" if zero["stage"] else "no ZeRO"
+    return (
+        f"speed: fused AdamW {on(ds_dict['optimizer']['params'].get('fused'))}, {overlap}, "
+        f"flash attention {'required' if flash else 'as torch chooses'}, compiled blocks {compiled}"
+    )
 
 
 def log_checkpoint_io(step: int, kind: str, mine: dict, metrics, console) -> None:
