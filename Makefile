@@ -10,12 +10,26 @@ export HF_HUB_OFFLINE := $(HUB_OFFLINE)
 export HF_DATASETS_OFFLINE := $(HUB_OFFLINE)
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: train test test-fast prepare lint clean
+.PHONY: train test test-fast prepare lint clean gpu-venv
 
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check -c requirements.lock -e '.[dev]'
 	touch $(STAMP)
+
+## The same venv on a GPU machine: the pinned torch version's CUDA build first (PyPI's Linux wheel is built
+## with CUDA and brings its CUDA libraries; TORCH_INDEX picks another index, e.g. https://download.pytorch.org/whl/cu128),
+## then everything else as for `make test`. Fails unless torch then sees a GPU.
+TORCH_PIN   := $(shell sed -n 's/.*"torch==\([^"]*\)".*/\1/p' pyproject.toml)
+TORCH_INDEX ?= https://pypi.org/simple
+gpu-venv:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check --force-reinstall --index-url $(TORCH_INDEX) \
+		-c requirements.lock "torch==$(TORCH_PIN)"
+	$(BIN)/pip install --quiet --disable-pip-version-check -c requirements.lock -e '.[dev]'
+	touch $(STAMP)
+	$(BIN)/python -c "import torch; assert torch.cuda.is_available(), 'torch ' + torch.__version__ + ' sees no GPU'; \
+		print('torch', torch.__version__, 'CUDA', torch.version.cuda, torch.cuda.get_device_name(0))"
 
 ## Prepare the embedded default corpus (Python standard library sources) and its tokenizer;
 ## PREPARE_ARGS: overrides, e.g. PREPARE_ARGS='data=hub-stream data.hub_name=roneneldan/TinyStories'.
