@@ -28,8 +28,7 @@ if [[ $TINY == 1 ]]; then
   HF_STEPS=5
 else
   # micro-batch 2 x accumulation 4: 16,384 tokens a step; the planner predicts ~57 GB on one GPU (ZeRO-0)
-  # the vocabulary padded to 50304 rows as Megatron-LM pads it (docs/gpu.md: why that is not the default)
-  MODEL=(model=gpt3-1.3b model.seq_len=2048 model.make_vocab_size_divisible_by=128 parallel.precision=bf16 train.device=cuda)
+  MODEL=(model=gpt3-1.3b model.seq_len=2048 parallel.precision=bf16 train.device=cuda)
   BATCH=(parallel.micro_batch=2 parallel.global_batch=8 train.steps=40 train.log_interval=5)
   HF_STEPS=30
 fi

@@ -1,7 +1,8 @@
 """Vocab-parallel cross entropy against F.cross_entropy on the gathered logits.
 
-With a padded vocabulary the padding columns are ordinary softmax entries (Megatron-LM's choice):
-they belong to the padded embedding, no target names them, and they receive gradient softmax_v.
+Given finite logits in the padding columns the function treats them as ordinary softmax entries (Megatron-LM's
+choice); the model's heads hand it -inf there (trainer.model.layers.mask_padding), which leaves padding out of the
+loss, even on a shard of padding only.
 """
 
 from __future__ import annotations
@@ -68,3 +69,35 @@ def _check_cross_entropy(rank: int, world: int) -> None:
 @pytest.mark.parametrize("tp", [2, 4])
 def test_vocab_parallel_cross_entropy_matches_dense(tp):
     run_ranks(_check_cross_entropy, tp)
+
+
+def _check_masked_padding(rank: int, world: int) -> None:
+    """60 real rows padded to 128 over 4 ranks: shards 2 and 3 are all padding. The loss and gradient are the
+    unpadded softmax's; the padding gets no gradient and nothing turns NaN."""
+    from trainer.model.layers import mask_padding
+
+    vocab, padded = 60, padded_vocab(60, world, 32)
+    gen = torch.Generator().manual_seed(1)
+    full = 4 * torch.randn(B, T, padded, generator=gen)
+    targets = torch.randint(0, vocab, (B, T), generator=gen)
+    ref_in = full[..., :vocab].clone().requires_grad_()
+    ref = F.cross_entropy(ref_in.flatten(0, 1), targets.flatten(), reduction="none").view(B, T)
+    ref.mean().backward()
+
+    head = torch.nn.Module()
+    head.real_vocab = vocab
+    shard = full.chunk(world, -1)[rank].clone().requires_grad_()
+    local = padded // world
+    masked = mask_padding(shard.clone(), head, rank * local)
+    per_token = vocab_parallel_cross_entropy(masked, targets, dist.group.WORLD, CommStats())
+    torch.testing.assert_close(per_token, ref.detach(), **CLOSE)
+    per_token.mean().backward()
+    want = torch.zeros_like(shard)
+    real = max(0, min(local, vocab - rank * local))
+    want[..., :real] = ref_in.grad[..., rank * local : rank * local + real]
+    torch.testing.assert_close(shard.grad, want, **CLOSE)
+
+
+@pytest.mark.multiproc
+def test_masked_padding_is_out_of_the_vocab_parallel_loss():
+    run_ranks(_check_masked_padding, 4)

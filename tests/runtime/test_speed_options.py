@@ -149,6 +149,27 @@ def test_compile_blocks_keeps_the_modules_and_their_parameters():
     assert [name for name, _ in model.named_parameters()] == names  # checkpoints and DeepSpeed see the same
 
 
+def test_padding_rows_are_in_no_softmax():
+    """model.make_vocab_size_divisible_by=128 pads 300 rows to 384: the padded model's logits of the padding are
+    -inf, its loss and gradients those of the unpadded model with the same rows, the padding's gradient zero."""
+    from trainer.model.shape import padded_vocab
+
+    shape = ModelShape(n_layer=2, n_embd=32, n_head=2, seq_len=16, vocab_size=300, vocab_multiple=128)
+    padded, plain = GPT(shape.padded(), seed=1), GPT(shape, seed=1)
+    assert padded.wte.weight.shape[0] == padded_vocab(300, 1, 128) == 384 and plain.wte.weight.shape[0] == 300
+    with torch.no_grad():  # the padded model's first 300 rows are the plain model's
+        plain.wte.weight.copy_(padded.wte.weight[:300])
+    idx = torch.randint(0, 300, (2, 17), generator=torch.Generator().manual_seed(0))
+    assert torch.isneginf(padded(idx[:, :-1])[..., 300:]).all()
+    losses = [model(idx[:, :-1], idx[:, 1:]) for model in (padded, plain)]
+    for loss in losses:
+        loss.backward()
+    assert math.isclose(losses[0].item(), losses[1].item(), rel_tol=1e-6)
+    assert torch.allclose(padded.wte.weight.grad[:300], plain.wte.weight.grad, atol=1e-7)
+    assert torch.all(padded.wte.weight.grad[300:] == 0)
+    assert shape.padded().unpadded_params() == shape.unpadded_params() == shape.params() - 84 * 32
+
+
 # --- each option on vs off, through the trainer (fp32, one process) -----------------------------------------
 
 

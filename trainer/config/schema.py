@@ -34,9 +34,10 @@ class ModelConfig:
     seq_len: int = MISSING  # context length = number of learned position embeddings
     vocab_size: int = MISSING  # embedding rows before padding; the tokenizer's vocabulary must fit in it
     dropout: float = 0.0  # on attention probabilities, residual branches and embeddings
-    # Pad the embedding to a multiple of this times tp, as Megatron does, for fast matmuls. 1 pads only
-    # to a multiple of tp (not at all at tp=1), so the built model matches the analytic parameter count.
-    make_vocab_size_divisible_by: int = 1
+    # Pad the embedding to a multiple of this times tp, as Megatron does (its default, 128): the output head's
+    # matmul then runs on aligned tiles (GPT-2's 50257 rows become 50304). Padding rows get -inf logits (in no
+    # softmax, loss or argmax) and are left out of Hugging Face exports; 1 pads only to a multiple of tp.
+    make_vocab_size_divisible_by: int = 128
     # Architecture (trainer.model.shape): the defaults are GPT-2's; Llama-style models set all of these.
     n_kv_head: int | None = None  # key/value heads: None = n_head; fewer = grouped-query, 1 = multi-query
     ffn_hidden: int | None = None  # MLP inner size; None = 4·n_embd (gelu), 8·n_embd/3 up to 256·k (swiglu)

@@ -311,7 +311,9 @@ def evaluate(cfg: EvaluateConfig, data_overrides: list, log=print) -> Evaluation
         raise BadInput(f"the tokenizer has {prepared.vocab_size} tokens, the model only {loaded.shape.vocab_size}")
     on_gpu = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
     device = torch.device("cuda" if on_gpu else "cpu")
-    model = with_vocab_padding(loaded).to(device)
+    # Padding rows a checkpoint may hold are in no softmax (trainer.model.layers.mask_padding): the loaded model,
+    # which drops them, computes the loss the trainer logged.
+    model = loaded.model.to(device)
     loss = mean_loss(model, tokens, indices, seq_len, micro_batch, device)
     return Evaluation(
         loss=loss,
@@ -372,30 +374,6 @@ def _sample_indices(num_samples: int, seq_len: int, global_batch: int, eval_batc
     return np.arange(eval_batches * global_batch) % num_samples
 
 
-def with_vocab_padding(loaded):
-    """The loaded model with the vocabulary rows its checkpoint holds: a tensor-parallel layout pads the
-    vocabulary, and those rows were in the softmax of every loss the trainer logged."""
-    from trainer.checkpoint import sharded
-    from trainer.model import GPT
-
-    if loaded.step_dir is None:
-        return loaded.model
-    rows = sharded.saved_shapes(loaded.step_dir)[sharded.key("model", "wte.weight")][1][0]
-    if rows == loaded.shape.vocab_size:
-        return loaded.model
-    shape = replace(loaded.shape, vocab_size=rows, vocab_multiple=1)
-    with torch.device("meta"):
-        model = GPT(shape)
-    model.to_empty(device="cpu")
-    state = loaded.model.state_dict()
-    for name in ("wte.weight", "lm_head.weight"):
-        if name in state:
-            state[name] = sharded.read_tensor(loaded.step_dir, "model", name)
-    model.load_state_dict(state)
-    return model.to(dtype=loaded.model.wte.weight.dtype).eval()
-
-
-@torch.no_grad()
 def mean_loss(model, tokens, indices, seq_len: int, micro_batch: int, device) -> float:
     """Mean cross entropy over every target token of the samples ``indices``, in micro-batches."""
     from trainer.data.stream import make_batch

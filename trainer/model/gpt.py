@@ -31,7 +31,7 @@ from torch.nn.attention import sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
 from trainer.model.kv_cache import KVCache
-from trainer.model.layers import NORM_TYPES, DenseLayers, LayerProvider
+from trainer.model.layers import NORM_TYPES, DenseLayers, LayerProvider, mark_padding
 from trainer.model.shape import RECOMPUTE, ModelShape
 
 
@@ -182,6 +182,7 @@ class GPT(nn.Module):
         self.recompute, self.checkpoint_every = recompute, checkpoint_every
         self.layers = layers or DenseLayers()
         self.wte = self.layers.embedding(shape.vocab_size, shape.n_embd)
+        mark_padding(self.wte, shape.real_vocab)
         if shape.position == "learned":
             self.wpe = nn.Embedding(shape.seq_len, shape.n_embd)
         self.drop = nn.Dropout(shape.dropout)
@@ -190,6 +191,7 @@ class GPT(nn.Module):
         self.ln_f = make_norm(shape)
         if not shape.tie_embeddings:
             self.lm_head = self.layers.head(shape.vocab_size, shape.n_embd)
+            mark_padding(self.lm_head, shape.real_vocab)
         if seed is not None and self.wte.weight.device.type != "meta":
             self.init_weights(seed)
 

@@ -48,6 +48,21 @@ class LayerProvider(Protocol):
         """Mean token loss over logits as returned by ``lm_logits``."""
 
 
+def mark_padding(head: nn.Module, real_vocab: int) -> None:
+    """Tell an output head (the tied embedding or ``lm_head``) where its padding rows start (0: none)."""
+    head.real_vocab = real_vocab
+
+
+def mask_padding(logits: torch.Tensor, head: nn.Module, start: int = 0) -> torch.Tensor:
+    """Logits of the vocabulary's padding rows set to -inf in place (``logits`` hold vocabulary entries
+    start.. of the head ``mark_padding`` marked): padding is in no softmax, loss or argmax, so a padded model
+    computes what its unpadded Hugging Face export computes, at any tp. Their gradient is zero."""
+    real = getattr(head, "real_vocab", 0)
+    if real and start + logits.shape[-1] > real:
+        logits[..., max(real - start, 0) :] = float("-inf")
+    return logits
+
+
 class DenseLayers:
     """Single-device layers: plain ``nn.Embedding`` / ``nn.Linear`` and ``F.cross_entropy``."""
 
@@ -72,7 +87,7 @@ class DenseLayers:
         return x
 
     def lm_logits(self, x: torch.Tensor, head: nn.Module) -> torch.Tensor:
-        return F.linear(x, head.weight)  # (B, T, V)
+        return mask_padding(F.linear(x, head.weight), head)  # (B, T, V)
 
     def cross_entropy(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())

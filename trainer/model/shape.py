@@ -118,6 +118,9 @@ class ModelShape:
     rope_theta: float = 10000.0
     bias: bool = True  # biases in every linear layer and LayerNorm
     tie_embeddings: bool = True  # the output head is the token embedding
+    # The vocabulary before ``padded`` added rows (0: no padding): logits of rows from here on are -inf, so
+    # padding stays out of the softmax and of any argmax (trainer.model.layers.mask_padding).
+    real_vocab: int = 0
 
     @classmethod
     def from_config(cls, model: Any) -> ModelShape:
@@ -165,8 +168,15 @@ class ModelShape:
         return padded_vocab(self.vocab_size, tp, self.vocab_multiple)
 
     def padded(self, tp: int = 1) -> ModelShape:
-        """The shape a layout of tensor-parallel degree ``tp`` builds: the vocabulary padded for it."""
-        return replace(self, vocab_size=self.padded_vocab(tp), vocab_multiple=1)
+        """The shape a layout of tensor-parallel degree ``tp`` builds: the vocabulary padded for it (the rows
+        before the padding kept as ``real_vocab``)."""
+        real = self.real_vocab or self.vocab_size
+        return replace(self, vocab_size=self.padded_vocab(tp), vocab_multiple=1, real_vocab=real)
+
+    def unpadded_params(self) -> int:
+        """The whole model with its vocabulary as given, no padding rows: what papers and Hugging Face count
+        (``params`` adds the (padded V - V)·h rows of ``model.make_vocab_size_divisible_by``)."""
+        return int(replace(self, vocab_size=self.real_vocab or self.vocab_size).rank_params())
 
     def block_weights(self) -> int:
         """Elements of one block's weight matrices (the matmul work per token): QKV (a+2k)·d·h, the attention

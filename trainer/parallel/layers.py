@@ -25,7 +25,7 @@ from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.utils.hooks import RemovableHandle
 
-from trainer.model.layers import NORM_TYPES
+from trainer.model.layers import NORM_TYPES, mask_padding
 from trainer.parallel.loss import vocab_parallel_cross_entropy
 from trainer.parallel.mappings import (
     CommStats,
@@ -245,7 +245,8 @@ class TensorParallelLayers:
         A column-parallel product: each rank's dx covers only its vocabulary slice, so x enters
         through ``copy_to_tp`` and backward sums them.
         """
-        return F.linear(copy_to_tp(x, self.group, self.stats), head.weight)
+        logits = F.linear(copy_to_tp(x, self.group, self.stats), head.weight)
+        return mask_padding(logits, head, group_rank(self.group) * logits.shape[-1])
 
     def cross_entropy(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return vocab_parallel_cross_entropy(logits, targets, self.group, self.stats).mean()

@@ -11,8 +11,9 @@ exponentials (SUM). No rank ever holds more than its (B, T, V/tp) shard. Backwar
 
     dloss/dz_v = softmax(z)_v - [v == t]
 
-Padding rows of the embedding (``trainer.model.shape.padded_vocab``) are ordinary vocabulary entries here, as in
-Megatron-LM: they stay in the softmax, and since no target names them their logits are pushed down.
+Padding rows of the embedding (``trainer.model.shape.padded_vocab``) arrive with -inf logits (``lm_logits`` masks
+them, ``trainer.model.layers.mask_padding``): they are in no softmax, so the loss is the unpadded model's at any tp.
+A shard of padding only contributes a max of -inf and no exponentials.
 """
 
 from __future__ import annotations

@@ -47,7 +47,7 @@ from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 from torch import nn
 
 from trainer.model.gpt import Block, ModelShape, embed, init_weights, make_norm
-from trainer.model.layers import LayerProvider
+from trainer.model.layers import LayerProvider, mark_padding
 from trainer.parallel.dims import ParallelDims
 from trainer.parallel.grad_norm import local_grad_squares
 from trainer.runtime.compat import check_tied_weight_sync, replace_fp32_clipping
@@ -70,6 +70,7 @@ class GPTEmbedding(nn.Module):
         super().__init__()
         self.layers = layers  # a plain object, not a module: holds the tp group, not parameters
         self.wte = layers.embedding(shape.vocab_size, shape.n_embd)
+        mark_padding(self.wte, shape.real_vocab)
         if position and shape.position == "learned":
             self.wpe = nn.Embedding(shape.seq_len, shape.n_embd)
         self.drop = nn.Dropout(shape.dropout)
@@ -91,6 +92,7 @@ class OutputHead(nn.Module):
         super().__init__()
         self.layers = layers
         self.lm_head = layers.head(shape.vocab_size, shape.n_embd)
+        mark_padding(self.lm_head, shape.real_vocab)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layers.lm_logits(x, self.lm_head)
