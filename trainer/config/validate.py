@@ -19,7 +19,7 @@ from trainer.config.schema import (
     ConfigError,
     ParallelConfig,
 )
-from trainer.model.shape import MLPS, NORMS, POSITIONS, RECOMPUTE, ModelShape
+from trainer.model.shape import MLPS, NORMS, PIPELINE_PARTITIONS, POSITIONS, RECOMPUTE, ModelShape
 
 
 def batch_plan(cfg: Config, world_size: int) -> BatchPlan:
@@ -139,8 +139,9 @@ def _validate_pipeline(cfg: Config) -> None:
         raise ConfigError(
             "parallel.zero_stage", p.zero_stage, "DeepSpeed's pipeline engine supports ZeRO 0 or 1; use zero_stage<=1"
         )
-    if p.pipeline_partition not in ("parameters", "uniform"):
-        raise ConfigError("parallel.pipeline_partition", p.pipeline_partition, "must be parameters or uniform")
+    if p.pipeline_partition not in PIPELINE_PARTITIONS:
+        fix = f"must be one of {', '.join(PIPELINE_PARTITIONS)}"
+        raise ConfigError("parallel.pipeline_partition", p.pipeline_partition, fix)
     if p.activation_checkpoint_interval < 0:
         raise ConfigError("parallel.activation_checkpoint_interval", p.activation_checkpoint_interval, "must be >= 0")
 

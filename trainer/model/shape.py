@@ -51,7 +51,8 @@ def padded_vocab(vocab_size: int, tp: int, multiple: int = 1) -> int:
 # ``PipelineModule(partition_method=...)`` (the trainer's ``parallel.pipeline_partition``; "parameters" is its
 # default); "even" is Megatron-LM's: l/p blocks per stage, the embedding on the first, the final norm and head on
 # the last (p must divide l).
-PARTITIONS = ("parameters", "uniform", "even")
+PIPELINE_PARTITIONS = ("parameters", "uniform")  # what parallel.pipeline_partition accepts
+STAGE_CUTS = (*PIPELINE_PARTITIONS, "even")
 
 
 def partition_uniform(num_items: int, num_parts: int) -> list[int]:
@@ -257,7 +258,7 @@ class ModelShape:
             return partition_uniform(l + 3, pp)
         if method == "parameters":
             return list(_balanced(tuple(self.layer_params(tp)), pp))
-        raise ValueError(f"partition method {method!r}: must be one of {PARTITIONS}")
+        raise ValueError(f"partition method {method!r}: must be one of {STAGE_CUTS}")
 
     def stages(self, tp: int, pp: int, method: str = "parameters") -> list[range]:
         """Each stage's pipeline positions (``stage_bounds`` as ranges)."""

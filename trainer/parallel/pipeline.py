@@ -48,13 +48,13 @@ from torch import nn
 
 from trainer.model.gpt import Block, ModelShape, embed, init_weights, make_norm
 from trainer.model.layers import LayerProvider, mark_padding
+from trainer.model.shape import PIPELINE_PARTITIONS
 from trainer.parallel.dims import ParallelDims
 from trainer.parallel.grad_norm import local_grad_squares
 from trainer.runtime.compat import check_tied_weight_sync, replace_fp32_clipping
 
 TIED_KEY = "embed"
 TIED_PREFIX = f"tied_modules.{TIED_KEY}."  # PipelineModule registers tied modules under this path
-PARTITION_METHODS = ("parameters", "uniform")
 
 
 class GPTEmbedding(nn.Module):
@@ -178,8 +178,8 @@ def build_pipeline_module(
         would cut the gradient to a first layer whose input, the ids, cannot require grad). 0 = off.
     recompute_attention: every ``Block`` recomputes its attention core in backward (selective recompute).
     """
-    if partition_method not in PARTITION_METHODS:
-        raise ValueError(f"partition_method={partition_method!r}: must be one of {PARTITION_METHODS}")
+    if partition_method not in PIPELINE_PARTITIONS:
+        raise ValueError(f"partition_method={partition_method!r}: must be one of {PIPELINE_PARTITIONS}")
     if activation_checkpoint_interval < 0:
         raise ValueError(f"activation_checkpoint_interval={activation_checkpoint_interval}: must be >= 0")
     if layers.tp_size != dims.tp:

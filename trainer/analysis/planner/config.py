@@ -11,9 +11,10 @@ from dataclasses import dataclass, field
 
 from omegaconf import MISSING
 
-from trainer.analysis.planner.stages import ENGINES, PARTITIONS
+from trainer.analysis.planner.stages import ENGINES
 from trainer.config.schema import ConfigError, ModelConfig, ParallelConfig
 from trainer.config.validate import _validate_architecture
+from trainer.model.shape import PIPELINE_PARTITIONS
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
@@ -145,8 +146,8 @@ def validate_plan(cfg: PlanConfig) -> None:
         raise ConfigError("parallel.precision", chosen, f"cluster {cfg.cluster.name} has no {chosen} peak; use bf16")
     if chosen == "fp16" and cfg.cluster.measure:
         raise ConfigError("parallel.precision", chosen, "fp16 needs a GPU; use bf16 or fp32 on cpu-local")
-    if cfg.parallel.pipeline_partition not in PARTITIONS:
-        choices = ", ".join(PARTITIONS)
+    if cfg.parallel.pipeline_partition not in PIPELINE_PARTITIONS:
+        choices = ", ".join(PIPELINE_PARTITIONS)
         raise ConfigError("parallel.pipeline_partition", cfg.parallel.pipeline_partition, f"must be one of {choices}")
     if global_batch(cfg) < 1:
         raise ConfigError("parallel.global_batch", global_batch(cfg), "must be >= 1")

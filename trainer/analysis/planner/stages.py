@@ -22,10 +22,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
-from trainer.model.shape import ModelShape
+from trainer.model.shape import PIPELINE_PARTITIONS, ModelShape
 
 ENGINES = ("deepspeed", "megatron")
-PARTITIONS = ("parameters", "uniform")  # the trainer's parallel.pipeline_partition
 
 
 @dataclass(frozen=True)
@@ -47,8 +46,8 @@ def partition_method(engine: str, partition: str = "parameters") -> str:
         return "even"
     if engine != "deepspeed":
         raise ValueError(f"engine {engine!r}: must be one of {ENGINES}")
-    if partition not in PARTITIONS:
-        raise ValueError(f"pipeline_partition {partition!r}: must be one of {PARTITIONS}")
+    if partition not in PIPELINE_PARTITIONS:
+        raise ValueError(f"pipeline_partition {partition!r}: must be one of {PIPELINE_PARTITIONS}")
     return partition
 
 
