@@ -3,6 +3,7 @@ trainer run beside the planner's prediction for its layout and Hugging Face's GP
 
     python benchmarks/gpu_check.py env
     python benchmarks/gpu_check.py report RUN_DIR [--hf-steps 30] [--out FILE.json]
+    python benchmarks/gpu_check.py numbers RUN_DIR BASELINE_DIR --label TEXT   # one table row, vs the baseline
 
 ``report`` reads the run's resolved config and metrics.jsonl (tokens/s and MFU: the median of the logged steps
 after the first two; peak memory: the largest logged), asks ``python -m trainer.plan`` for the same layout on the
@@ -183,6 +184,12 @@ def report(run_dir: Path, hf_steps: int, out: Path | None) -> None:
         out.write_text(json.dumps({"environment": environment(), **result}, indent=2) + "\n")
 
 
+def numbers_row(run_dir: Path, baseline_dir: Path, label: str) -> str:
+    run, base = run_numbers(run_dir), run_numbers(baseline_dir)
+    ratio = run["tokens_per_s"] / base["tokens_per_s"]
+    return f"| {label} | {run['tokens_per_s']:,.0f} | {run['mfu']:.1%} | {run['peak_mem_gb']:.1f} | {ratio:.2f} |"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -191,9 +198,15 @@ def main() -> None:
     rep.add_argument("run_dir", type=Path)
     rep.add_argument("--hf-steps", type=int, default=30)
     rep.add_argument("--out", type=Path)
+    row = sub.add_parser("numbers")
+    row.add_argument("run_dir", type=Path)
+    row.add_argument("baseline_dir", type=Path)
+    row.add_argument("--label", required=True)
     args = parser.parse_args()
     if args.command == "env":
         print(environment())
+    elif args.command == "numbers":
+        print(numbers_row(args.run_dir, args.baseline_dir, args.label))
     else:
         report(args.run_dir, args.hf_steps, args.out)
 

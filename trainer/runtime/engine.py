@@ -64,7 +64,8 @@ def init_distributed(device: torch.device, timeout_s: int) -> tuple[int, int]:
     # Ops DeepSpeed JIT-builds (fused optimizers on GPU) go to one cache per environment instead of
     # a shared one that every other environment invalidates.
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
-    skip_shm_comm_op()  # process-wide for the run (trainer.runtime.compat)
+    if device.type == "cpu":  # the op is the CPU accelerator's: CUDA's builders have no such op
+        skip_shm_comm_op()  # process-wide for the run (trainer.runtime.compat)
     backend = "nccl" if device.type == "cuda" else "gloo"
     timeout = timedelta(seconds=timeout_s)
     # The timeout given here covers the default group only; later groups take torch's module default.
