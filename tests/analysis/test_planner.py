@@ -82,6 +82,38 @@ def test_activations_per_layer_follow_korthikanti():
     assert layer_activation_bytes(GPT3, _layout(tp=1), "bf16") == pytest.approx(sbh * (34 + attn))
 
 
+def test_only_megatrons_attention_keeps_the_scores():
+    """This trainer's fused attention (scaled_dot_product_attention) keeps no s×s scores, so recompute "none"
+    needs what "selective" needs on its engine; Megatron-LM 2021's softmax keeps them: 5as/h·sbh/t per block."""
+    from trainer.analysis.planner.memory import memory_per_gpu
+    from trainer.analysis.planner.stages import keeps_attention_scores
+
+    per_block = 2048 * 12288 * (5 * 96 * 2048 / 12288) / 8
+    for engine, extra in (("deepspeed", 0.0), ("megatron", GPT3.n_layer * per_block)):
+        scores, partition = keeps_attention_scores(engine), "even" if engine == "megatron" else "parameters"
+        none, selective = (
+            memory_per_gpu(GPT3, _layout(recompute=r), 8, "bf16", 0.0, 0.0, partition=partition, scores=scores)
+            for r in ("none", "selective")
+        )
+        assert none.activations - selective.activations == pytest.approx(extra), engine
+    with pytest.raises(ValueError, match="engine"):
+        keeps_attention_scores("fairseq")
+
+
+def test_memory_matches_the_h200_run():
+    """The planner against the H200 run recorded in docs/gpu.md (benchmarks/gpu_check.sh, 2026-11-26):
+    gpt3-1.3b (vocabulary 50,304), bf16, seq 2048, micro 2 x accumulation 4, ZeRO-0, flash attention; the run
+    logged 30.08 GB at the CUDA allocator's peak and 7.31 GB of activations. The planner's allocated memory
+    (model states + activations; its margin covers the allocator's slack and the CUDA context) is within 10%."""
+    files = [yaml.safe_load((ROOT / f"conf/cluster/{name}.yaml").read_text()) for name in ("h100-sxm", "h200")]
+    assert files[1].pop("defaults") == ["h100-sxm", "_self_"]  # h200.yaml overrides the H100 file
+    h200 = cluster_spec(replace(ClusterConfig(**{**files[0], **files[1]}), nodes=1, gpus_per_node=1))
+    shape = ModelShape(24, 2048, 16, 2048, 50257, name="gpt3-1.3b").padded()
+    memory = predict(shape, _layout(tp=1, micro=2), 8, "bf16", h200).memory
+    assert memory.total - memory.margin == pytest.approx(30.08 * GB, rel=0.10)
+    assert memory.activations == pytest.approx(7.31 * GB, rel=0.10)
+
+
 def test_first_pipeline_stage_holds_p_micro_batches():
     one = layer_activation_bytes(GPT3, _layout(pp=4, sp=True), "bf16")
     first = activation_bytes(GPT3, _layout(pp=4, sp=True), 64, "bf16", first=True)

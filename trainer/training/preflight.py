@@ -4,8 +4,8 @@ minutes (or hours, on a queue) later.
 
 The prediction is a lower bound: the planner's model states, activations and ZeRO buffers
 (``trainer.analysis.planner.memory``) without allocator slack or the runtime's own memory, and without
-the s×s attention scores (fused attention kernels -- flash on GPUs, torch's CPU kernel -- keep none, which
-the planner counts as it counts selective recompute). What a rank has: the free memory of its GPU, or on
+the s×s attention scores (fused attention kernels -- flash on GPUs, torch's CPU kernel -- keep none:
+``trainer.analysis.planner.stages.keeps_attention_scores``). What a rank has: the free memory of its GPU, or on
 CPU the machine's available memory shared by the ranks started on it. Only a run that cannot fit is
 refused; the line names the cheapest change that would fit. ``train.memory_check=false`` skips the check.
 """
@@ -42,19 +42,20 @@ def launched_layout(cfg: Config, world: int):
 
     p = cfg.parallel
     mode, _ = recompute_plan(p)
-    # Fused attention keeps no s×s scores: count "none" as the planner counts selective recompute.
-    recompute = "selective" if mode == "none" else mode
-    return Layout(p.tp, p.pp, world // (p.tp * p.pp), p.zero_stage, p.micro_batch, recompute, p.sequence_parallel)
+    return Layout(p.tp, p.pp, world // (p.tp * p.pp), p.zero_stage, p.micro_batch, mode, p.sequence_parallel)
 
 
 def predicted_bytes(cfg: Config, layout) -> float:
     from trainer.analysis.planner.memory import memory_per_gpu
+    from trainer.analysis.planner.stages import keeps_attention_scores
     from trainer.model.shape import ModelShape
 
     shape = ModelShape.from_config(cfg.model)
     p = cfg.parallel
-    # The trainer runs DeepSpeed's pipeline engine: its stages are cut by parallel.pipeline_partition.
-    memory = memory_per_gpu(shape, layout, p.global_batch, p.precision, 0.0, 0.0, partition=p.pipeline_partition)
+    # The trainer runs DeepSpeed's pipeline engine: its stages are cut by parallel.pipeline_partition, and its
+    # fused attention keeps no s×s scores.
+    scores = keeps_attention_scores("deepspeed")
+    memory = memory_per_gpu(shape, layout, p.global_batch, p.precision, 0.0, 0.0, p.pipeline_partition, scores=scores)
     return memory.total
 
 

@@ -60,31 +60,38 @@ class Memory:
         return self.weights + self.grads + self.optimizer + self.activations + self.buffers + self.margin
 
 
-def layer_activation_bytes(shape: ModelShape, layout: Layout, precision: str) -> float:
+def layer_activation_bytes(shape: ModelShape, layout: Layout, precision: str, scores: bool = True) -> float:
     """Activations one block keeps for backward, per micro-batch (Korthikanti et al. 2022, Table 2): all of
-    them, all but the attention scores (selective: sbh(10 + 24/t) for GPT, 34sbh/t with SP), or the block's
-    input alone (full)."""
+    them, all but the attention scores (selective: sbh(10 + 24/t) for GPT, 34sbh/t with SP; what a fused
+    attention kernel keeps anyway: ``scores=False``, ``stages.keeps_attention_scores``), or the block's input
+    alone (full)."""
     s, b, h, t = shape.seq_len, layout.micro_batch, shape.n_embd, layout.tp
     sp = layout.sequence_parallel
     if layout.recompute != "full":
-        return shape_activation_bytes(shape, b, t, sp, precision, scores=layout.recompute == "none")
+        return shape_activation_bytes(shape, b, t, sp, precision, scores=scores and layout.recompute == "none")
     scale = BYTES[precision] / 2  # the paper counts 16-bit activations
     return 2 * s * b * h / (t if sp else 1) * scale  # full: the block's input only
 
 
 def activation_bytes(
-    shape: ModelShape, layout: Layout, global_batch: int, precision: str, first: bool, stage: Stage | None = None
+    shape: ModelShape,
+    layout: Layout,
+    global_batch: int,
+    precision: str,
+    first: bool,
+    stage: Stage | None = None,
+    scores: bool = True,
 ) -> float:
     """A stage's activations: its blocks for the micro-batches in flight (pp - stage index under 1F1B), the
     embedding's dropout mask (first stage) or the head's input and fp32 logits (last stage: 4sbh/t·(1 + V/h),
     Korthikanti et al.; the same for a tied or an untied head). ``stage``: which one (default: the first or the
-    last of an even split, as ``first`` says)."""
+    last of an even split, as ``first`` says); ``scores``: whether attention keeps its s×s scores."""
     s, b, h, t = shape.seq_len, layout.micro_batch, shape.n_embd, layout.tp
     stage = stage or even_stage(shape, layout.pp, first)
     in_flight = stage.in_flight(layout.pp, layout.micro_batches(global_batch))
-    blocks = in_flight * stage.blocks * layer_activation_bytes(shape, layout, precision)
+    blocks = in_flight * stage.blocks * layer_activation_bytes(shape, layout, precision, scores)
     if layout.recompute == "full" and stage.blocks:  # one block's full activations exist while it is recomputed
-        blocks += shape_activation_bytes(shape, b, t, layout.sequence_parallel, precision)
+        blocks += shape_activation_bytes(shape, b, t, layout.sequence_parallel, precision, scores)
     embedding = in_flight * s * b * h / (t if layout.sequence_parallel else 1) if stage.first else 0.0
     head = 4 * s * b * h / t * (1 + shape.padded_vocab(t) / h) if stage.last else 0.0
     return blocks + embedding + head
@@ -131,21 +138,26 @@ def memory_per_gpu(
     fragmentation: float,
     collectives: Collectives = Collectives(),
     partition: str = "parameters",
+    scores: bool = True,
 ) -> Memory:
     """The most loaded stage of the layout as ``partition`` cuts it ("parameters" or "uniform": DeepSpeed's
     partitioner, as the trainer runs it; "even": Megatron-LM's). Candidates: the first stage (most micro-batches
-    in flight, the embedding), the last (the head) and the earliest middle stage of each block count."""
+    in flight, the embedding), the last (the head) and the earliest middle stage of each block count.
+    ``scores``: whether attention keeps its s×s scores (``stages.keeps_attention_scores`` of the engine)."""
     stages = memory_candidates(pipeline_stages(shape, layout.tp, layout.pp, partition))
     return max(
-        (_stage(shape, layout, global_batch, precision, reserved, fragmentation, collectives, st) for st in stages),
+        (
+            _stage(shape, layout, global_batch, precision, reserved, fragmentation, collectives, st, scores)
+            for st in stages
+        ),
         key=lambda m: m.total,
     )
 
 
-def _stage(shape, layout, global_batch, precision, reserved, fragmentation, collectives, stage: Stage) -> Memory:
+def _stage(shape, layout, global_batch, precision, reserved, fragmentation, collectives, stage, scores) -> Memory:
     psi = shape.padded(layout.tp).rank_params(layout.tp, stage.positions)
     states = zero_state_bytes(psi, layout.dp, layout.zero_stage, precision)
-    acts = activation_bytes(shape, layout, global_batch, precision, stage.first, stage)
+    acts = activation_bytes(shape, layout, global_batch, precision, stage.first, stage, scores)
     largest = shape.largest_tensor(layout.tp, embedding=stage.first or stage.last)
     buffers = buffer_bytes(layout, psi, precision, collectives, largest)
     allocated = states.total + acts + buffers

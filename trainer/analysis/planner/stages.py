@@ -6,10 +6,12 @@ Engines (``cluster.engine``):
   (embedding, blocks, final norm, head) with ``parallel.pipeline_partition``: ``parameters`` (the default;
   balances each stage's parameter count, the embedding and head counting as layers) or ``uniform`` (the same
   number of positions per stage). Any pp <= n_layer runs; stages may differ by blocks. Its gradient
-  reductions run in the model's dtype (DeepSpeed's ``communication_data_type`` defaults to it).
+  reductions run in the model's dtype (DeepSpeed's ``communication_data_type`` defaults to it). Attention is
+  ``scaled_dot_product_attention``'s fused kernels (flash on GPUs, torch's CPU kernel), which keep no s×s
+  scores for backward whatever the recompute setting.
 * ``megatron`` -- Megatron-LM 2021 (Narayanan et al.), the engine of the published runs: l/p blocks per stage
   (p must divide l), the embedding on the first, the final norm and head on the last; gradients reduced in
-  fp32.
+  fp32; its softmax kernel keeps the scores (5as/h of Korthikanti et al.) unless they are recomputed.
 
 ``trainer.model.shape.ModelShape.stage_bounds`` is the one definition of the cuts (DeepSpeed's algorithms,
 checked against DeepSpeed's own ``PipelineModule`` on the trainer's layer specs in
@@ -38,6 +40,13 @@ class Stage:
     def in_flight(self, pp: int, micro_batches: int) -> int:
         """Micro-batches whose activations this stage holds at once under 1F1B: pp - index, at most m."""
         return min(pp - self.index, micro_batches)
+
+
+def keeps_attention_scores(engine: str) -> bool:
+    """Whether ``engine``'s attention keeps the s×s scores for backward when nothing is recomputed."""
+    if engine not in ENGINES:
+        raise ValueError(f"engine {engine!r}: must be one of {ENGINES}")
+    return engine == "megatron"
 
 
 def partition_method(engine: str, partition: str = "parameters") -> str:
