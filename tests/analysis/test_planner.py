@@ -96,6 +96,15 @@ def test_only_megatrons_attention_keeps_the_scores():
             for r in ("none", "selective")
         )
         assert none.activations - selective.activations == pytest.approx(extra), engine
+    # and the memory-bound time: without scores there is no softmax traffic to move, nor any to recompute
+    from trainer.analysis.planner.costmodel import elementwise_bytes
+
+    traffic = {
+        (r, kept): elementwise_bytes(GPT3, _layout(recompute=r), "bf16", scores=kept)
+        for r in ("none", "selective")
+        for kept in (True, False)
+    }
+    assert traffic["none", False] == traffic["selective", False] < traffic["none", True] < traffic["selective", True]
     with pytest.raises(ValueError, match="engine"):
         keeps_attention_scores("fairseq")
 

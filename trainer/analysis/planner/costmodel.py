@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from trainer.analysis.formulas import BYTES, dp_sync_traffic, shape_activation_bytes, tp_collectives, wire_bytes
 from trainer.analysis.planner.cluster import ClusterSpec, Link
 from trainer.analysis.planner.layouts import Layout
-from trainer.analysis.planner.stages import Stage, even_stage, partition_method, pipeline_stages
+from trainer.analysis.planner.stages import Stage, even_stage, keeps_attention_scores, partition_method, pipeline_stages
 from trainer.model.shape import ModelShape
 
 GRAD_COMM_BYTES = 4  # Megatron-LM accumulates and reduces gradients in fp32 (DeepSpeed: see grad_comm_bytes)
@@ -89,18 +89,25 @@ def head_flops(shape: ModelShape, layout: Layout) -> float:
 
 
 def elementwise_bytes(
-    shape: ModelShape, layout: Layout, precision: str, last: bool = True, blocks: int | None = None
+    shape: ModelShape,
+    layout: Layout,
+    precision: str,
+    last: bool = True,
+    blocks: int | None = None,
+    scores: bool = True,
 ) -> float:
     """Memory traffic of the last stage's memory-bound work (the norms, GeLU or SiLU and the gating product,
     softmax, dropout, the loss) for one micro-batch. Each op reads its input and writes its output, which
     Korthikanti et al. count as the activations a block stores, A (``formulas.shape_activation_bytes``: wider
     for SwiGLU, narrower K and V for GQA): the forward moves 2A; the backward twice that, as with FLOPs; full
     recompute adds a forward, selective the attention core's share of A at t = 1 (5as/h of 34 + 5as/h for GPT).
-    ``blocks``: the stage's blocks (default l/p, an even split)."""
+    ``blocks``: the stage's blocks (default l/p, an even split). ``scores=False``: a fused attention kernel
+    (``stages.keeps_attention_scores``) keeps the s×s scores on chip, so neither their traffic nor its
+    recomputation counts."""
     s, b, h, t = shape.seq_len, layout.micro_batch, shape.n_embd, layout.tp
-    block = shape_activation_bytes(shape, b, t, layout.sequence_parallel, precision)
+    block = shape_activation_bytes(shape, b, t, layout.sequence_parallel, precision, scores)
     whole = shape_activation_bytes(shape, b)
-    core = (whole - shape_activation_bytes(shape, b, scores=False)) / whole
+    core = (whole - shape_activation_bytes(shape, b, scores=False)) / whole if scores else 0.0
     passes = {"none": 3.0, "selective": 3 + core, "full": 4.0}[layout.recompute]
     head = 4 * s * b * h / t * (1 + shape.padded_vocab(t) / h) * BYTES[precision] / 2 if last else 0.0
     blocks = shape.n_layer // layout.pp if blocks is None else blocks
@@ -124,7 +131,8 @@ def stage_compute(
     rate = cluster.rank_peak(precision) * cluster.compute_efficiency
     head = head_flops(shape, layout) if stage.last else 0.0
     flops = stage.blocks * block_flops(shape, layout) + head
-    memory = elementwise_bytes(shape, layout, precision, stage.last, stage.blocks)
+    scores = keeps_attention_scores(cluster.engine)
+    memory = elementwise_bytes(shape, layout, precision, stage.last, stage.blocks, scores)
     return flops / layout.tp / rate + memory / cluster.mem_bw
 
 
