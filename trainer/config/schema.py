@@ -206,6 +206,11 @@ class TrainConfig:
     max_skipped_steps: int = 10
     # Fault injection for tests: optimizer steps (1-based) whose activations are made NaN.
     inject_nan_steps: list[int] = field(default_factory=list)
+    # torch.profiler over profile_steps optimizer steps from profile_start (1-based; 0 = off) on profile_ranks:
+    # a trace and a table of operators by self time in the run directory's profile/ (trainer.training.profiler).
+    profile_start: int = 0
+    profile_steps: int = 3
+    profile_ranks: list[int] = field(default_factory=lambda: [0])
     # After every validation pass rank 0 continues each prompt by sample_tokens tokens, greedily (the most
     # likely token each time, so samples at different steps differ only by what the model learned), and
     # prints them and logs them to metrics.jsonl and wandb (a table). Only at layouts where rank 0 holds

@@ -108,6 +108,15 @@ def validate(cfg: Config, world_size: int) -> BatchPlan:
         raise ConfigError("train.inject_nan_steps", t.inject_nan_steps, "steps are counted from 1")
     if t.keep_last < 0:
         raise ConfigError("train.keep_last", t.keep_last, "must be >= 0 (0 = keep every checkpoint)")
+    if t.profile_start < 0:
+        raise ConfigError("train.profile_start", t.profile_start, "must be >= 0 (a 1-based step; 0 = no profile)")
+    _positive("train.profile_steps", t.profile_steps)
+    if t.profile_start and t.profile_start + t.profile_steps - 1 > t.steps:
+        raise ConfigError(
+            "train.profile_start", t.profile_start, f"the profiled steps must end by train.steps={t.steps}"
+        )
+    if t.profile_start and not all(0 <= r < world_size for r in t.profile_ranks):
+        raise ConfigError("train.profile_ranks", list(t.profile_ranks), f"ranks are 0..{world_size - 1}")
     if t.save_interval < -1:
         raise ConfigError("train.save_interval", t.save_interval, "must be >= -1 (-1 = never)")
     _positive("train.sample_tokens", t.sample_tokens)

@@ -23,6 +23,7 @@ from trainer.training.guard import SkipCounter
 from trainer.training.instruments import StepInstruments
 from trainer.training.output import Console, MetricsLog
 from trainer.training.preempt import Preempted, StopSignal
+from trainer.training.profiler import StepProfiler
 from trainer.training.record import (
     EvalRecord,
     FitResult,
@@ -56,6 +57,7 @@ class LoopParts:
     stop: StopSignal | None = None  # a scheduler's signal: save and stop after the step (training.preempt)
     samples: Samples | None = None  # rank 0's prompts to continue after each validation pass (training.samples)
     dp_sync: DPSync | None = None  # parallel.dp_sync's hooks (trainer.parallel.dp_sync); None = the engine's all-reduce
+    profiler: StepProfiler | None = None  # train.profile_* (trainer.training.profiler)
 
 
 class Trainer:
@@ -77,15 +79,19 @@ class Trainer:
         result = FitResult(steps=cfg.steps)
         self.p.engine.train()
         window = Window()
+        profiler = self.p.profiler or StepProfiler.off()
         try:
             for step in range(start_step, cfg.steps):
                 lr = self.p.engine.get_lr()[0]  # the rate this step uses (the scheduler moves on in step())
                 measure = is_logged(step, start_step, cfg.log_interval, cfg.steps)
                 self.inst.begin(measure)
+                profiler.step_begins(step + 1)
                 t0 = time.perf_counter()
                 loss, grad_norm = self.steps.train_step()
                 with self.inst.clock.phase("dp_sync"):
                     self.sync.after_step(step + 1)
+                if written := profiler.step_ends(step + 1):
+                    console.print(written)
                 window.steps += 1
                 if measure:
                     self._log_step(step, loss, lr, grad_norm, t0, window, result)
@@ -103,6 +109,7 @@ class Trainer:
         finally:
             self.steps.close()  # the engine's instruction map as it was
             self.inst.close()
+            profiler.close()
         return result
 
     def _log_step(self, step, loss, lr, grad_norm, t0, window: Window, result: FitResult) -> None:

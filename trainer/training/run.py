@@ -24,6 +24,7 @@ from trainer.config.schema import BadInput, BatchPlan, Config, lean_heap
 from trainer.data.setup import build_streams, prepare_data
 from trainer.runtime.env import world_size_from_env
 from trainer.training.preempt import MARKER, Preempted, StopSignal
+from trainer.training.profiler import StepProfiler
 from trainer.training.record import Throughput, finish
 from trainer.training.samples import Samples, skip_reason
 
@@ -178,6 +179,8 @@ def run(cfg: Config, cfg_node: DictConfig, plan: BatchPlan, run_dir: Path) -> No
     parts.stop = stop
     parts.samples = inputs.samples if rank == 0 else None
     parts.dp_sync = build_dp_sync(cfg.parallel, engine, mesh, cfg.train.steps)
+    t = cfg.train
+    parts.profiler = StepProfiler(t.profile_start, t.profile_steps, list(t.profile_ranks), rank, device, run_dir)
     try:
         result = Trainer(parts).fit(start_step)
         stop.restore()  # (after a stop the handlers stay: a late signal must not kill the exit's cleanup)
