@@ -48,7 +48,7 @@ class StepProfiler:
         self.out.mkdir(parents=True, exist_ok=True)
         trace, table = self.out / f"rank{self.rank}.json", self.out / f"rank{self.rank}.txt"
         prof.export_chrome_trace(str(trace))
-        sort = "self_cuda_time_total" if self.cuda else "self_cpu_time_total"
+        sort = "self_device_time_total" if self.cuda else "self_cpu_time_total"
         table.write_text(prof.key_averages().table(sort_by=sort, row_limit=TOP_OPERATORS) + "\n")
         return f"profile of steps {self.first}-{self.last} (rank {self.rank}): {trace}, top operators in {table}"
 
