@@ -14,6 +14,7 @@ from torch import nn
 # skip_shm_comm_op is also imported from here (tests start DeepSpeed without init_distributed)
 from trainer.runtime.compat import (
     allow_cpu_fp16,
+    batch_overflow_check,
     bound_gloo_collectives,
     scale_zero0_fp16_loss,
     set_default_pg_timeout,
@@ -118,6 +119,7 @@ def build_engine(model: nn.Module, ds_dict: dict[str, Any], weight_decay: float,
     )
     undo_fp16_optimizer_warmup(engine.optimizer)  # bf16/fp16 at ZeRO-0: Adam starts at step 0 (compat)
     tag_fp16_gradients(engine.optimizer)  # ... and its clipping norm counts tp shards and tied weights once
+    batch_overflow_check(engine.optimizer)  # ... and it checks for overflow with one host sync, not one per tensor
     if ds_dict["zero_optimization"]["stage"] == 3:
         share_zero3_fp32_partitions(engine.optimizer)  # fp32: no second copy of the weights (compat)
     release_free_memory()  # what the optimizer's set-up copied and freed

@@ -55,7 +55,9 @@ def predicted_bytes(cfg: Config, layout) -> float:
     # The trainer runs DeepSpeed's pipeline engine: its stages are cut by parallel.pipeline_partition, and its
     # fused attention keeps no s×s scores.
     scores = keeps_attention_scores("deepspeed")
-    memory = memory_per_gpu(shape, layout, p.global_batch, p.precision, 0.0, 0.0, p.pipeline_partition, scores=scores)
+    memory = memory_per_gpu(
+        shape, layout, p.global_batch, p.precision, 0.0, 0.0, partition=p.pipeline_partition, scores=scores
+    )
     return memory.total
 
 
