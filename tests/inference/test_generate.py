@@ -31,7 +31,7 @@ def _overrides(family: str, data_cache) -> list[str]:
         *FAMILIES[family],
         *padded_smoke_overrides(data_cache),
         "model.seq_len=128",
-        "train.steps=200",
+        "train.steps=100",
     ]
 
 
@@ -45,7 +45,7 @@ def trained(tmp_path_factory, data_cache):
             root = tmp_path_factory.mktemp(f"{family}-{layout}")
             proc = run_layout(layout, root / "run", _overrides(family, data_cache), timeout=600)
             assert proc.returncode == 0, proc.stderr[-3000:]
-            step_dir = root / "run" / checkpoint.CHECKPOINTS / "step_200"
+            step_dir = root / "run" / checkpoint.CHECKPOINTS / "step_100"
             export(step_dir, root / "hf", None)
             runs[family, layout] = step_dir, root / "hf"
         return runs[family, layout]
