@@ -13,6 +13,7 @@ from conftest import PARITY_RTOL, read_metrics, run_train, tiny_corpus_overrides
 from trainer.analysis.planner import auto
 from trainer.analysis.planner.auto import resolve_parallel
 from trainer.config.cli import compose, register
+from trainer.config.schema import BadInput
 from trainer.config.validate import parallel_overrides, validate
 
 
@@ -114,3 +115,11 @@ def test_compare_chooses_an_auto_row_as_its_run_will(tmp_path):
         outcome.cfg.parallel.chosen
         == resolve_parallel(_config("parallel.global_batch=64", "parallel.micro_batch=2"), 8).parallel.chosen
     )
+    # "auto-memory" is the same row chosen by least memory, as `parallel=auto parallel.objective=memory` chooses
+    memory = check(parse_layout("auto-memory", 8), settings)
+    assert "parallel.objective=memory" in settings.run_overrides(parse_layout("auto-memory", 8))
+    asked = _config("parallel.global_batch=64", "parallel.micro_batch=2", "parallel.objective=memory")
+    assert memory.status == "pending" and memory.cfg.parallel.chosen == resolve_parallel(asked, 8).parallel.chosen
+    assert memory.cfg.parallel.chosen != outcome.cfg.parallel.chosen
+    with pytest.raises(BadInput, match="auto-throughput, auto-memory"):
+        parse_layout("auto-speed", 8)

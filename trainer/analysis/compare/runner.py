@@ -12,8 +12,9 @@ Layouts are names of degrees joined by "-": ``tpN``, ``ppN``, ``dpN``, ``zeroK``
 ``tp4-sp``); the data-parallel degree is what the world leaves, ``dpN`` only checks it. ``baseline`` and
 ``single`` run on one process. Words that choose how the data-parallel ranks synchronise (``parallel.dp_sync``):
 ``ps`` (a parameter server), ``localH`` (local SGD averaging every H steps), ``dilocoH`` (local SGD with DiLoCo's
-Nesterov outer step), e.g. ``dp4-ps``, ``dp4-local16``, ``dp4-diloco16``. ``auto`` is what ``parallel=auto``
-chooses for the world (``trainer.analysis.planner.auto``), the choice made here and in its run alike. A layout the
+Nesterov outer step), e.g. ``dp4-ps``, ``dp4-local16``, ``dp4-diloco16``. ``auto`` (``auto-memory``: by least
+memory) is what ``parallel=auto`` chooses for the world (``trainer.analysis.planner.auto``), the choice made here and
+in its run alike. A layout the
 world size cannot hold is skipped with the config error that ``trainer.config.validate.validate`` gives for it; a
 run that fails is reported with its last error line.
 """
@@ -35,7 +36,7 @@ from omegaconf import DictConfig
 from trainer.analysis.planner.auto import resolve_parallel
 from trainer.config import cli
 from trainer.config.rundir import launch_id
-from trainer.config.schema import BadInput, BatchPlan, Config, ConfigError
+from trainer.config.schema import OBJECTIVES, BadInput, BatchPlan, Config, ConfigError
 from trainer.config.validate import parallel_overrides, validate
 from trainer.runtime.env import free_port
 
@@ -57,6 +58,7 @@ class CompareLayout:
     sync_interval: int = 1  # parallel.sync_interval (local_sgd)
     outer_optimizer: str = "none"  # parallel.outer_optimizer (local_sgd)
     auto: bool = False  # parallel=auto: the planner's choice
+    objective: str = "throughput"  # parallel.objective of an auto layout ("auto-memory")
 
     @property
     def dp(self) -> int:
@@ -64,7 +66,7 @@ class CompareLayout:
 
     def overrides(self) -> list[str]:
         if self.auto:  # the degrees are the planner's choice (check() fills them in); giving them would contradict it
-            return parallel_overrides(auto=True)
+            return parallel_overrides(auto=True, objective=self.objective)
         degrees = {"tp": self.tp, "pp": self.pp, "zero_stage": self.zero, "sequence_parallel": self.sp}
         sync = {"dp_sync": self.dp_sync, "sync_interval": self.sync_interval, "outer_optimizer": self.outer_optimizer}
         return parallel_overrides(**degrees, **sync)
@@ -74,8 +76,14 @@ def parse_layout(name: str, world: int) -> CompareLayout:
     """A layout name -> its degrees; unknown words are bad input (exit 2)."""
     if name in ("baseline", "single"):
         return CompareLayout(name, 1, baseline=name == "baseline")
-    if name == "auto":
-        return CompareLayout(name, world, auto=True)
+    if name == "auto" or name.startswith("auto-"):
+        objective = name.removeprefix("auto").removeprefix("-") or OBJECTIVES[0]
+        if objective not in OBJECTIVES:
+            raise BadInput(
+                f"compare.layouts: unknown layout {name!r}; auto chooses by {', '.join(OBJECTIVES)}: "
+                + ", ".join(f"auto-{o}" for o in OBJECTIVES)
+            )
+        return CompareLayout(name, world, auto=True, objective=objective)
     degrees: dict[str, int] = {}
     for token in name.split("-"):
         match = _TOKEN.match(token)
