@@ -45,6 +45,7 @@ class ClusterSpec:
     collectives: Collectives = Collectives()  # the backend's collective temporaries (memory)
     cpu: bool = False  # the ranks are CPU processes (their memory is the C heap's)
     engine: str = "deepspeed"  # whose costs are predicted: this trainer's (DeepSpeed) or Megatron-LM 2021's
+    pipeline_efficiency: float = 1.0  # the engine's 1F1B slot: predicted / achieved time (ClusterConfig's)
 
     @property
     def world(self) -> int:
@@ -137,6 +138,8 @@ def cluster_spec(c: ClusterConfig, notes: tuple[str, ...] = ()) -> ClusterSpec:
         collectives=Collectives(c.gather_overhead, c.scatter_overhead),
         cpu=c.gpu.lower().startswith("cpu"),
         engine=c.engine,
+        # Megatron-LM 2021's engine runs the modelled slots as modelled (its Table 2 is met): 1 by construction
+        pipeline_efficiency=c.pipeline_efficiency if c.engine == "deepspeed" else 1.0,
     )
 
 

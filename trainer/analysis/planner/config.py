@@ -41,6 +41,11 @@ class ClusterConfig:
     # Achieved / peak FLOP/s of a transformer layer's work (matmuls plus the memory-bound ops around
     # them); plan.calibrate fits it on the machine at hand.
     compute_efficiency: float = 0.5
+    # Predicted / achieved time of a 1F1B slot in DeepSpeed's PipelineEngine (engine deepspeed, pp > 1), which runs
+    # the same work slower than Megatron-LM 2021's engine, whose slots the model meets (Table 2; engine megatron
+    # ignores this key). docs/planner.md, "DeepSpeed's engine": fitted on MT-NLG, checked on BLOOM. cpu-local: 1.0
+    # (its pipeline costs are calibrated as they are).
+    pipeline_efficiency: float = 1.0
     comm_efficiency: float = 0.8  # achieved / link bandwidth of ring collectives and p2p sends
     reserved_gb: float = 2.0  # per device and outside the model: CUDA context, NCCL buffers, workspaces
     fragmentation: float = 0.10  # allocator slack, as a fraction of what the model allocates
@@ -124,7 +129,7 @@ def validate_cluster(c: ClusterConfig) -> None:
     ):
         if getattr(c, key) < 0:
             raise ConfigError(f"cluster.{key}", getattr(c, key), "must be >= 0")
-    for key in ("compute_efficiency", "comm_efficiency"):
+    for key in ("compute_efficiency", "comm_efficiency", "pipeline_efficiency"):
         if not 0 < getattr(c, key) <= 1:
             raise ConfigError(f"cluster.{key}", getattr(c, key), "must be in (0, 1]")
 

@@ -1,7 +1,9 @@
 """Step time of a layout, term by term (seconds per optimizer step, per GPU).
 
-    step = (m + p - 1) · t_micro + t_dp + t_optimizer            (1F1B: bubble (p-1)/m of the ideal time)
+    step = (m + p - 1) · t_micro / e_pipe + t_dp + t_optimizer    (1F1B: bubble (p-1)/m of the ideal time)
     t_micro = compute + tp collectives + pipeline p2p + ZeRO-2/3 per-micro-batch traffic
+    e_pipe = the cluster's pipeline_efficiency for pp > 1 (1 for Megatron-LM 2021's engine, whose Table 2 the
+             model meets; DeepSpeed's PipelineEngine runs the same slots slower: docs/planner.md), 1 for pp = 1
 
 Compute: the slowest stage's executed FLOPs over peak × compute_efficiency (the matmuls), plus its
 memory-bound traffic over memory bandwidth (elementwise_bytes: small hidden sizes lose most to it). A block's forward is
@@ -51,6 +53,7 @@ class StepTime:
     optimizer: float
     bubble: float  # (p-1)/m
     total: float
+    engine: float = 0.0  # the pipeline engine's time beyond the modelled slots (pipeline_efficiency < 1)
 
 
 def ring_time(message_bytes: float, n: int, kind: str, link: Link, call_latency: float = 0.0) -> float:
@@ -202,8 +205,10 @@ def step_time(
             slots, compute, bubble = m, mean, 0.0
         else:
             compute /= cluster.rank_cap
-    total = slots * (compute + tp + pp + zero) + dp + optimizer
-    return StepTime(slots * compute, slots * tp, slots * pp, slots * zero, dp, optimizer, bubble, total)
+    slot = compute + tp + pp + zero
+    engine = slots * slot * (1 / cluster.pipeline_efficiency - 1) if p > 1 else 0.0
+    total = slots * slot + engine + dp + optimizer
+    return StepTime(slots * compute, slots * tp, slots * pp, slots * zero, dp, optimizer, bubble, total, engine)
 
 
 def zero_micro_batch_time(

@@ -1,8 +1,9 @@
 """Measured large-scale runs to check the planner against: Megatron-LM on DGX A100 80GB nodes
 (Selene), Narayanan et al. 2021, "Efficient Large-Scale Language Model Training on GPU Clusters Using
 Megatron-LM" (SC'21; arXiv:2104.04473), as we recall them from the paper (docs/planner.md lists them with the
-caveat). No copy of the paper is in the project: the places cited are sections, tables and figures; page
-numbers are not given because we could not check them.
+caveat); and two runs on DeepSpeed's pipeline engine, this trainer's (``DEEPSPEED_RUNS``, below). No copy of
+the papers is in the project: the places cited are sections, tables and figures; page numbers are not given
+because we could not check them.
 
 All use sequence length 2048, vocabulary 51,200, mixed precision, full activation recomputation and no
 ZeRO; the TFLOP/s count recomputation (the paper's eq. 3: 96·B·s·l·h²(1 + s/6h + V/16lh)). Table 2
@@ -32,6 +33,13 @@ class PublishedRun:
     tflops_per_gpu: float  # achieved, recompute counted
     micro_batch: int | None = None  # None: not published
     aggregate_pflops: float | None = None  # Table 1's "achieved aggregate petaFLOP/s" column (GPUs x TFLOP/s)
+    # The DeepSpeed-engine runs' own facts (the Megatron-LM 2021 rows keep the defaults)
+    engine: str = "megatron"
+    zero_stage: int = 0
+    precision: str = "bf16"
+    vocab: int = VOCAB
+    iteration_s: float | None = None  # as published, where it is
+    inter_node_bw_gbs: float | None = None  # per GPU, one direction, where the cluster is not a DGX A100's 25
 
     @property
     def name(self) -> str:
@@ -46,7 +54,15 @@ class PublishedRun:
         return self.gpus // 8
 
     def shape(self) -> ModelShape:
-        return ModelShape(self.n_layer, self.hidden, self.heads, SEQ_LEN, VOCAB, name=f"{self.params_b:g}B")
+        return ModelShape(self.n_layer, self.hidden, self.heads, SEQ_LEN, self.vocab, name=f"{self.params_b:g}B")
+
+    def cluster(self, dgx_a100):
+        """The ClusterConfig the run had: ``dgx_a100`` (one DGX A100 80GB node's file) with the run's nodes,
+        engine and network."""
+        from dataclasses import replace
+
+        network = {"inter_node_bw_gbs": self.inter_node_bw_gbs} if self.inter_node_bw_gbs else {}
+        return replace(dgx_a100, nodes=self.nodes, engine=self.engine, **network)
 
 
 T1, T2 = "Table 1", "Table 2"
@@ -71,6 +87,51 @@ MEGATRON_2021 = (
     PublishedRun(T2, 529.6, 105, 20480, 128, 8, 35, 1120, 2240, 167, 1),
     PublishedRun(T2, 529.6, 105, 20480, 128, 8, 35, 2240, 2240, 159, 1),
 )
+
+# Runs on DeepSpeed's pipeline engine with Megatron-style tensor parallelism (Megatron-DeepSpeed), as we recall
+# them; TFLOP/s count the full recomputation's forward (eq. 3, which both logged). The planner predicts them as
+# this trainer's engine (cluster.engine deepspeed), whose slots run at the cluster's pipeline_efficiency:
+#   * MT-NLG 530B, Smith et al. 2022 ("Using DeepSpeed and Megatron to Train Megatron-Turing NLG 530B",
+#     arXiv:2201.11990), Section 3 (the system-performance table: nodes, iteration time, TFLOP/s per GPU): DGX A100
+#     80GB nodes on HDR InfiniBand (Selene), tp 8 x pp 35, batch 1920, micro-batch 1, mixed precision (fp16),
+#     recomputation. ZeRO's stage is not stated as we recall; ZeRO-1 is assumed (ZeRO-0 predicts 0.1 % slower).
+#     The same model and layout as Table 2's 530B rows of Megatron-LM 2021, whose engine ran a slot ~1.18x faster.
+#     conf/cluster/a100-80gb.yaml's pipeline_efficiency is fitted on the 350-node row; the others are checks.
+#   * BLOOM 176B, BigScience 2022 (Le Scao et al., arXiv:2211.05100, Section 3.4; the model card and the training
+#     summary: "about 150 TFLOPs"): 48 nodes of 8 A100 80GB on Jean Zay, 4 x 100 Gb/s Omni-Path per node (6.25 GB/s
+#     per GPU), tp 4 x pp 12 x dp 8, batch 2048, micro-batch 2, bf16 with ZeRO-1-style sharding (DeepSpeed's
+#     BF16_Optimizer; it accumulates and reduces gradients in fp32, which this trainer does not), full
+#     recomputation; 70 layers over 12 stages (uneven for Megatron-LM), vocabulary 250,680. Out of sample.
+MTNLG, BLOOM = "MT-NLG", "BLOOM"
+DEEPSPEED_RUNS = (
+    *(
+        PublishedRun(
+            MTNLG, 530, 105, 20480, 128, 8, 35, gpus, 1920, tflops, 1, None, "deepspeed", 1, "fp16", iteration_s=seconds
+        )  # fmt: skip
+        for gpus, seconds, tflops in ((2240, 60.1, 126), (2800, 50.2, 121), (3360, 44.4, 113))
+    ),
+    PublishedRun(
+        BLOOM,
+        176,
+        70,
+        14336,
+        112,
+        4,
+        12,
+        384,
+        2048,
+        150,
+        2,
+        None,
+        "deepspeed",
+        1,
+        "bf16",
+        250680,
+        inter_node_bw_gbs=6.25,
+    ),  # fmt: skip
+)
+FITTED_RUN = DEEPSPEED_RUNS[1]  # MT-NLG on 350 nodes: what pipeline_efficiency is fitted on
+
 
 # Section 5.1's estimate for GPT-3 175B on 1024 GPUs at batch 1536 (the issue's example): 140 TFLOP/s
 # per GPU, 34 days for 300B tokens. A derived figure with no layout given.
@@ -186,12 +247,10 @@ def megatron_2021(p) -> bool:
 
 def check(run: PublishedRun, cluster) -> Check:
     """``cluster``: a ClusterConfig for one DGX A100 node; the run's node count is set here."""
-    from dataclasses import replace
-
     from trainer.analysis.planner.cluster import cluster_spec
     from trainer.analysis.planner.predict import make_plan
 
-    spec = cluster_spec(replace(cluster, nodes=run.nodes, engine="megatron"))
+    spec = cluster_spec(run.cluster(cluster))
     plan = make_plan(run.shape(), spec, run.global_batch, "bf16")
     space = [p for p in plan.ranked if megatron_2021(p)]
     published = [
@@ -206,3 +265,26 @@ def check(run: PublishedRun, cluster) -> Check:
     return Check(
         run, best.hw_tflops_per_gpu, space.index(best) + 1, len(space), 1 - best.tokens_per_s / space[0].tokens_per_s
     )
+
+
+def predict_published(run: PublishedRun, cluster):
+    """The planner's prediction of ``run``'s published layout (micro-batch and ZeRO stage as published, full
+    recomputation) on the run's cluster; ``cluster``: one DGX A100 80GB node's ClusterConfig."""
+    from trainer.analysis.planner.cluster import cluster_spec
+    from trainer.analysis.planner.layouts import Layout
+    from trainer.analysis.planner.predict import predict
+
+    layout = Layout(run.tp, run.pp, run.dp, run.zero_stage, run.micro_batch, "full", False)
+    return predict(run.shape(), layout, run.global_batch, run.precision, cluster_spec(run.cluster(cluster)))
+
+
+def fitted_pipeline_efficiency(run: PublishedRun, cluster) -> float:
+    """The pipeline_efficiency at which the prediction of ``run`` equals its published TFLOP/s: the modelled
+    slots' time over the time the published rate leaves for them (the step less the gradient reduction and
+    the optimizer step, which run outside the slots)."""
+    from dataclasses import replace
+
+    q = predict_published(run, replace(cluster, pipeline_efficiency=1.0))
+    published_step = q.time.total * q.hw_tflops_per_gpu / run.tflops_per_gpu  # same FLOPs at the published rate
+    outside = q.time.dp_comm + q.time.optimizer
+    return (q.time.total - outside) / (published_step - outside)

@@ -54,7 +54,8 @@ def header(plan: Plan) -> list[str]:
         f"model {s.name}: {s.params() / 1e9:,.2f}B parameters ({architecture(s)})",
         f"cluster {c.name}: {c.nodes} node(s) x {c.gpus_per_node} {c.gpu} = {c.world} ranks; per rank "
         f"{c.mem_bytes / GB:.1f} GB, {c.rank_peak(plan.precision) / 1e12:.3g} TFLOP/s {plan.precision} peak, "
-        f"matmul efficiency {c.compute_efficiency:.2f}",
+        f"matmul efficiency {c.compute_efficiency:.2f}, {c.engine}"
+        + (f" (pipeline {c.pipeline_efficiency:.2f})" if c.pipeline_efficiency < 1 else ""),
         f"global batch {plan.global_batch} x {s.seq_len} tokens, {plan.precision}",
     ]
     return lines + [f"  {line}" for line in c.measured]
@@ -154,7 +155,9 @@ def layout_record(plan: Plan, p: Prediction) -> dict:
             k: getattr(mem, k) / GB for k in ("weights", "grads", "optimizer", "activations", "buffers", "margin")
         },
         "step_time_s": t.total,
-        "time_s": {k: getattr(t, k) for k in ("compute", "tp_comm", "pp_comm", "zero_comm", "dp_comm", "optimizer")},
+        "time_s": {
+            k: getattr(t, k) for k in ("compute", "tp_comm", "pp_comm", "zero_comm", "dp_comm", "optimizer", "engine")
+        },
         "bubble": t.bubble,
         "tokens_per_s": p.tokens_per_s,
         "tflops_per_gpu": p.tflops_per_gpu,
@@ -175,6 +178,8 @@ def write_json(plan: Plan, path: str) -> None:
             "world": c.world,
             "mem_per_gpu_gb": c.mem_bytes / GB,
             "compute_efficiency": c.compute_efficiency,
+            "engine": c.engine,
+            "pipeline_efficiency": c.pipeline_efficiency,
             "measured": list(c.measured),
         },
         "global_batch": plan.global_batch,
