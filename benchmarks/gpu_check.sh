@@ -37,7 +37,7 @@ else
   HF_STEPS=30
   OPTION_STEPS=20
 fi
-OPTIONS=(speed.fused_adamw=false speed.compile=true parallel.micro_batch=4)
+OPTIONS=(speed.flat_optimizer=false speed.fused_adamw=false speed.compile=true parallel.micro_batch=4)
 QUIET=(train.eval_interval=0 train.eval_batches=1 train.save_interval=-1 logging.wandb.mode=disabled logging.progress=false)
 
 step() { echo; echo "== $* ($((SECONDS - started)) s)"; }

@@ -41,6 +41,25 @@ def test_speed_keys_given_on_the_command_line_win_over_auto():
     assert not ds["zero_optimization"]["overlap_comm"] and not ds["zero_optimization"]["contiguous_gradients"]
 
 
+@pytest.mark.parametrize(
+    "overrides, world, cuda, stage",
+    [
+        (["parallel.precision=bf16"], 1, True, 1),  # auto on CUDA: ZeRO-1's flat optimizer over one rank
+        (["parallel.precision=fp16"], 1, True, 1),
+        (["parallel.precision=bf16"], 1, False, 0),  # auto on CPU: as before
+        (["parallel.precision=bf16", "speed.flat_optimizer=true"], 1, False, 1),
+        (["parallel.precision=bf16", "speed.flat_optimizer=false"], 1, True, 0),
+        (["parallel.precision=fp32"], 1, True, 0),  # no wrapper to replace
+        (["parallel.precision=bf16"], 2, True, 0),  # dp 2: ZeRO-1 would partition; the user chose ZeRO-0
+        (["parallel.precision=bf16", "parallel=tp2"], 2, True, 1),  # tp 2 x dp 1
+        (["parallel.precision=bf16", "parallel=pp2"], 2, True, 0),  # the pipeline's own BF16_Optimizer
+        (["parallel.precision=bf16", "parallel.zero_stage=2"], 1, True, 2),
+    ],
+)
+def test_flat_optimizer_replaces_zero0_only_at_one_data_parallel_rank(overrides, world, cuda, stage):
+    assert _ds(overrides, cuda, world)["zero_optimization"]["stage"] == stage
+
+
 def test_deepspeed_extra_is_deep_merged():
     ds = _ds(["parallel.zero_stage=2", "+speed.deepspeed_extra.zero_optimization.offload_optimizer.device=cpu"], False)
     zero = ds["zero_optimization"]
@@ -62,6 +81,7 @@ def test_deepspeed_extra_is_deep_merged():
         ("+speed.deepspeed_extra.zero_optimisation.stage=1", "did you mean zero_optimization?"),
         ("+speed.deepspeed_extra.flops_profile.enabled=true", "did you mean flops_profiler?"),
         ("speed.fused_adamw=sometimes", "must be one of auto, true, false"),
+        ("speed.flat_optimizer=maybe", "must be one of auto, true, false"),
         ("speed.flash_attention=true", "flash needs a CUDA device and bf16/fp16"),
         ("speed.compile=true parallel.zero_stage=3", "tp=1, pp=1 and ZeRO <= 2"),
     ],

@@ -19,8 +19,10 @@ def model_meta(cfg: Config) -> dict:
     return ModelShape.from_config(cfg.model).meta()
 
 
-def layout_of(cfg: Config, dims) -> dict:
-    return {"tp": dims.tp, "pp": dims.pp, "dp": dims.dp, "zero_stage": cfg.parallel.zero_stage}
+def layout_of(dims, ds_dict: dict) -> dict:
+    """meta.json's "layout", with the ZeRO stage the engine runs (``speed.flat_optimizer`` runs ZeRO-1 at dp 1
+    for ZeRO-0): DeepSpeed's own files are reloaded only by the optimizer that wrote them."""
+    return {"tp": dims.tp, "pp": dims.pp, "dp": dims.dp, "zero_stage": ds_dict["zero_optimization"]["stage"]}
 
 
 def check_model_matches(cfg: Config, step_dir: Path) -> None:

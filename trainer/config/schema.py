@@ -252,6 +252,11 @@ class SpeedConfig:
     # ZeRO >= 1: copy gradients into one contiguous buffer as they are reduced (DeepSpeed's default, fewer
     # fragments); false saves that buffer's copy.
     contiguous_gradients: bool = True
+    # Mixed precision at ZeRO-0 with one data-parallel rank and no pipeline: step through DeepSpeed's ZeRO-1
+    # optimizer, whose fp32 masters, gradient copies, overflow check and norm are flat buffers (one kernel
+    # each), not its per-tensor FP16_UnfusedOptimizer (a host sync per tensor). One rank's ZeRO-1 partitions
+    # nothing: the same states, numerics and checkpoints. auto = on for CUDA.
+    flat_optimizer: str = "auto"  # auto | true | false
     # torch.compile each transformer block (inductor; the first steps pay the compilation, tens of seconds).
     compile: bool = False
     # Attention through scaled_dot_product_attention's flash kernel: auto = required on CUDA with bf16/fp16

@@ -242,7 +242,7 @@ def _validate_speed(cfg: Config) -> None:
     from trainer.runtime.ds_config import extra_problem
 
     s, p = cfg.speed, cfg.parallel
-    for key in ("fused_adamw", "overlap_comm", "flash_attention"):
+    for key in ("fused_adamw", "overlap_comm", "flat_optimizer", "flash_attention"):
         if str(getattr(s, key)).lower() not in SWITCHES:
             raise ConfigError(f"speed.{key}", getattr(s, key), f"must be one of {', '.join(SWITCHES)}")
     if s.compile and (p.tp > 1 or p.pp > 1 or p.zero_stage == 3):

@@ -39,13 +39,24 @@ def ds_config(cfg: Config, plan: BatchPlan, cuda: bool = False) -> dict[str, Any
             },
         },
         # The learning-rate schedule is trainer.training.schedule.lr_at, handed to deepspeed.initialize.
-        "zero_optimization": _zero(p.zero_stage, switch_on(speed.overlap_comm, cuda), speed.contiguous_gradients),
+        "zero_optimization": _zero(
+            engine_zero_stage(cfg, plan, cuda), switch_on(speed.overlap_comm, cuda), speed.contiguous_gradients
+        ),
         "bf16": {"enabled": p.precision == "bf16"},
         # Dynamic loss scaling from 2^16; hysteresis 1: every overflow halves the scale at once, as DeepSpeed's
         # unfused fp16 optimizer (ZeRO-0) always does, so ZeRO's optimizers (default 2) behave the same.
         "fp16": {"enabled": p.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16, "hysteresis": 1},
     }
     return merge_extra(generated, dict(speed.deepspeed_extra))
+
+
+def engine_zero_stage(cfg: Config, plan: BatchPlan, cuda: bool) -> int:
+    """The ZeRO stage DeepSpeed is given: ``parallel.zero_stage``, except that mixed precision at ZeRO-0 on one
+    data-parallel rank without a pipeline runs ZeRO-1's flat optimizer when ``speed.flat_optimizer`` is on
+    (nothing to partition over one rank: ZeRO-0's states and numerics, without the per-tensor wrapper)."""
+    p = cfg.parallel
+    flat = p.precision in ("bf16", "fp16") and p.zero_stage == 0 and p.pp == 1 and plan.dp == 1
+    return 1 if flat and switch_on(cfg.speed.flat_optimizer, cuda) else p.zero_stage
 
 
 # ZeRO buffer sizes in elements; trainer.analysis.planner.memory sizes its buffers from the same numbers.

@@ -154,7 +154,7 @@ def run(cfg: Config, cfg_node: DictConfig, plan: BatchPlan, run_dir: Path) -> No
         mesh,
         built.dense_named_parameters,
         run_dir,
-        {"model": model_meta(cfg), "layout": layout_of(cfg, inputs.dims)},
+        {"model": model_meta(cfg), "layout": layout_of(inputs.dims, ds_dict)},
         inputs.prepared.tokenizer_dir,
         cfg.train.keep_last,
     )
@@ -210,6 +210,8 @@ def apply_speed(cfg: Config, model, device, ds_dict: dict) -> str:
     zero = ds_dict["zero_optimization"]
     on = lambda value: "on" if value else "off"  # noqa: E731
     overlap = f"overlap_comm {on(zero.get('overlap_comm'))}" if zero["stage"] else "no ZeRO"
+    if zero["stage"] != cfg.parallel.zero_stage:  # speed.flat_optimizer (ds_config.engine_zero_stage)
+        overlap = "flat optimizer (ZeRO-1 at dp 1)"
     return (
         f"speed: fused AdamW {on(ds_dict['optimizer']['params'].get('fused'))}, {overlap}, "
         f"flash attention {'required' if flash else 'as torch chooses'}, compiled blocks {compiled}"
