@@ -77,8 +77,9 @@ def run_numbers(run_dir: Path) -> dict:
     }
 
 
-def planner_prediction(cfg: dict, cluster: str | None) -> dict | None:
-    """The planner's memory and tokens/s for the run's layout on ``cluster`` (one GPU), or None."""
+def planner_prediction(cfg: dict, cluster: str | None, zero_stage: int) -> dict | None:
+    """The planner's memory and tokens/s for the run's layout on ``cluster`` (one GPU), or None. ``zero_stage``:
+    the stage DeepSpeed ran (ds_config.json; speed.flat_optimizer runs ZeRO-1 at dp 1 for ZeRO-0)."""
     if cluster is None:
         return None
     m, p = cfg["model"], cfg["parallel"]
@@ -94,7 +95,7 @@ def planner_prediction(cfg: dict, cluster: str | None) -> dict | None:
     if proc.returncode != 0:
         print(f"planner failed: {proc.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
         return None
-    want = {"tp": 1, "pp": 1, "zero_stage": p["zero_stage"], "micro_batch": p["micro_batch"], "recompute": "none"}
+    want = {"tp": 1, "pp": 1, "zero_stage": zero_stage, "micro_batch": p["micro_batch"], "recompute": "none"}
     for layout in json.loads(out.read_text())["layouts"]:
         if all(layout.get(k) == v for k, v in want.items()):
             # The trainer logs the CUDA allocator's high-water mark: compare it with what the planner says is
@@ -171,7 +172,8 @@ def report(run_dir: Path, hf_steps: int, out: Path | None) -> None:
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
     ours = run_numbers(run_dir)
     cluster = cluster_of_this_gpu()
-    plan = planner_prediction(cfg, cluster)
+    ran = json.loads((run_dir / "ds_config.json").read_text())["zero_optimization"]["stage"]
+    plan = planner_prediction(cfg, cluster, ran)
     hf = hf_gpt2(cfg, hf_steps)
     m, p = cfg["model"], cfg["parallel"]
     print(

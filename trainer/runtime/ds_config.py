@@ -40,7 +40,7 @@ def ds_config(cfg: Config, plan: BatchPlan, cuda: bool = False) -> dict[str, Any
         },
         # The learning-rate schedule is trainer.training.schedule.lr_at, handed to deepspeed.initialize.
         "zero_optimization": _zero(
-            engine_zero_stage(cfg, plan, cuda), switch_on(speed.overlap_comm, cuda), speed.contiguous_gradients
+            engine_zero_stage(cfg, plan.dp, cuda), switch_on(speed.overlap_comm, cuda), speed.contiguous_gradients
         ),
         "bf16": {"enabled": p.precision == "bf16"},
         # Dynamic loss scaling from 2^16; hysteresis 1: every overflow halves the scale at once, as DeepSpeed's
@@ -50,12 +50,12 @@ def ds_config(cfg: Config, plan: BatchPlan, cuda: bool = False) -> dict[str, Any
     return merge_extra(generated, dict(speed.deepspeed_extra))
 
 
-def engine_zero_stage(cfg: Config, plan: BatchPlan, cuda: bool) -> int:
+def engine_zero_stage(cfg: Config, dp: int, cuda: bool) -> int:
     """The ZeRO stage DeepSpeed is given: ``parallel.zero_stage``, except that mixed precision at ZeRO-0 on one
     data-parallel rank without a pipeline runs ZeRO-1's flat optimizer when ``speed.flat_optimizer`` is on
     (nothing to partition over one rank: ZeRO-0's states and numerics, without the per-tensor wrapper)."""
     p = cfg.parallel
-    flat = p.precision in ("bf16", "fp16") and p.zero_stage == 0 and p.pp == 1 and plan.dp == 1
+    flat = p.precision in ("bf16", "fp16") and p.zero_stage == 0 and p.pp == 1 and dp == 1
     return 1 if flat and switch_on(cfg.speed.flat_optimizer, cuda) else p.zero_stage
 
 

@@ -24,7 +24,7 @@ def check_memory(cfg: Config, world: int, device) -> None:
     """Raise BadInput when this rank cannot hold its share of the launched layout (see the module)."""
     if not cfg.train.memory_check:
         return
-    layout = launched_layout(cfg, world)
+    layout = launched_layout(cfg, world, device.type == "cuda")
     needed = predicted_bytes(cfg, layout)
     available, where = available_bytes(device)
     if needed <= available:
@@ -37,12 +37,17 @@ def check_memory(cfg: Config, world: int, device) -> None:
     )
 
 
-def launched_layout(cfg: Config, world: int):
+def launched_layout(cfg: Config, world: int, cuda: bool = False):
+    """The planner's Layout of the launched run, at the ZeRO stage DeepSpeed will run (``speed.flat_optimizer``
+    runs ZeRO-1, with its flat step buffers, for ZeRO-0 at dp 1)."""
     from trainer.analysis.planner.layouts import Layout
+    from trainer.runtime.ds_config import engine_zero_stage
 
     p = cfg.parallel
     mode, _ = recompute_plan(p)
-    return Layout(p.tp, p.pp, world // (p.tp * p.pp), p.zero_stage, p.micro_batch, mode, p.sequence_parallel)
+    dp = world // (p.tp * p.pp)
+    zero = engine_zero_stage(cfg, dp, cuda)
+    return Layout(p.tp, p.pp, dp, zero, p.micro_batch, mode, p.sequence_parallel)
 
 
 def predicted_bytes(cfg: Config, layout) -> float:
