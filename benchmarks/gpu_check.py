@@ -133,7 +133,9 @@ def hf_gpt2(cfg: dict, steps: int) -> dict:
     model = GPT2LMHeadModel(config).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=cuda)
     micro, accum = p["micro_batch"], p["global_batch"] // p["micro_batch"]
-    bf16 = cuda and p["precision"] == "bf16"
+    # Mixed precision as Hugging Face runs it: fp32 weights under autocast, on CPU as on CUDA (no loss scaler for
+    # fp16: only the speed is measured)
+    low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(p["precision"])
     tokens = micro * accum * shape.seq_len
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
@@ -142,7 +144,7 @@ def hf_gpt2(cfg: dict, steps: int) -> dict:
         start = time.perf_counter()
         for _ in range(accum):
             idx = torch.randint(0, m["vocab_size"], (micro, shape.seq_len), device=device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            with torch.autocast(device.type, dtype=low or torch.bfloat16, enabled=low is not None):
                 loss = model(input_ids=idx, labels=idx).loss / accum
             loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
