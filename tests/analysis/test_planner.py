@@ -447,7 +447,7 @@ def test_the_issue_example_prints_a_table_and_writes_json(tmp_path):
     done = subprocess.run(cmd, cwd=tmp_path, env=child_env(PYTHONPATH=str(ROOT)), capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "launch/slurm.sbatch model=gpt3-175b parallel.tp=" in done.stdout
-    assert "tp1 pp2: ZeRO-0 1." in done.stdout  # a rejected family with its need, in TB
+    assert "tp2 pp1: ZeRO-0 1." in done.stdout  # a rejected family with its need, in TB
     layouts = json.loads(out.read_text())["layouts"]
     keys = {
         "tp",

@@ -61,7 +61,15 @@ def predicted_bytes(cfg: Config, layout) -> float:
     # fused attention keeps no s×s scores.
     scores = keeps_attention_scores("deepspeed")
     memory = memory_per_gpu(
-        shape, layout, p.global_batch, p.precision, 0.0, 0.0, partition=p.pipeline_partition, scores=scores
+        shape,
+        layout,
+        p.global_batch,
+        p.precision,
+        0.0,
+        0.0,
+        partition=p.pipeline_partition,
+        scores=scores,
+        engine="deepspeed",
     )
     return memory.total
 

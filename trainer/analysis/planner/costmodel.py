@@ -20,10 +20,12 @@ V/12lh) (96 and V/16lh with full recompute). Collectives are ring collectives (t
   * pp: each micro-batch sends its activation forward and its gradient back, b·s·h/t per GPU
     (Megatron's scatter/gather: each tp rank sends its slice), across nodes when there are several.
   * dp: after the last micro-batch (DeepSpeed reduces at the accumulation boundary; the trainer sets
-    overlap_comm=false, so nothing is overlapped). ZeRO-0 all-reduces the fp32 gradients, ZeRO-1
-    reduce-scatters them and all-gathers the 16-bit weights, ZeRO-2 reduce-scatters every micro-batch
-    and all-gathers the weights once, ZeRO-3 all-gathers the weights for every forward (and recompute)
-    and backward and reduce-scatters every micro-batch.
+    overlap_comm=false, so nothing is overlapped). ZeRO-0 all-reduces the gradients, ZeRO-1 reduces them
+    and all-gathers the 16-bit weights, ZeRO-2 reduces every micro-batch and all-gathers the weights once,
+    ZeRO-3 all-gathers the weights for every forward (and recompute) and backward and reduce-scatters every
+    micro-batch. ZeRO-1/2's reduction is an all-reduce in DeepSpeed, a reduce-scatter for Megatron-LM
+    (``stages.zero_gradient_reduction``); DeepSpeed's bf16 pipeline at ZeRO-0 also all-gathers
+    (``stages.shards_optimizer``: its BF16_Optimizer shards like ZeRO-1).
   * optimizer: Adam reads and writes ~30 bytes per parameter it updates (fp32 master, m, v, gradient,
     16-bit weight), bound by memory bandwidth.
 """
@@ -36,7 +38,15 @@ from dataclasses import dataclass
 from trainer.analysis.formulas import BYTES, dp_sync_traffic, shape_activation_bytes, tp_collectives, wire_bytes
 from trainer.analysis.planner.cluster import ClusterSpec, Link
 from trainer.analysis.planner.layouts import Layout
-from trainer.analysis.planner.stages import Stage, even_stage, keeps_attention_scores, partition_method, pipeline_stages
+from trainer.analysis.planner.stages import (
+    Stage,
+    even_stage,
+    keeps_attention_scores,
+    partition_method,
+    pipeline_stages,
+    shards_optimizer,
+    zero_gradient_reduction,
+)
 from trainer.model.shape import ModelShape
 
 GRAD_COMM_BYTES = 4  # Megatron-LM accumulates and reduces gradients in fp32 (DeepSpeed: see grad_comm_bytes)
@@ -190,7 +200,8 @@ def step_time(
         psi = shape.padded(t).rank_params(t, stage.positions)
         zero = zero_micro_batch_time(layout, psi, precision, cluster, grad_bytes)
         dp = dp_step_time(layout, psi, precision, cluster, grad_bytes)
-        optimizer = (psi / layout.dp if layout.zero_stage >= 1 else psi) * ADAM_BYTES_PER_PARAM / cluster.mem_bw
+        sharded = shards_optimizer(cluster.engine, precision, p, layout.zero_stage)
+        optimizer = (psi / layout.dp if sharded else psi) * ADAM_BYTES_PER_PARAM / cluster.mem_bw
         per_stage.append((compute + tp + pp + zero, compute, tp, zero, dp, optimizer))
     _, compute, tp, zero, _, _ = max(per_stage, key=lambda x: x[0])
     _, _, _, _, dp, optimizer = max(per_stage, key=lambda x: x[4] + x[5])
@@ -217,9 +228,9 @@ def zero_micro_batch_time(
     if layout.zero_stage < 2:
         return 0.0
     link, d, call = cluster.dp_link(layout.tp, layout.dp), layout.dp, cluster.call_latency
-    reduce = ring_time(psi * grad_bytes, d, "reduce_scatter", link, call)
     if layout.zero_stage == 2:
-        return reduce
+        return ring_time(psi * grad_bytes, d, zero_gradient_reduction(cluster.engine), link, call)
+    reduce = ring_time(psi * grad_bytes, d, "reduce_scatter", link, call)
     gathers = 3 if layout.recompute == "full" else 2  # forward, (recompute), backward
     return reduce + gathers * ring_time(psi * BYTES[precision], d, "all_gather", link, call)
 
@@ -228,9 +239,10 @@ def dp_step_time(
     layout: Layout, psi: float, precision: str, cluster: ClusterSpec, grad_bytes: int = GRAD_COMM_BYTES
 ) -> float:
     link, d, call = cluster.dp_link(layout.tp, layout.dp), layout.dp, cluster.call_latency
-    if layout.zero_stage == 0:
-        return ring_time(psi * grad_bytes, d, "all_reduce", link, call)
     gather = ring_time(psi * BYTES[precision], d, "all_gather", link, call)
+    if layout.zero_stage == 0:
+        reduced = ring_time(psi * grad_bytes, d, "all_reduce", link, call)
+        return reduced + (gather if shards_optimizer(cluster.engine, precision, layout.pp, 0) else 0.0)
     if layout.zero_stage == 1:
-        return ring_time(psi * grad_bytes, d, "reduce_scatter", link, call) + gather
+        return ring_time(psi * grad_bytes, d, zero_gradient_reduction(cluster.engine), link, call) + gather
     return gather if layout.zero_stage == 2 else 0.0

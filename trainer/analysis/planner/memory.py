@@ -23,11 +23,11 @@ the caller's buffers adds temporaries per byte moved (``Collectives``; gloo on C
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from trainer.analysis.formulas import BYTES, shape_activation_bytes, zero_state_bytes
 from trainer.analysis.planner.layouts import Layout
-from trainer.analysis.planner.stages import Stage, even_stage, memory_candidates, pipeline_stages
+from trainer.analysis.planner.stages import Stage, even_stage, memory_candidates, pipeline_stages, shards_optimizer
 from trainer.model.shape import ModelShape
 from trainer.runtime.ds_config import ZERO3_MAX_LIVE_PARAMETERS, ZERO3_SUB_GROUP_ELEMENTS, ZERO_BUCKET_ELEMENTS
 
@@ -139,27 +139,38 @@ def memory_per_gpu(
     collectives: Collectives = Collectives(),
     partition: str = "parameters",
     scores: bool = True,
+    engine: str = "megatron",
 ) -> Memory:
     """The most loaded stage of the layout as ``partition`` cuts it ("parameters" or "uniform": DeepSpeed's
     partitioner, as the trainer runs it; "even": Megatron-LM's). Candidates: the first stage (most micro-batches
     in flight, the embedding), the last (the head) and the earliest middle stage of each block count.
-    ``scores``: whether attention keeps its s×s scores (``stages.keeps_attention_scores`` of the engine)."""
+    ``scores``: whether attention keeps its s×s scores (``stages.keeps_attention_scores`` of the engine);
+    ``engine``: whose optimizer holds the states (``stages.shards_optimizer``: DeepSpeed's bf16 pipeline shards
+    them at ZeRO-0 too)."""
     stages = memory_candidates(pipeline_stages(shape, layout.tp, layout.pp, partition))
-    return max(
-        (
-            _stage(shape, layout, global_batch, precision, reserved, fragmentation, collectives, st, scores)
-            for st in stages
-        ),
-        key=lambda m: m.total,
-    )
+    args = (shape, layout, global_batch, precision, reserved, fragmentation, collectives, scores, engine)
+    return max((stage_memory(*args, stage=st) for st in stages), key=lambda m: m.total)
 
 
-def _stage(shape, layout, global_batch, precision, reserved, fragmentation, collectives, stage, scores) -> Memory:
+def stage_memory(
+    shape, layout, global_batch, precision, reserved, fragmentation, collectives, scores, engine, stage: Stage
+) -> Memory:
+    """One stage's bytes per GPU (``memory_per_gpu``'s arguments; ``stages.pipeline_stages`` gives the stages)."""
+    sharded = layout.zero_stage == 0 and shards_optimizer(engine, precision, layout.pp, 0)
+    return _stage(shape, layout, global_batch, precision, reserved, fragmentation, collectives, stage, scores, sharded)
+
+
+def _stage(
+    shape, layout, global_batch, precision, reserved, fragmentation, collectives, stage, scores, sharded
+) -> Memory:
     psi = shape.padded(layout.tp).rank_params(layout.tp, stage.positions)
-    states = zero_state_bytes(psi, layout.dp, layout.zero_stage, precision)
+    states = zero_state_bytes(psi, layout.dp, 1 if sharded else layout.zero_stage, precision)
     acts = activation_bytes(shape, layout, global_batch, precision, stage.first, stage, scores)
     largest = shape.largest_tensor(layout.tp, embedding=stage.first or stage.last)
     buffers = buffer_bytes(layout, psi, precision, collectives, largest)
+    if sharded:  # BF16_Optimizer: a second, flat gradient copy; ZeRO-1's step temporary, no reduce bucket
+        states = replace(states, grads=2 * states.grads)
+        buffers = step_bytes(replace(layout, zero_stage=1), psi)
     allocated = states.total + acts + buffers
     margin = allocated * fragmentation + reserved
     return Memory(states.params, states.grads, states.optimizer, acts, buffers, margin)

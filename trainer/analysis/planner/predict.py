@@ -68,6 +68,7 @@ def predict(
         cluster.collectives,
         method,
         scores,
+        cluster.engine,
     )
     time = step_time(shape, layout, global_batch, precision, cluster, method)
     world = layout.tp * layout.pp * layout.dp

@@ -49,6 +49,26 @@ def keeps_attention_scores(engine: str) -> bool:
     return engine == "megatron"
 
 
+def zero_gradient_reduction(engine: str) -> str:
+    """The collective that reduces ZeRO-1/2 gradients: DeepSpeed (0.19) all-reduces each bucket and keeps its
+    partition (``use_multi_rank_bucket_allreduce``, its default; ``formulas.zero_collectives``, whose bytes
+    ``trainer.compare`` measures exactly), the papers' count and Megatron-LM's distributed optimizer
+    reduce-scatter."""
+    if engine not in ENGINES:
+        raise ValueError(f"engine {engine!r}: must be one of {ENGINES}")
+    return "all_reduce" if engine == "deepspeed" else "reduce_scatter"
+
+
+def shards_optimizer(engine: str, precision: str, pp: int, zero_stage: int) -> bool:
+    """Whether the engine partitions Adam's state over the data-parallel group: ZeRO >= 1, and in DeepSpeed (0.19)
+    bf16 under a pipeline at ZeRO-0 too, which it steps with its BF16_Optimizer: fp32 masters and moments in dp
+    partitions, a second, flat gradient copy, the gradients all-reduced and the updated weights all-gathered
+    (measured by the trainer's per-rank memory and collective records at pp 2 x dp 2)."""
+    if zero_stage >= 1:
+        return True
+    return engine == "deepspeed" and precision == "bf16" and pp > 1
+
+
 def partition_method(engine: str, partition: str = "parameters") -> str:
     """How ``engine`` cuts the model: Megatron-LM evenly, DeepSpeed by the trainer's ``pipeline_partition``."""
     if engine == "megatron":
