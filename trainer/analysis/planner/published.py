@@ -103,33 +103,18 @@ MEGATRON_2021 = (
 #     BF16_Optimizer; it accumulates and reduces gradients in fp32, which this trainer does not), full
 #     recomputation; 70 layers over 12 stages (uneven for Megatron-LM), vocabulary 250,680. Out of sample.
 MTNLG, BLOOM = "MT-NLG", "BLOOM"
+_DEEPSPEED = {"engine": "deepspeed", "zero_stage": 1}
+# fmt: off
 DEEPSPEED_RUNS = (
     *(
-        PublishedRun(
-            MTNLG, 530, 105, 20480, 128, 8, 35, gpus, 1920, tflops, 1, None, "deepspeed", 1, "fp16", iteration_s=seconds
-        )  # fmt: skip
+        PublishedRun(MTNLG, 530, 105, 20480, 128, 8, 35, gpus, 1920, tflops, micro_batch=1, precision="fp16",
+                     iteration_s=seconds, **_DEEPSPEED)
         for gpus, seconds, tflops in ((2240, 60.1, 126), (2800, 50.2, 121), (3360, 44.4, 113))
     ),
-    PublishedRun(
-        BLOOM,
-        176,
-        70,
-        14336,
-        112,
-        4,
-        12,
-        384,
-        2048,
-        150,
-        2,
-        None,
-        "deepspeed",
-        1,
-        "bf16",
-        250680,
-        inter_node_bw_gbs=6.25,
-    ),  # fmt: skip
+    PublishedRun(BLOOM, 176, 70, 14336, 112, 4, 12, 384, 2048, 150, micro_batch=2, precision="bf16", vocab=250680,
+                 inter_node_bw_gbs=6.25, **_DEEPSPEED),
 )
+# fmt: on
 FITTED_RUN = DEEPSPEED_RUNS[1]  # MT-NLG on 350 nodes: what pipeline_efficiency is fitted on
 
 
