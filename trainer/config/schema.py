@@ -280,7 +280,8 @@ class Config:
     speed: SpeedConfig = field(default_factory=SpeedConfig)
 
 
-PRECISIONS = ("fp32", "bf16", "fp16")
+MIXED_PRECISIONS = ("bf16", "fp16")  # 16-bit weights with fp32 masters (DeepSpeed bf16 / fp16 with loss scaling)
+PRECISIONS = ("fp32", *MIXED_PRECISIONS)
 HOST_HEAPS = ("auto", "lean", "glibc")
 DP_SYNCS = ("allreduce", "parameter_server", "local_sgd")
 OUTER_OPTIMIZERS = ("none", "nesterov")

@@ -10,6 +10,7 @@ from typing import Any
 from trainer.config.schema import (
     DP_SYNCS,
     HOST_HEAPS,
+    MIXED_PRECISIONS,
     OBJECTIVES,
     OUTER_OPTIMIZERS,
     PRECISIONS,
@@ -249,7 +250,7 @@ def _validate_speed(cfg: Config) -> None:
         fix = "torch.compile of the blocks is checked at tp=1, pp=1 and ZeRO <= 2 only; set speed.compile=false"
         raise ConfigError("speed.compile", True, fix)
     cuda = torch.cuda.is_available() and cfg.train.device != "cpu"
-    if str(s.flash_attention).lower() == "true" and not (cuda and p.precision in ("bf16", "fp16")):
+    if str(s.flash_attention).lower() == "true" and not (cuda and p.precision in MIXED_PRECISIONS):
         raise ConfigError("speed.flash_attention", True, "flash needs a CUDA device and bf16/fp16; use auto or false")
     _probe_flash(cfg, cuda)
     problem = extra_problem(dict(s.deepspeed_extra)) if s.deepspeed_extra else None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from trainer.config.schema import BatchPlan, Config
+from trainer.config.schema import MIXED_PRECISIONS, BatchPlan, Config
 
 
 def switch_on(value: Any, cuda: bool) -> bool:
@@ -55,7 +55,7 @@ def engine_zero_stage(cfg: Config, dp: int, cuda: bool) -> int:
     data-parallel rank without a pipeline runs ZeRO-1's flat optimizer when ``speed.flat_optimizer`` is on
     (nothing to partition over one rank: ZeRO-0's states and numerics, without the per-tensor wrapper)."""
     p = cfg.parallel
-    flat = p.precision in ("bf16", "fp16") and p.zero_stage == 0 and p.pp == 1 and dp == 1
+    flat = p.precision in MIXED_PRECISIONS and p.zero_stage == 0 and p.pp == 1 and dp == 1
     return 1 if flat and switch_on(cfg.speed.flat_optimizer, cuda) else p.zero_stage
 
 

@@ -9,10 +9,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from trainer.config.schema import MIXED_PRECISIONS
 from trainer.runtime.ds_config import switch_on
 
 # Flash attention computes in 16 bits only; fp32 attention on a GPU takes the memory-efficient or math kernel.
-FLASH_PRECISIONS = ("bf16", "fp16")
+FLASH_PRECISIONS = MIXED_PRECISIONS
 
 
 def flash_required(speed: Any, precision: str, cuda: bool) -> bool:

@@ -12,11 +12,12 @@ from dataclasses import dataclass, field
 from omegaconf import MISSING
 
 from trainer.analysis.planner.stages import ENGINES
+from trainer.config.schema import PRECISIONS as TRAINER_PRECISIONS
 from trainer.config.schema import ConfigError, ModelConfig, ParallelConfig
 from trainer.config.validate import _validate_architecture
 from trainer.model.shape import PIPELINE_PARTITIONS
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PRECISIONS = ("auto", *TRAINER_PRECISIONS)  # auto: the cluster's default_precision
 
 
 @dataclass
