@@ -151,6 +151,21 @@ def test_flat_optimizer_trains_as_the_per_tensor_one(precision, tmp_path, data_c
     assert all(math.isclose(resumed[s]["loss"], on[s]["loss"], rel_tol=1e-4) for s in range(5, 9)), (resumed, on)
 
 
+@pytest.mark.slow
+def test_flat_optimizer_at_tp2_trains_as_the_per_tensor_one(tmp_path, data_cache):
+    """tp 2 x dp 1 (what auto picks on two GPUs with parallel=tp2): ZeRO-1's norm over tp shards is the wrapper's."""
+    ranks, extra = LAYOUTS["tp2"]
+    runs = {}
+    for flat in ("true", "false"):
+        overrides = _overrides(data_cache, "parallel.precision=bf16", f"speed.flat_optimizer={flat}", "train.steps=8")
+        proc = run_train(tmp_path / flat, [*overrides, *extra], ranks=ranks)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[flat] = _steps(tmp_path / flat)
+    on, off = runs["true"], runs["false"]
+    assert all(math.isclose(on[s]["loss"], off[s]["loss"], rel_tol=1e-4) for s in range(1, 9)), (on, off)
+    assert all(math.isclose(on[s]["grad_norm"], off[s]["grad_norm"], rel_tol=1e-3) for s in range(1, 9)), (on, off)
+
+
 def test_flat_optimizer_skips_an_fp16_overflow(tmp_path, data_cache):
     """With the flat optimizer an injected NaN is skipped and halves the scale, as with the per-tensor one."""
     got = _flat_run(tmp_path / "run", data_cache, "fp16", "true", "train.inject_nan_steps=[3]")
