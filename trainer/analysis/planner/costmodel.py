@@ -22,10 +22,11 @@ V/12lh) (96 and V/16lh with full recompute). Collectives are ring collectives (t
   * dp: after the last micro-batch (DeepSpeed reduces at the accumulation boundary; the trainer sets
     overlap_comm=false, so nothing is overlapped). ZeRO-0 all-reduces the gradients, ZeRO-1 reduces them
     and all-gathers the 16-bit weights, ZeRO-2 reduces every micro-batch and all-gathers the weights once,
-    ZeRO-3 all-gathers the weights for every forward (and recompute) and backward and reduce-scatters every
-    micro-batch. ZeRO-1/2's reduction is an all-reduce in DeepSpeed, a reduce-scatter for Megatron-LM
-    (``stages.zero_gradient_reduction``); DeepSpeed's bf16 pipeline at ZeRO-0 also all-gathers
-    (``stages.shards_optimizer``: its BF16_Optimizer shards like ZeRO-1).
+    ZeRO-3 all-gathers the weights for every forward, and for its backward all but what stays live
+    (``formulas.zero3_gathered``), and reduce-scatters every micro-batch. ZeRO-1/2's reduction is an
+    all-reduce in DeepSpeed, a reduce-scatter for Megatron-LM (``stages.zero_gradient_reduction``);
+    DeepSpeed's bf16 pipeline at ZeRO-0 also all-gathers (``stages.shards_optimizer``: its BF16_Optimizer
+    shards like ZeRO-1).
   * optimizer: Adam reads and writes ~30 bytes per parameter it updates (fp32 master, m, v, gradient,
     16-bit weight), bound by memory bandwidth.
 """
@@ -35,7 +36,14 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
-from trainer.analysis.formulas import BYTES, dp_sync_traffic, shape_activation_bytes, tp_collectives, wire_bytes
+from trainer.analysis.formulas import (
+    BYTES,
+    dp_sync_traffic,
+    shape_activation_bytes,
+    tp_collectives,
+    wire_bytes,
+    zero3_gathered,
+)
 from trainer.analysis.planner.cluster import ClusterSpec, Link
 from trainer.analysis.planner.layouts import Layout
 from trainer.analysis.planner.stages import (
@@ -48,6 +56,7 @@ from trainer.analysis.planner.stages import (
     zero_gradient_reduction,
 )
 from trainer.model.shape import ModelShape
+from trainer.runtime.ds_config import ZERO3_MAX_LIVE_PARAMETERS
 
 GRAD_COMM_BYTES = 4  # Megatron-LM accumulates and reduces gradients in fp32 (DeepSpeed: see grad_comm_bytes)
 ADAM_BYTES_PER_PARAM = 30
@@ -231,8 +240,9 @@ def zero_micro_batch_time(
     if layout.zero_stage == 2:
         return ring_time(psi * grad_bytes, d, zero_gradient_reduction(cluster.engine), link, call)
     reduce = ring_time(psi * grad_bytes, d, "reduce_scatter", link, call)
-    gathers = 3 if layout.recompute == "full" else 2  # forward, (recompute), backward
-    return reduce + gathers * ring_time(psi * BYTES[precision], d, "all_gather", link, call)
+    gathered = zero3_gathered(psi, ZERO3_MAX_LIVE_PARAMETERS)  # forward, and the backward beyond what stays live
+    calls = 1 + (gathered > psi)
+    return reduce + calls * ring_time(gathered / calls * BYTES[precision], d, "all_gather", link, call)
 
 
 def dp_step_time(
