@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from trainer.runtime.ds_config import ZERO3_MAX_LIVE_PARAMETERS
+
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 
@@ -336,8 +338,6 @@ def zero_collectives(psi: float, dp: int, zero_stage: int, micro_batches: int, g
         return {"all_reduce": full, "all_gather": full}
     if zero_stage == 2:
         return {"all_reduce": micro_batches * full, "all_gather": full}
-    from trainer.runtime.ds_config import ZERO3_MAX_LIVE_PARAMETERS
-
     gathered = zero3_gathered(psi, ZERO3_MAX_LIVE_PARAMETERS) * grad_bytes
     return {"reduce_scatter": micro_batches * full, "all_gather": micro_batches * gathered}
 

@@ -157,12 +157,6 @@ def stage_memory(
 ) -> Memory:
     """One stage's bytes per GPU (``memory_per_gpu``'s arguments; ``stages.pipeline_stages`` gives the stages)."""
     sharded = layout.zero_stage == 0 and shards_optimizer(engine, precision, layout.pp, 0)
-    return _stage(shape, layout, global_batch, precision, reserved, fragmentation, collectives, stage, scores, sharded)
-
-
-def _stage(
-    shape, layout, global_batch, precision, reserved, fragmentation, collectives, stage, scores, sharded
-) -> Memory:
     psi = shape.padded(layout.tp).rank_params(layout.tp, stage.positions)
     states = zero_state_bytes(psi, layout.dp, 1 if sharded else layout.zero_stage, precision)
     acts = activation_bytes(shape, layout, global_batch, precision, stage.first, stage, scores)
