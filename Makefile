@@ -40,13 +40,18 @@ prepare: $(STAMP)
 train: prepare
 	PATH=$(CURDIR)/$(BIN):$$PATH launch/local.sh 2 experiment=quickstart $(ARGS)
 
-## The whole test suite, slow multi-process tests included (what CI runs).
+## The whole test suite, slow multi-process tests included (what CI runs), on TEST_WORKERS pytest-xdist
+## workers, one test file per worker at a time (a file's module fixtures are built once). Two suit a 2-core
+## machine: the launcher tests wait on process start-up and collectives much of the time, and each already
+## starts 2-4 ranks. TEST_WORKERS=0 runs in this process.
+TEST_WORKERS ?= 2
+PYTEST := $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 test: $(STAMP)
-	$(BIN)/python -m pytest $(ARGS)
+	$(PYTEST) $(ARGS)
 
 ## The suite without the slow launcher matrix, for quick local iterations.
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -m "not slow" $(ARGS)
+	$(PYTEST) -m "not slow" $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check trainer tests benchmarks
