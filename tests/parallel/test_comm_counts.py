@@ -21,7 +21,11 @@ import torch
 import torch.distributed as dist
 
 from trainer.model import GPT, ModelShape
-from trainer.parallel.layers import TensorParallelLayers, allreduce_sequence_parallel_grads
+from trainer.parallel.layers import (
+    TensorParallelLayers,
+    allreduce_sequence_parallel_grads,
+    register_sequence_parallel_grad_hooks,
+)
 from trainer.parallel.mappings import CommStats
 
 from .spawn import run_ranks
@@ -99,3 +103,31 @@ def _check_counts(rank: int, world: int) -> None:
 
 def test_gpt_collectives_at_tp2():
     run_ranks(_check_counts, 2)
+
+
+def _check_recompute(rank: int, world: int) -> None:
+    """Full recompute runs the blocks' forward again in the backward, collectives included, except the last
+    of each run (torch's non-reentrant checkpoint stops once the saved tensors are back): the micro-batch's
+    count and bytes per kind are what ``formulas.tp_collectives`` says, for runs of 1 and of 2 blocks."""
+    from trainer.analysis.formulas import recompute_stops_early, recomputed_runs, tp_collectives
+
+    gen = torch.Generator().manual_seed(0)
+    idx = torch.randint(0, SHAPE.vocab_size, (BATCH, SHAPE.seq_len), generator=gen)
+    l, h, s = SHAPE.n_layer, SHAPE.n_embd, SHAPE.seq_len
+    for sequence_parallel, every in ((False, 1), (True, 1), (False, 2), (True, 2)):
+        stats = CommStats()
+        model = GPT(SHAPE, TensorParallelLayers(dist.group.WORLD, stats, sequence_parallel), 0, "full", every)
+        if sequence_parallel:  # as the trainer does: one all-reduce per replicated parameter and backward
+            register_sequence_parallel_grad_hooks(model, dist.group.WORLD, stats)
+        model(idx, idx).backward()
+        counted = {kind: (stats[kind].count, float(stats[kind].bytes)) for kind in stats.kinds()}
+        runs = recomputed_runs(range(l + 3), l, every, pipelined=False)
+        want = tp_collectives(
+            l, BATCH, s, h, world, sequence_parallel, 4, None, (6, 2), runs, recompute_stops_early(False)
+        )
+        assert counted == want, f"sp={sequence_parallel} every={every}: counted {counted}, formula {want}"
+        assert want != tp_collectives(l, BATCH, s, h, world, sequence_parallel)  # the recompute is counted
+
+
+def test_full_recompute_repeats_the_forward_collectives():
+    run_ranks(_check_recompute, 2)

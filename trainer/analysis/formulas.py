@@ -9,6 +9,7 @@ read: the papers' GPT formulas are their k = a, f = 4h, learned-position case).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from trainer.runtime.ds_config import ZERO3_MAX_LIVE_PARAMETERS
@@ -181,10 +182,18 @@ def shape_activation_bytes(
     sequence_parallel: bool = False,
     precision: str = "bf16",
     scores: bool = True,
+    recompute: str = "none",
 ) -> float:
-    """``activation_bytes_per_layer`` of one block of a ``ModelShape`` (its s, h, a and ``split_activations``)."""
+    """Activations one block of a ``ModelShape`` (its s, h, a and ``split_activations``) keeps for backward per
+    micro-batch (Korthikanti et al. 2022, Table 2): all of them (``activation_bytes_per_layer``;
+    ``scores=False``: a fused attention kernel's, without the s×s scores), all but the attention core's under
+    selective recompute, or under full recompute its input alone, 2sbh (/t with SP) at 16 bits, scaled to
+    ``precision`` (a fully recomputed run of several blocks keeps only its first one's: ``recomputed_runs``)."""
     s, h, a = shape.seq_len, shape.n_embd, shape.n_head
-    return activation_bytes_per_layer(s, b, h, a, t, sequence_parallel, precision, scores, split_activations(shape))
+    if recompute == "full":
+        return 2 * s * b * h / (t if sequence_parallel else 1) * BYTES[precision] / 2
+    kept_scores, split = scores and recompute == "none", split_activations(shape)
+    return activation_bytes_per_layer(s, b, h, a, t, sequence_parallel, precision, kept_scores, split)
 
 
 def dp_comm_bytes_per_step(psi: float, dp: int, zero_stage: int, grad_bytes: int = 4) -> float:
@@ -352,6 +361,8 @@ def tp_collectives(
     act_bytes: int = 4,
     positions: range | None = None,
     replicated: tuple[int, int] = (6, 2),
+    recompute_runs: Sequence[int] = (),
+    early_stop: bool = False,
 ) -> dict[str, tuple[int, float]]:
     """(count, full-buffer bytes) per kind of the tensor-parallel collectives of one micro-batch
     (forward and backward) on a rank holding pipeline ``positions`` (default: the whole model).
@@ -367,22 +378,49 @@ def tp_collectives(
     for Llama's RMSNorms without biases. The other collectives' sizes do not depend on the architecture:
     grouped-query attention narrows the column-parallel QKV's output and SwiGLU widens fc1's, not the b·s·h
     inputs and outputs that are reduced or gathered.
+
+    Full recompute (``recompute_runs``: the runs of blocks it re-runs, ``recomputed_runs``) repeats those
+    blocks' forward collectives in the backward, 2 per block (2 all-gathers and 2 reduce-scatters with SP);
+    with ``early_stop`` (torch's non-reentrant checkpoint, ``recompute_stops_early``) a run's recomputation
+    ends once the tensors backward saved are back, before its last collective, whose output none of them is.
+    Selective recompute re-runs the attention core alone, which has no collective.
     """
     if t <= 1:
         return {}
     positions = range(l + 3) if positions is None else positions
     blocks = sum(1 for pos in positions if 1 <= pos <= l)
+    rerun, skipped = sum(recompute_runs), len(recompute_runs) if early_stop else 0
     bsh, bs = b * s * h * act_bytes, b * s * act_bytes
     first, norm, head = 0 in positions, l + 1 in positions, l + 2 in positions
     reduces = (int(first) + int(head)) * [bsh] + 3 * int(head) * [bs]
     if not sequence_parallel:
-        reduces += 4 * blocks * [bsh]
+        reduces += (4 * blocks + 2 * rerun - skipped) * [bsh]
         return {"all_reduce": (len(reduces), float(sum(reduces)))}
     reduces += (replicated[0] * blocks + replicated[1] * int(norm)) * [h * act_bytes]
-    gathers = 4 * blocks + int(first) + int(norm)
+    gathers = 4 * blocks + 2 * rerun + int(first) + int(norm)
+    scatters = 4 * blocks + 2 * rerun - skipped
     out = {"all_reduce": (len(reduces), float(sum(reduces))), "all_gather": (gathers, float(gathers * bsh))}
-    out["reduce_scatter"] = (4 * blocks, float(4 * blocks * bsh))
+    out["reduce_scatter"] = (scatters, float(scatters * bsh))
     return {kind: value for kind, value in out.items() if value[0]}
+
+
+def recomputed_runs(positions: range, l: int, every: int, pipelined: bool) -> list[int]:
+    """Full recompute on a rank holding pipeline ``positions``: the sizes of the runs of blocks it recomputes
+    as one (``parallel.activation_checkpoint_interval``: ``every``). The dense GPT cuts its blocks into runs
+    of ``every``; a pipeline stage (DeepSpeed's PipelineModule) cuts its positions so from its first and
+    recomputes only the runs that are all blocks (trainer.parallel.pipeline)."""
+    if pipelined:
+        runs = [positions[i : i + every] for i in range(0, len(positions), every)]
+        return [len(run) for run in runs if all(1 <= pos <= l for pos in run)]
+    blocks = sum(1 for pos in positions if 1 <= pos <= l)
+    return [min(every, blocks - start) for start in range(0, blocks, every)]
+
+
+def recompute_stops_early(pipelined: bool) -> bool:
+    """Whether this trainer's full recompute stops short of a run's last collective: the dense GPT recomputes
+    with torch's non-reentrant checkpoint, which stops early; a pipeline stage with DeepSpeed's reentrant
+    one, which re-runs the whole forward."""
+    return not pipelined
 
 
 def pipeline_p2p_bytes(

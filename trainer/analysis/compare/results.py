@@ -7,9 +7,11 @@ What is compared, per rank (medians over the measured steps; memory at its high-
                    with Ψ_rank = ModelShape.rank_params(...) for the rank's tp shard and pipeline stage, and the
                    master copy that DeepSpeed's ZeRO optimizers keep even in fp32
     activations    bytes saved for backward  vs  Korthikanti et al. per layer for the model's architecture
-                   (shape_activation_bytes; no s×s scores: the fused attention kernel keeps none) × layers
-                   on the rank + the output layer, × micro-batches in flight on a pipeline stage
-    communication  bytes this rank sends per step (ring)  vs  zero_collectives + tp_collectives + pipeline
+                   (shape_activation_bytes; no s×s scores: the fused attention kernel keeps none; a recomputed
+                   run only its input) × layers on the rank + the output layer, × micro-batches in flight on
+                   a pipeline stage
+    communication  bytes this rank sends per step (ring)  vs  zero_collectives + tp_collectives (with what
+                   full recompute repeats) + pipeline
                    sends + the tied embedding's all-reduce (none for an untied head); the paper's DP count
                    (2Ψ, 3Ψ for ZeRO-3) beside it
     bubble         idle / compute per pipeline stage  vs  (p-1)/m
@@ -20,6 +22,7 @@ from __future__ import annotations
 import json
 import statistics
 from dataclasses import dataclass, field
+from functools import partial
 
 from trainer.analysis.compare.sync import SyncResult, rank_sync_bytes, scheme_label, sync_result
 from trainer.analysis.formulas import (
@@ -27,6 +30,8 @@ from trainer.analysis.formulas import (
     head_activation_bytes,
     pipeline_bubble,
     pipeline_p2p_bytes,
+    recompute_stops_early,
+    recomputed_runs,
     shape_activation_bytes,
     tp_collectives,
     wire_bytes,
@@ -109,6 +114,7 @@ def summarise(outcome, settings) -> LayoutResult:
     lay = outcome.layout
     degrees = "1 process" if lay.ranks == 1 else f"tp{lay.tp}·pp{lay.pp}·dp{lay.dp}, ZeRO-{lay.zero}"
     degrees += ", SP" if lay.sp else ""
+    degrees += f", {lay.recompute} recompute" if lay.recompute != "none" else ""
     degrees += f", {scheme_label(lay)}" if lay.dp_sync != "allreduce" else ""
     result = LayoutResult(
         lay,
@@ -196,6 +202,29 @@ def _dense_param_groups(shape) -> list[list[int]]:
     return [[p.numel() for p in params if p.dim() >= 2], [p.numel() for p in params if p.dim() < 2]]
 
 
+def _predicted_activations(shape, cfg, where: range, stage: int, m: int, b: int, t: int, sp: bool, p: int):
+    """(the high-water mark of activations ``ActivationMeter`` sees on a rank, full recompute's runs there).
+
+    Per micro-batch in flight: a fully recomputed run keeps its first block's input, a block in none what it
+    keeps without (the fused attention: no s×s scores), the last stage the head's. A pipeline stage recomputes
+    a run in backward with DeepSpeed's reentrant checkpoint, under the meter's hooks: its largest run's whole
+    activations add once, after the head's backward has freed the head's (the peak is the larger of the two
+    moments). torch's non-reentrant checkpoint (pp 1) holds the recomputed tensors out of their sight."""
+    from trainer.config.validate import recompute_plan
+
+    l, s, h, V = shape.n_layer, shape.seq_len, shape.n_embd, shape.vocab_size
+    blocks = sum(1 for pos in where if 1 <= pos <= l)
+    recompute, every = recompute_plan(cfg.parallel)
+    runs = recomputed_runs(where, l, every, pipelined=p > 1) if recompute == "full" else []
+    kept = partial(shape_activation_bytes, shape, b, t, sp, "fp32", False)
+    per_micro = len(runs) * kept("full") + (blocks - sum(runs)) * kept("none" if recompute == "full" else recompute)
+    head = head_activation_bytes(s, b, h, V, t) if l + 2 in where else 0.0
+    forward = min(p - stage, m) * (per_micro + head) if p > 1 else per_micro + head
+    if not (runs and p > 1):
+        return forward, runs
+    return max(forward, forward - head + max(runs) * kept("none")), runs
+
+
 def predict_rank(outcome, positions: list[int], stage: int, coords_dp: int) -> dict:
     """Everything trainer.analysis.formulas predicts for one rank of a layout."""
     from trainer.parallel.apply import model_shape
@@ -210,12 +239,9 @@ def predict_rank(outcome, positions: list[int], stage: int, coords_dp: int) -> d
     grads = state.grads
     if lay.zero == 2 and t == p == 1:  # DeepSpeed keeps whole gradients of the parameters its slice touches
         grads = 4 * zero2_gradient_elements(_dense_param_groups(shape), dp, coords_dp)
-    blocks = sum(1 for pos in where if 1 <= pos <= l)
-    in_flight = min(p - stage, m) if p > 1 else 1
-    per_micro = blocks * shape_activation_bytes(shape, b, t, lay.sp, "fp32", scores=False)
-    per_micro += head_activation_bytes(s, b, h, V, t) if l + 2 in where else 0.0
+    activations, runs = _predicted_activations(shape, cfg, where, stage, m, b, t, lay.sp, p)
     dp_kinds = zero_collectives(psi, dp, lay.zero, m) if lay.dp_sync == "allreduce" else {}
-    tp = tp_collectives(l, b, s, h, t, lay.sp, positions=where, replicated=shape.replicated_vectors())
+    tp = tp_collectives(l, b, s, h, t, lay.sp, 4, where, shape.replicated_vectors(), runs, recompute_stops_early(p > 1))
     tp_total = (sum(c for c, _ in tp.values()) * m, sum(bytes_ for _, bytes_ in tp.values()) * m)
     comm = sum(wire_bytes(k, v, dp) for k, v in dp_kinds.items())
     comm += sum(wire_bytes(k, v * m, t) for k, (_, v) in tp.items())
@@ -228,7 +254,7 @@ def predict_rank(outcome, positions: list[int], stage: int, coords_dp: int) -> d
         "grads": grads,
         "master": state.master,
         "optimizer": state.states,
-        "activations": in_flight * per_micro,
+        "activations": activations,
         "comm_wire": comm,
         "paper_comm_wire": dp_comm_bytes_per_step(psi, dp, lay.zero),
         "tp": tp_total,

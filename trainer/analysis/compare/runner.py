@@ -12,7 +12,9 @@ Layouts are names of degrees joined by "-": ``tpN``, ``ppN``, ``dpN``, ``zeroK``
 ``tp4-sp``); the data-parallel degree is what the world leaves, ``dpN`` only checks it. ``baseline`` and
 ``single`` run on one process. Words that choose how the data-parallel ranks synchronise (``parallel.dp_sync``):
 ``ps`` (a parameter server), ``localH`` (local SGD averaging every H steps), ``dilocoH`` (local SGD with DiLoCo's
-Nesterov outer step), e.g. ``dp4-ps``, ``dp4-local16``, ``dp4-diloco16``. ``auto`` (``auto-memory``: by least
+Nesterov outer step), e.g. ``dp4-ps``, ``dp4-local16``, ``dp4-diloco16``. Words that choose activation recompute
+(``parallel.recompute``): ``sel`` (selective), ``full`` or ``fullK`` (full, in runs of K blocks), e.g.
+``tp2-sp-full2``. ``auto`` (``auto-memory``: by least
 memory) is what ``parallel=auto`` chooses for the world (``trainer.analysis.planner.auto``), the choice made here and
 in its run alike. A layout the
 world size cannot hold is skipped with the config error that ``trainer.config.validate.validate`` gives for it; a
@@ -41,7 +43,7 @@ from trainer.config.validate import parallel_overrides, validate
 from trainer.runtime.env import free_port
 
 GROUPS = ("model", "data", "optim")  # composed by conf/compare.yaml and passed on to every run
-_TOKEN = re.compile(r"^(tp|pp|dp|zero|local|diloco)(\d+)$|^(sp|ps)$")
+_TOKEN = re.compile(r"^(tp|pp|dp|zero|local|diloco|full)(\d+)$|^(sp|ps|sel|full)$")
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,8 @@ class CompareLayout:
     dp_sync: str = "allreduce"  # parallel.dp_sync
     sync_interval: int = 1  # parallel.sync_interval (local_sgd)
     outer_optimizer: str = "none"  # parallel.outer_optimizer (local_sgd)
+    recompute: str = "none"  # parallel.recompute
+    checkpoint_every: int = 0  # parallel.activation_checkpoint_interval (full recompute's runs; 0: the default)
     auto: bool = False  # parallel=auto: the planner's choice
     objective: str = "throughput"  # parallel.objective of an auto layout ("auto-memory")
 
@@ -69,7 +73,8 @@ class CompareLayout:
             return parallel_overrides(auto=True, objective=self.objective)
         degrees = {"tp": self.tp, "pp": self.pp, "zero_stage": self.zero, "sequence_parallel": self.sp}
         sync = {"dp_sync": self.dp_sync, "sync_interval": self.sync_interval, "outer_optimizer": self.outer_optimizer}
-        return parallel_overrides(**degrees, **sync)
+        recompute = {"recompute": self.recompute, "activation_checkpoint_interval": self.checkpoint_every}
+        return parallel_overrides(**degrees, **sync, **recompute)
 
 
 def parse_layout(name: str, world: int) -> CompareLayout:
@@ -90,7 +95,7 @@ def parse_layout(name: str, world: int) -> CompareLayout:
         if not match:
             raise BadInput(
                 f"compare.layouts: unknown layout {name!r} (word {token!r}); use baseline, single, auto, or tpN, ppN, "
-                "dpN, zeroK, sp, ps, localH and dilocoH joined by '-', e.g. tp2-dp2-zero1"
+                "dpN, zeroK, sp, ps, localH, dilocoH, sel, full and fullK joined by '-', e.g. tp2-dp2-zero1"
             )
         degrees[match.group(1) or match.group(3)] = int(match.group(2) or 1)
     interval = degrees.get("local", degrees.get("diloco", 1))
@@ -106,6 +111,8 @@ def parse_layout(name: str, world: int) -> CompareLayout:
         dp_sync=scheme or "allreduce",
         sync_interval=interval,
         outer_optimizer="nesterov" if "diloco" in degrees else "none",
+        recompute="full" if "full" in degrees else "selective" if "sel" in degrees else "none",
+        checkpoint_every=degrees.get("full", 0),
     )
 
 
@@ -188,7 +195,7 @@ def check(layout: CompareLayout, settings: Settings) -> Outcome:
         return Outcome(layout, "skipped", f"config error: {err}", cfg=cfg)
     if layout.auto:
         p = cfg.parallel
-        layout = replace(layout, tp=p.tp, pp=p.pp, zero=p.zero_stage, sp=p.sequence_parallel)
+        layout = replace(layout, tp=p.tp, pp=p.pp, zero=p.zero_stage, sp=p.sequence_parallel, recompute=p.recompute)
     return Outcome(layout, "pending", cfg=cfg, plan=plan)
 
 

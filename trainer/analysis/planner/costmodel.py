@@ -14,8 +14,9 @@ selective recompute adds the attention core's 4bs²h; the head adds 6bshV on the
 over stages this is ``formulas.flops_per_token``, for GPT Narayanan et al. 2021's 72·B·s·l·h²(1 + s/6h +
 V/12lh) (96 and V/16lh with full recompute). Collectives are ring collectives (time = ring bytes / bandwidth
 + steps × latency):
-  * tp: 4 all-reduces of b·s·h per block and micro-batch (2 forward, 2 backward), 6 with full
-    recompute; SP's all-gather + reduce-scatter pairs move the same bytes. Over NVLink, not overlapped.
+  * tp: 4 all-reduces of b·s·h per block and micro-batch (2 forward, 2 backward), and the forward's again
+    under full recompute (``formulas.tp_collectives``, which also counts the embedding's, the head's and
+    the loss's); SP's all-gather + reduce-scatter pairs move the same bytes. Over NVLink, not overlapped.
     The same for GQA and SwiGLU: their column-parallel layers' outputs change width, not the b·s·h reduced.
   * pp: each micro-batch sends its activation forward and its gradient back, b·s·h/t per GPU
     (Megatron's scatter/gather: each tp rank sends its slice), across nodes when there are several.
@@ -39,6 +40,7 @@ from dataclasses import dataclass
 from trainer.analysis.formulas import (
     BYTES,
     dp_sync_traffic,
+    recompute_stops_early,
     shape_activation_bytes,
     tp_collectives,
     wire_bytes,
@@ -158,21 +160,23 @@ def stage_compute(
     return flops / layout.tp / rate + memory / cluster.mem_bw
 
 
-def tp_calls(shape: ModelShape, layout: Layout, stage: Stage | None = None) -> int:
-    """Tensor-parallel collective calls of one micro-batch on a rank of ``stage`` (default: the last of an even
-    split; trainer.analysis.formulas's count; full recompute repeats the forward's: 2 all-reduces, or 2
-    all-gathers and 2 reduce-scatters, per block)."""
-    l, t = shape.n_layer, layout.tp
-    if t <= 1:
-        return 0
-    stage = stage or even_stage(shape, layout.pp, first=layout.pp == 1)
-    blocks, positions = stage.blocks, stage.positions
-    found = tp_collectives(
-        l, layout.micro_batch, shape.seq_len, shape.n_embd, t, layout.sequence_parallel, 4, positions,
-        shape.replicated_vectors(),
+def tp_time(shape: ModelShape, layout: Layout, stage: Stage, precision: str, cluster: ClusterSpec) -> float:
+    """Seconds of one micro-batch's tensor-parallel collectives on a rank of ``stage``: its blocks' b·s·h
+    collectives as rings over the tp link (an SP all-gather or reduce-scatter is half an all-reduce), and the
+    fixed cost of every call ``formulas.tp_collectives`` counts. Full recompute repeats a block's forward
+    collectives: all of them in Megatron-LM, this trainer's as ``formulas.recompute_stops_early`` says."""
+    if layout.tp <= 1:
+        return 0.0
+    full, early = layout.recompute == "full", cluster.engine == "deepspeed" and recompute_stops_early(layout.pp > 1)
+    b, s, h, t, sp = layout.micro_batch, shape.seq_len, shape.n_embd, layout.tp, layout.sequence_parallel
+    one = tp_collectives(1, 1, 1, 1, t, sp, 1, range(1, 2), (0, 0), [1] * full, early)  # one block, no vectors
+    per_block = sum(n if kind == "all_reduce" else n / 2 for kind, (n, _) in one.items())
+    ring = ring_time(b * s * h * BYTES[precision], t, "all_reduce", cluster.tp_link(t))
+    calls = tp_collectives(
+        shape.n_layer, b, s, h, t, sp, BYTES[precision], stage.positions, shape.replicated_vectors(),
+        [1] * stage.blocks * full, early,
     )  # fmt: skip
-    recompute = blocks * (4 if layout.sequence_parallel else 2) if layout.recompute == "full" else 0
-    return sum(count for count, _ in found.values()) + recompute
+    return stage.blocks * per_block * ring + sum(n for n, _ in calls.values()) * cluster.call_latency
 
 
 def grad_comm_bytes(cluster: ClusterSpec, precision: str) -> int:
@@ -196,8 +200,6 @@ def step_time(
     method = partition or partition_method(cluster.engine)
     stages = pipeline_stages(shape, t, p, method)
     act = layout.micro_batch * shape.seq_len * shape.n_embd * BYTES[precision]
-    collectives = 6 if layout.recompute == "full" else 4
-    tp_ring = ring_time(act, t, "all_reduce", cluster.tp_link(t))
     link = cluster.pp_link()
     pp = 2 * (act / t / link.bandwidth + link.latency + cluster.call_latency) if p > 1 else 0.0
     grad_bytes = grad_comm_bytes(cluster, precision)
@@ -205,7 +207,7 @@ def step_time(
     distinct = {(st.blocks, st.first, st.last): st for st in reversed(stages)}  # equal stages cost the same
     for stage in distinct.values():
         compute = stage_compute(shape, layout, precision, cluster, stage.last, stage)
-        tp = stage.blocks * collectives * tp_ring + tp_calls(shape, layout, stage) * cluster.call_latency
+        tp = tp_time(shape, layout, stage, precision, cluster)
         psi = shape.padded(t).rank_params(t, stage.positions)
         zero = zero_micro_batch_time(layout, psi, precision, cluster, grad_bytes)
         dp = dp_step_time(layout, psi, precision, cluster, grad_bytes)

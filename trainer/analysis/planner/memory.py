@@ -61,16 +61,12 @@ class Memory:
 
 
 def layer_activation_bytes(shape: ModelShape, layout: Layout, precision: str, scores: bool = True) -> float:
-    """Activations one block keeps for backward, per micro-batch (Korthikanti et al. 2022, Table 2): all of
+    """Activations one block keeps for backward, per micro-batch (``formulas.shape_activation_bytes``): all of
     them, all but the attention scores (selective: sbh(10 + 24/t) for GPT, 34sbh/t with SP; what a fused
     attention kernel keeps anyway: ``scores=False``, ``stages.keeps_attention_scores``), or the block's input
     alone (full)."""
-    s, b, h, t = shape.seq_len, layout.micro_batch, shape.n_embd, layout.tp
-    sp = layout.sequence_parallel
-    if layout.recompute != "full":
-        return shape_activation_bytes(shape, b, t, sp, precision, scores=scores and layout.recompute == "none")
-    scale = BYTES[precision] / 2  # the paper counts 16-bit activations
-    return 2 * s * b * h / (t if sp else 1) * scale  # full: the block's input only
+    b, t, sp = layout.micro_batch, layout.tp, layout.sequence_parallel
+    return shape_activation_bytes(shape, b, t, sp, precision, scores, layout.recompute)
 
 
 def activation_bytes(
