@@ -15,8 +15,9 @@ over stages this is ``formulas.flops_per_token``, for GPT Narayanan et al. 2021'
 V/12lh) (96 and V/16lh with full recompute). Collectives are ring collectives (time = ring bytes / bandwidth
 + steps × latency):
   * tp: 4 all-reduces of b·s·h per block and micro-batch (2 forward, 2 backward), and the forward's again
-    under full recompute (``formulas.tp_collectives``, which also counts the embedding's, the head's and
-    the loss's); SP's all-gather + reduce-scatter pairs move the same bytes. Over NVLink, not overlapped.
+    under full recompute (``formulas.tp_collectives``'s count; the embedding's, head's and loss's calls add
+    their fixed cost only); SP's all-gather + reduce-scatter pairs move the same bytes. Over NVLink, not
+    overlapped.
     The same for GQA and SwiGLU: their column-parallel layers' outputs change width, not the b·s·h reduced.
   * pp: each micro-batch sends its activation forward and its gradient back, b·s·h/t per GPU
     (Megatron's scatter/gather: each tp rank sends its slice), across nodes when there are several.
