@@ -425,6 +425,61 @@ def test_bad_input_is_one_line_and_exit_2(argv, key, capsys):
     assert exit_.value.code == 2 and len(err.strip().splitlines()) == 1 and key in err, err
 
 
+_TABLE1_18B = [
+    "model=gpt3-13b", "model.n_layer=40", "model.n_embd=6144", "model.n_head=48", "model.vocab_size=51200",
+    "model.seq_len=2048", "cluster=a100-80gb", "cluster.nodes=32", "cluster.engine=megatron",
+    "parallel.global_batch=1024",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "pinned,key,why",
+    [
+        (["parallel.pp=16"], "parallel.pp", "does not divide 40 layers"),
+        (["parallel.tp=3"], "parallel.tp", "possible: 1, 2, 4, 8"),
+        (["parallel.pp=2", "parallel.zero_stage=2"], "parallel.zero_stage", "together with pp=2"),
+        (["parallel.tp=1", "parallel.sequence_parallel=true"], "parallel.sequence_parallel", "together with tp=1"),
+        (["parallel.micro_batch=3"], "parallel.micro_batch", "possible: 1, 2, 4"),
+        (["parallel.recompute=most"], "parallel.recompute", "none, selective, full"),
+        (["parallel.zero_stage=4"], "parallel.zero_stage", "0, 1, 2 or 3"),
+        (["parallel.tp=0"], "parallel.tp", ">= 1"),
+    ],
+)
+def test_a_pinned_degree_no_layout_has_is_one_line_and_exit_2(pinned, key, why, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        preflight(_TABLE1_18B + pinned)
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and len(err.splitlines()) == 1 and f"{key}=" in err and why in err, err
+
+
+def test_pinned_degrees_rank_the_layouts_that_have_them(tmp_path):
+    """Table 1's 18.4B row as published (tp8, pp1, no ZeRO, full recompute, no SP; micro-batch not published): the
+    plan ranks its micro-batches against the best of all layouts and gives the fastest one's TFLOP/s as the paper
+    counts them (recompute included), the prediction the published-run check makes."""
+    from trainer.analysis.planner.published import MEGATRON_2021, check
+
+    out = tmp_path / "plan.json"
+    pinned = ["parallel.tp=8", "parallel.pp=1", "parallel.zero_stage=0", "parallel.recompute=full",
+              "parallel.sequence_parallel=false"]  # fmt: skip
+    cmd = [sys.executable, "-m", "trainer.plan", *_TABLE1_18B, *pinned, f"plan.out={out}"]
+    done = subprocess.run(cmd, cwd=tmp_path, env=child_env(PYTHONPATH=str(ROOT)), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    record = json.loads(out.read_text())
+    want = {"tp": 8, "pp": 1, "zero_stage": 0, "recompute": "full", "sequence_parallel": False}
+    assert record["meta"]["pinned"] == want
+    mine = [lay for lay in record["layouts"] if all(lay[k] == v for k, v in want.items())]
+    fitting = sorted((lay for lay in mine if lay["fits"]), key=lambda lay: lay["rank"])
+    assert len(mine) > 1 and fitting and fitting[0]["rank"] > 1
+    best = max(lay["tokens_per_s"] for lay in record["layouts"] if lay["fits"])
+    gap = 1 - fitting[0]["tokens_per_s"] / best
+    line = next(line for line in done.stdout.splitlines() if line.startswith("the fastest of them ranks"))
+    assert f"ranks {fitting[0]['rank']} of " in line and f"{gap:.1%} slower than #1" in line, line
+    run = next(r for r in MEGATRON_2021 if r.name == "18.4B on 256 GPUs (Table 1)")
+    published = check(run, compose_plan(["cluster=a100-80gb"]).cluster).predicted_tflops
+    assert fitting[0]["hw_tflops_per_gpu"] == pytest.approx(published, rel=1e-9)
+    assert f"{published:.3g} TFLOP/s per GPU counting recompute" in line
+
+
 def test_train_global_batch_is_an_alias():
     cfg = compose_plan(["model=gpt3-175b", "cluster=dgx-a100", "train.global_batch=1536"])
     from trainer.analysis.planner.config import global_batch

@@ -283,6 +283,7 @@ class Config:
 MIXED_PRECISIONS = ("bf16", "fp16")  # 16-bit weights with fp32 masters (DeepSpeed bf16 / fp16 with loss scaling)
 PRECISIONS = ("fp32", *MIXED_PRECISIONS)
 HOST_HEAPS = ("auto", "lean", "glibc")
+ZERO_STAGES = (0, 1, 2, 3)
 DP_SYNCS = ("allreduce", "parameter_server", "local_sgd")
 OUTER_OPTIMIZERS = ("none", "nesterov")
 OBJECTIVES = ("throughput", "memory")

@@ -15,6 +15,7 @@ from trainer.config.schema import (
     OUTER_OPTIMIZERS,
     PRECISIONS,
     SWITCHES,
+    ZERO_STAGES,
     BatchPlan,
     Config,
     ConfigError,
@@ -81,7 +82,7 @@ def validate(cfg: Config, world_size: int) -> BatchPlan:
     validate_auto_keys(p)
     if p.auto and not p.chosen.name:  # an entry point that forgot trainer.analysis.planner.auto.resolve_parallel
         raise ConfigError("parallel.auto", True, "not resolved into a layout before validation")
-    if p.zero_stage not in (0, 1, 2, 3):
+    if p.zero_stage not in ZERO_STAGES:
         raise ConfigError("parallel.zero_stage", p.zero_stage, "must be 0, 1, 2 or 3")
     if p.precision not in PRECISIONS:
         raise ConfigError("parallel.precision", p.precision, f"must be one of {', '.join(PRECISIONS)}")

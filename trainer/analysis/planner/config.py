@@ -11,11 +11,12 @@ from dataclasses import dataclass, field
 
 from omegaconf import MISSING
 
+from trainer.analysis.planner.layouts import PIN_KEYS
 from trainer.analysis.planner.stages import ENGINES
 from trainer.config.schema import PRECISIONS as TRAINER_PRECISIONS
-from trainer.config.schema import ConfigError, ModelConfig, ParallelConfig
+from trainer.config.schema import ZERO_STAGES, ConfigError, ModelConfig, ParallelConfig
 from trainer.config.validate import _validate_architecture
-from trainer.model.shape import PIPELINE_PARTITIONS
+from trainer.model.shape import PIPELINE_PARTITIONS, RECOMPUTE
 
 PRECISIONS = ("auto", *TRAINER_PRECISIONS)  # auto: the cluster's default_precision
 
@@ -68,6 +69,14 @@ class PlanParallel:
     global_batch: int | None = None  # samples per optimizer step (the trainer's key); default 8
     precision: str = "auto"  # auto (the cluster's default) | fp32 | bf16 | fp16
     pipeline_partition: str = "parameters"  # the trainer's key: how DeepSpeed cuts stages (parameters | uniform)
+    # Pinned degrees (the trainer's keys; unset = any): the plan also ranks the layouts that have them against
+    # the best of all, e.g. a run you have, or a published one (PIN_KEYS)
+    tp: int | None = None
+    pp: int | None = None
+    zero_stage: int | None = None
+    micro_batch: int | None = None
+    recompute: str | None = None
+    sequence_parallel: bool | None = None
 
 
 @dataclass
@@ -105,6 +114,21 @@ def global_batch(cfg: PlanConfig) -> int:
 
 def precision(cfg: PlanConfig) -> str:
     return cfg.cluster.default_precision if cfg.parallel.precision == "auto" else cfg.parallel.precision
+
+
+def pins(cfg: PlanConfig) -> dict:
+    """The layout degrees the command line pinned, by Layout's names."""
+    return {key: value for key in PIN_KEYS if (value := getattr(cfg.parallel, key)) is not None}
+
+
+def validate_pins(given: dict) -> None:
+    for key in ("tp", "pp", "micro_batch"):
+        if given.get(key, 1) < 1:
+            raise ConfigError(f"parallel.{key}", given[key], "must be >= 1 (or leave it out: any)")
+    if given.get("zero_stage", 0) not in ZERO_STAGES:
+        raise ConfigError("parallel.zero_stage", given["zero_stage"], "must be 0, 1, 2 or 3 (or leave it out: any)")
+    if given.get("recompute", "none") not in RECOMPUTE:
+        raise ConfigError("parallel.recompute", given["recompute"], f"must be one of {', '.join(RECOMPUTE)}")
 
 
 def validate_cluster(c: ClusterConfig) -> None:
@@ -157,5 +181,6 @@ def validate_plan(cfg: PlanConfig) -> None:
         raise ConfigError("parallel.pipeline_partition", cfg.parallel.pipeline_partition, f"must be one of {choices}")
     if global_batch(cfg) < 1:
         raise ConfigError("parallel.global_batch", global_batch(cfg), "must be >= 1")
+    validate_pins(pins(cfg))
     if cfg.plan.top < 1:
         raise ConfigError("plan.top", cfg.plan.top, "must be >= 1")

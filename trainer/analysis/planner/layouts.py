@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from trainer.analysis.planner.stages import pipeline_refusal
+from trainer.config.schema import ZERO_STAGES
 from trainer.config.validate import parallel_overrides
 from trainer.model.shape import RECOMPUTE, ModelShape
 
@@ -131,9 +132,46 @@ def enumerate_layouts(
     return Enumeration(layouts, excluded)
 
 
+# The degrees a plan may pin (the trainer's parallel.* keys, as Layout names them)
+PIN_KEYS = ("tp", "pp", "zero_stage", "micro_batch", "recompute", "sequence_parallel")
+
+
+def matches(layout: Layout, pins: dict) -> bool:
+    """``layout`` has every pinned degree."""
+    return all(getattr(layout, key) == value for key, value in pins.items())
+
+
+def pins_text(pins: dict) -> str:
+    """The pinned degrees as the command line gives them."""
+    return " ".join(f"{key}={word(value)}" for key, value in pins.items())
+
+
+def pin_refusal(found: Enumeration, pins: dict, world: int) -> tuple[str, str] | None:
+    """None when some enumerated layout has the pinned degrees; else (the key, why): the first pin no layout has
+    on its own (with the enumeration's note on that degree, if there is one), or the last one if only their
+    combination is missing."""
+    given: dict = {}
+    for key, value in pins.items():
+        given[key] = value
+        if any(matches(layout, given) for layout in found.layouts):
+            continue
+        if len(given) > 1 and any(matches(layout, {key: value}) for layout in found.layouts):
+            others = pins_text({k: v for k, v in given.items() if k != key})
+            return key, f"no layout of {world} ranks has it together with {others}"
+        possible = ", ".join(word(v) for v in sorted({getattr(layout, key) for layout in found.layouts}))
+        note = next((n.split(": ", 1)[1] for n in found.excluded if f"{key}={value}:" in n), None)
+        return key, f"{note or f'no layout of {world} ranks at this global batch has it'}; possible: {possible}"
+    return None
+
+
+def word(value) -> str:
+    """A degree as the command line spells it (true / false for SP)."""
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
 def _knobs(shape: ModelShape, tp: int, pp: int, dp: int, global_batch: int) -> list[Layout]:
     """Every ZeRO stage, micro-batch, recompute and SP choice of one (tp, pp, dp)."""
-    stages = (0, 1) if pp > 1 else (0, 1, 2, 3)  # DeepSpeed's pipeline engine: ZeRO 0 or 1 only
+    stages = (0, 1) if pp > 1 else ZERO_STAGES  # DeepSpeed's pipeline engine: ZeRO 0 or 1 only
     sp_choices = (False, True) if tp > 1 and shape.seq_len % tp == 0 else (False,)
     return [
         Layout(tp, pp, dp, zero, micro, recompute, sp)

@@ -9,6 +9,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from trainer.analysis.planner.layouts import matches, pins_text
 from trainer.analysis.planner.predict import Plan, Prediction, rejected_families
 from trainer.config.schema import ParallelConfig
 
@@ -68,7 +69,7 @@ def layout_table(plan: Plan, rows: list[Prediction], title: str) -> Table:
     for p in rows:
         lay = p.layout
         table.add_row(
-            str(p.rank),
+            "–" if p.rank is None else str(p.rank),
             str(lay.tp),
             str(lay.pp),
             str(lay.dp),
@@ -86,7 +87,7 @@ def layout_table(plan: Plan, rows: list[Prediction], title: str) -> Table:
     return table
 
 
-def print_plan(plan: Plan, top: int, rejected_lines: int, model_overrides: list[str]) -> None:
+def print_plan(plan: Plan, top: int, rejected_lines: int, model_overrides: list[str], pins: dict | None = None) -> None:
     out = console()
     for line in header(plan):
         out.print(line)
@@ -97,8 +98,30 @@ def print_plan(plan: Plan, top: int, rejected_lines: int, model_overrides: list[
         "TFLOP/s/GPU and MFU count model FLOPs (6·(l·W + V·h) + 12·l·s·h per token, W a block's weights; "
         "72·B·s·l·h²(1 + s/6h + V/12lh) for GPT), not recompute"
     )
+    if pins:
+        print_pinned(out, plan, pins, top)
     print_rejections(out, plan, rejected_lines)
     print_command(out, plan, model_overrides)
+
+
+def print_pinned(out: Console, plan: Plan, pins: dict, top: int) -> None:
+    """The layouts with the pinned degrees (parallel.tp=8 ...): how the fastest of them ranks, and its TFLOP/s
+    counting recompute, as Megatron-LM and DeepSpeed's published runs report them."""
+    rows = [p for p in plan.predictions if matches(p.layout, pins)]  # the ranked ones first, in rank order
+    fitting = [p for p in rows if p.fits]
+    title = f"\n{pins_text(pins)}: {len(rows)} layouts, {len(fitting)} fit"
+    out.print(layout_table(plan, rows[:top], title))
+    if not fitting:
+        least, have = min(p.memory.total for p in rows) / GB, plan.cluster.mem_bytes / GB
+        out.print(f"none of them fits: the smallest needs {least:.1f} GB per GPU of {have:.1f}")
+        return
+    first, best = fitting[0], plan.ranked[0]
+    out.print(
+        f"the fastest of them ranks {first.rank} of {len(plan.ranked)}, "
+        f"{1 - first.tokens_per_s / best.tokens_per_s:.1%} slower than #1; "
+        f"{first.hw_tflops_per_gpu:.3g} TFLOP/s per GPU counting recompute "
+        f"({first.tflops_per_gpu:.3g} model FLOPs)"
+    )
 
 
 def print_rejections(out: Console, plan: Plan, limit: int) -> None:
@@ -167,7 +190,7 @@ def layout_record(plan: Plan, p: Prediction) -> dict:
     }
 
 
-def write_json(plan: Plan, path: str) -> None:
+def write_json(plan: Plan, path: str, pins: dict | None = None) -> None:
     s, c = plan.shape, plan.cluster
     meta = {
         "model": {"name": s.name, **s.meta(), "params": s.params()},  # sizes and architecture (k, f resolved)
@@ -185,6 +208,7 @@ def write_json(plan: Plan, path: str) -> None:
         "global_batch": plan.global_batch,
         "precision": plan.precision,
         "excluded": plan.excluded,
+        "pinned": pins or {},  # the degrees the command line pinned (the layouts with them: filter on them)
     }
     record = {"meta": meta, "layouts": [layout_record(plan, p) for p in plan.predictions]}
     Path(path).parent.mkdir(parents=True, exist_ok=True)

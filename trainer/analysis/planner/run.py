@@ -5,13 +5,15 @@ layout of a model on a cluster and recommend one, or calibrate efficiencies to a
     python -m trainer.plan model=gpt3-175b cluster=dgx-a100 cluster.nodes=128 parallel.global_batch=1536
     python -m trainer.plan model=gpt2-small plan.out=plan.json          # this machine (cluster=cpu-local)
     python -m trainer.plan model=gpt-tiny plan.calibrate=REPORT_DIR     # fit to a trainer.compare report
+    python -m trainer.plan model=gpt3-175b cluster=dgx-a100 cluster.nodes=128 parallel.global_batch=1536 \
+        parallel.tp=8 parallel.pp=16                                     # ... and how tp8·pp16 ranks among them
 
 Bad input ends like the trainer's: one line naming the key and the fix, exit code 2 (trainer.config.cli).
 """
 
 from __future__ import annotations
 
-from trainer.analysis.planner.config import PlanConfig, global_batch, precision, validate_plan
+from trainer.analysis.planner.config import PlanConfig, global_batch, pins, precision, validate_plan
 from trainer.config.cli import check_command_line, compose
 from trainer.config.schema import ConfigError
 
@@ -32,7 +34,7 @@ def compose_plan(overrides: list[str]) -> PlanConfig:
 def check(cfg: PlanConfig) -> None:
     """validate_plan, then the global batch against the layouts this cluster allows (enumeration is cheap)."""
     from trainer.analysis.planner.cluster import local_ranks
-    from trainer.analysis.planner.layouts import dp_multiple, enumerate_layouts
+    from trainer.analysis.planner.layouts import dp_multiple, enumerate_layouts, pin_refusal
     from trainer.analysis.planner.stages import partition_method
     from trainer.model.shape import ModelShape
 
@@ -41,7 +43,8 @@ def check(cfg: PlanConfig) -> None:
     per_node = local_ranks(cfg.cluster)
     world = cfg.cluster.nodes * per_node
     method = partition_method(cfg.cluster.engine, cfg.parallel.pipeline_partition)
-    if not enumerate_layouts(shape, world, per_node, batch, method).layouts:
+    found = enumerate_layouts(shape, world, per_node, batch, method)
+    if not found.layouts:
         key = "parallel.global_batch" if cfg.parallel.global_batch is not None else "train.global_batch"
         smallest = dp_multiple(shape, world, per_node, method)
         raise ConfigError(
@@ -49,6 +52,10 @@ def check(cfg: PlanConfig) -> None:
             batch,
             f"no data-parallel degree of {world} ranks divides it; use a multiple of {smallest} (dp = ranks / (tp·pp))",
         )
+    refusal = pin_refusal(found, pins(cfg), world)
+    if refusal:
+        key, why = refusal
+        raise ConfigError(f"parallel.{key}", getattr(cfg.parallel, key), why)
     if cfg.plan.calibrate:
         from pathlib import Path
 
@@ -83,9 +90,9 @@ def run(cfg: PlanConfig) -> None:
         return calibrate(cfg)
     shape, partition = ModelShape.from_config(cfg.model), cfg.parallel.pipeline_partition
     plan = make_plan(shape, cluster_spec(cfg.cluster), global_batch(cfg), precision(cfg), partition)
-    print_plan(plan, cfg.plan.top, cfg.plan.rejected, model_overrides())
+    print_plan(plan, cfg.plan.top, cfg.plan.rejected, model_overrides(), pins(cfg))
     if cfg.plan.out:
-        write_json(plan, cfg.plan.out)
+        write_json(plan, cfg.plan.out, pins(cfg))
         console().print(f"\nwrote {len(plan.predictions)} layouts to {cfg.plan.out}")
 
 
