@@ -363,3 +363,58 @@ def test_batched_overflow_check_answers_as_deepspeeds_and_restores():
     restore()
     assert "has_overflow_serial" not in vars(checker)
     assert compat.batch_overflow_check(torch.optim.SGD(params, lr=0.1)) is None  # not DeepSpeed's wrapper
+
+
+def _one_replica_steps(skip: bool) -> tuple[list[torch.Tensor], int]:
+    """Two bf16 ZeRO-0 steps of 2 micro-batches on one rank: the parameters, and the all-reduces of more than one
+    element they took (the overflow check all-reduces a flag)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4))
+    config = {
+        "train_batch_size": 4,
+        "train_micro_batch_size_per_gpu": 2,
+        "bf16": {"enabled": True},
+        "optimizer": {"type": "AdamW", "params": {"lr": 0.1, "torch_adam": True}},
+        "zero_optimization": {"stage": 0},
+    }
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
+    if skip:
+        assert compat.skip_single_replica_reduction(engine)
+    assert engine.enable_backward_allreduce is not skip
+    calls, all_reduce = [], torch.distributed.all_reduce
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs["tensor"].numel() if "tensor" in kwargs else args[0].numel())
+        return all_reduce(*args, **kwargs)
+
+    torch.distributed.all_reduce = counted
+    try:
+        for _ in range(4):
+            engine.backward(engine(torch.randn(2, 8, dtype=torch.bfloat16)).float().square().mean())
+            engine.step()
+    finally:
+        torch.distributed.all_reduce = all_reduce
+    return [p.detach().clone() for p in model.parameters()], sum(n > 1 for n in calls)
+
+
+def _one_replica_skips_its_reduction(rank: int, world: int) -> None:
+    from tests.parallel.spawn import start_deepspeed
+
+    start_deepspeed(rank, world)
+    reduced, calls = _one_replica_steps(skip=False)
+    skipped, none = _one_replica_steps(skip=True)
+    assert calls >= 2 and none == 0  # DeepSpeed's reduction over a group of one, at each of the 2 boundaries
+    for got, want in zip(skipped, reduced):
+        assert torch.equal(got, want)
+
+
+def test_one_replica_without_zero_skips_the_gradient_all_reduce_and_trains_bit_for_bit_the_same():
+    from tests.parallel.spawn import run_ranks
+
+    run_ranks(_one_replica_skips_its_reduction, 1)
+
+
+@pytest.mark.parametrize("dp,zero", [(2, 0), (1, 1), (4, 2)])
+def test_replicas_or_zero_keep_the_gradient_all_reduce(dp, zero):
+    engine = SimpleNamespace(dp_world_size=dp, zero_optimization_stage=lambda: zero, enable_backward_allreduce=True)
+    assert compat.skip_single_replica_reduction(engine) is False and engine.enable_backward_allreduce

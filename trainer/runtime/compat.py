@@ -508,3 +508,22 @@ def batch_overflow_check(optimizer) -> Restore | None:
         return bool(torch.stack(flags).any()) if flags else False
 
     return _swap(vars(checker), "has_overflow_serial", has_overflow_serial, "batch_overflow_check")
+
+
+def skip_single_replica_reduction(engine) -> bool:
+    """Let an engine with one data-parallel replica and no ZeRO skip its gradient all-reduce.
+
+    What: sets the engine's ``enable_backward_allreduce`` (a PipelineEngine's ``pipeline_enable_backward_allreduce``)
+    to False when its data-parallel group has one rank and ZeRO is off. Returns whether it did.
+    Why: DeepSpeed 0.19.8 reduces at every accumulation boundary whatever the group's size: it flattens every
+    gradient into a buffer, all-reduces it over a group of one, divides it by 1 and copies it back, two copies of
+    every gradient a step that change nothing (one process, 8 layers x 512 hidden in bf16 on CPU: 12 ms of ~470).
+    Tensor-parallel and tied-embedding gradients are reduced elsewhere and are not affected.
+    """
+    if engine.dp_world_size != 1 or engine.zero_optimization_stage() != 0:
+        return False
+    check_version("skip_single_replica_reduction", engine, "enable_backward_allreduce")
+    engine.enable_backward_allreduce = False
+    if hasattr(engine, "pipeline_enable_backward_allreduce"):
+        engine.pipeline_enable_backward_allreduce = False
+    return True

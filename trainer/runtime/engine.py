@@ -20,6 +20,7 @@ from trainer.runtime.compat import (
     set_default_pg_timeout,
     share_zero3_fp32_partitions,
     skip_shm_comm_op,
+    skip_single_replica_reduction,
     tag_fp16_gradients,
     undo_fp16_optimizer_warmup,
 )
@@ -120,6 +121,7 @@ def build_engine(model: nn.Module, ds_dict: dict[str, Any], weight_decay: float,
     undo_fp16_optimizer_warmup(engine.optimizer)  # bf16/fp16 at ZeRO-0: Adam starts at step 0 (compat)
     tag_fp16_gradients(engine.optimizer)  # ... and its clipping norm counts tp shards and tied weights once
     batch_overflow_check(engine.optimizer)  # ... and it checks for overflow with one host sync, not one per tensor
+    skip_single_replica_reduction(engine)  # one replica: no all-reduce of the gradients with itself (compat)
     if ds_dict["zero_optimization"]["stage"] == 3:
         share_zero3_fp32_partitions(engine.optimizer)  # fp32: no second copy of the weights (compat)
     release_free_memory()  # what the optimizer's set-up copied and freed
