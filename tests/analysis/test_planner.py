@@ -46,8 +46,8 @@ GPT3 = ModelShape(96, 12288, 96, 2048, 51200, name="gpt3-175b")
 # the published layout may rank (observed worst: 14th, docs/planner.md lists every rank).
 BAND, GAP, TOP_K = 0.10, 0.10, 15
 # Rows whose published layout the planner predicts more than GAP slower than its best (docs/planner.md, "Where the
-# planner disagrees with the paper"): tp2·pp4 and tp4·pp4, which the paper did not run, are predicted faster.
-GAP_MISSES = {"18.4B on 256 GPUs (Table 1)": 0.146, "39.1B on 512 GPUs (Table 1)": 0.109}
+# planner disagrees with the paper"): tp4·pp4, which the paper did not run, is predicted faster.
+GAP_MISSES = {"39.1B on 512 GPUs (Table 1)": 0.123}
 
 
 # --- memory formulas -------------------------------------------------------------------------------------
@@ -284,11 +284,43 @@ def test_mtnlg_iteration_time_gives_its_tflops(run):
     assert flops / (run.gpus * run.iteration_s) / 1e12 == pytest.approx(run.tflops_per_gpu, rel=0.01)
 
 
+@pytest.mark.parametrize("engine,precision,nbytes", [("megatron", "fp16", 2), ("megatron", "bf16", 4),
+                                                      ("deepspeed", "bf16", 2), ("deepspeed", "fp32", 4)])  # fmt: skip
+def test_gradient_reductions_move_the_engines_dtype(engine, precision, nbytes):
+    """Megatron-LM 2021 reduces fp16 gradients in fp16 (its paper's scripts leave
+    --accumulate-allreduce-grads-in-fp32 off) and forces fp32 under bf16; DeepSpeed reduces the model's dtype."""
+    from trainer.analysis.planner.costmodel import grad_comm_bytes
+
+    assert grad_comm_bytes(cluster_spec(replace(A100, engine=engine)), precision) == nbytes
+
+
+@pytest.mark.parametrize("zero,micro", [(0, 1), (1, 1), (0, 16), (1, 16)])
+def test_an_overlapped_gradient_reduction_costs_what_outlasts_the_last_backward(zero, micro):
+    """cluster.overlap_grad_reduce (torch DDP): the reduction hides behind the last micro-batch's backward (3/4 of
+    its compute under full recompute); ZeRO-1's all-gather of the updated weights, after the step, does not."""
+    from trainer.analysis.planner.costmodel import dp_step_time, grad_comm_bytes, stage_compute, step_time
+
+    shape, layout = GPT3, _layout(tp=8, pp=1, dp=16, zero=zero, micro=micro, recompute="full")
+    spec = cluster_spec(replace(A100, nodes=16, engine="megatron"))
+    hiding = cluster_spec(replace(A100, nodes=16, engine="megatron", overlap_grad_reduce=True))
+    psi = shape.padded(8).rank_params(8, range(shape.n_layer + 3))
+    whole = dp_step_time(layout, psi, "fp16", spec, grad_comm_bytes(spec, "fp16"))
+    gather = dp_step_time(layout, psi, "fp16", spec, 2, hidden=float("inf"))
+    assert (gather > 0) == (zero == 1)  # nothing hides ZeRO-1's all-gather
+    window = 0.75 * stage_compute(shape, layout, "fp16", spec, last=True)
+    before, after = step_time(shape, layout, 256, "fp16", spec), step_time(shape, layout, 256, "fp16", hiding)
+    assert before.dp_comm == pytest.approx(whole)
+    assert after.dp_comm == pytest.approx(gather + max(0.0, whole - gather - window))
+    assert (whole - gather > window) == (micro == 1)  # one sample's backward is too short to hide it all
+    assert after.total == pytest.approx(before.total - before.dp_comm + after.dp_comm)
+
+
 def test_gpt3_on_1024_gpus_matches_the_papers_estimate():
-    """Section 5.1: 140 TFLOP/s per GPU for GPT-3 175B on 1024 A100s at batch 1536 (no layout given)."""
+    """Section 5.1: 140 TFLOP/s per GPU for GPT-3 175B on 1024 A100s at batch 1536 in fp16 (no layout given): the
+    fastest layout of the paper's rule (tensor parallelism over the node's 8 GPUs, then pipeline stages)."""
     spec = cluster_spec(replace(A100, nodes=128, engine="megatron"))
-    best = next(p for p in make_plan(GPT3, spec, 1536, "bf16").ranked if megatron_2021(p))
-    assert abs(best.hw_tflops_per_gpu / GPT3_1024_TFLOPS - 1) <= BAND
+    rule = next(p for p in make_plan(GPT3, spec, 1536, "fp16").ranked if megatron_2021(p) and p.layout.tp == 8)
+    assert abs(rule.hw_tflops_per_gpu / GPT3_1024_TFLOPS - 1) <= BAND
 
 
 # --- the paper's own arithmetic ----------------------------------------------------------------------------------
@@ -453,23 +485,24 @@ def test_a_pinned_degree_no_layout_has_is_one_line_and_exit_2(pinned, key, why, 
 
 
 def test_pinned_degrees_rank_the_layouts_that_have_them(tmp_path):
-    """Table 1's 18.4B row as published (tp8, pp1, no ZeRO, full recompute, no SP; micro-batch not published): the
-    plan ranks its micro-batches against the best of all layouts and gives the fastest one's TFLOP/s as the paper
-    counts them (recompute included), the prediction the published-run check makes."""
+    """Table 1's 18.4B row as its authors ran it (tp8, pp1, no ZeRO, full recompute, no SP, micro-batch 8, fp16,
+    torch DDP): the plan ranks it against the best of all layouts and gives its TFLOP/s as the paper counts them
+    (recompute included), the prediction the published-run check makes."""
     from trainer.analysis.planner.published import MEGATRON_2021, check
 
     out = tmp_path / "plan.json"
     pinned = ["parallel.tp=8", "parallel.pp=1", "parallel.zero_stage=0", "parallel.recompute=full",
-              "parallel.sequence_parallel=false"]  # fmt: skip
+              "parallel.sequence_parallel=false", "parallel.micro_batch=8", "parallel.precision=fp16",
+              "cluster.overlap_grad_reduce=true"]  # fmt: skip
     cmd = [sys.executable, "-m", "trainer.plan", *_TABLE1_18B, *pinned, f"plan.out={out}"]
     done = subprocess.run(cmd, cwd=tmp_path, env=child_env(PYTHONPATH=str(ROOT)), capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     record = json.loads(out.read_text())
-    want = {"tp": 8, "pp": 1, "zero_stage": 0, "recompute": "full", "sequence_parallel": False}
+    want = {"tp": 8, "pp": 1, "zero_stage": 0, "micro_batch": 8, "recompute": "full", "sequence_parallel": False}
     assert record["meta"]["pinned"] == want
     mine = [lay for lay in record["layouts"] if all(lay[k] == v for k, v in want.items())]
     fitting = sorted((lay for lay in mine if lay["fits"]), key=lambda lay: lay["rank"])
-    assert len(mine) > 1 and fitting and fitting[0]["rank"] > 1
+    assert len(mine) == 1 and fitting and fitting[0]["rank"] > 1
     best = max(lay["tokens_per_s"] for lay in record["layouts"] if lay["fits"])
     gap = 1 - fitting[0]["tokens_per_s"] / best
     line = next(line for line in done.stdout.splitlines() if line.startswith("the fastest of them ranks"))

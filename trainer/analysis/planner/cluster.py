@@ -46,6 +46,7 @@ class ClusterSpec:
     cpu: bool = False  # the ranks are CPU processes (their memory is the C heap's)
     engine: str = "deepspeed"  # whose costs are predicted: this trainer's (DeepSpeed) or Megatron-LM 2021's
     pipeline_efficiency: float = 1.0  # the engine's 1F1B slot: predicted / achieved time (ClusterConfig's)
+    overlap_grad_reduce: bool = False  # the gradient reduction hides behind the last backward (ClusterConfig's)
 
     @property
     def world(self) -> int:
@@ -140,6 +141,7 @@ def cluster_spec(c: ClusterConfig, notes: tuple[str, ...] = ()) -> ClusterSpec:
         engine=c.engine,
         # Megatron-LM 2021's engine runs the modelled slots as modelled (its Table 2 is met): 1 by construction
         pipeline_efficiency=c.pipeline_efficiency if c.engine == "deepspeed" else 1.0,
+        overlap_grad_reduce=c.overlap_grad_reduce,
     )
 
 

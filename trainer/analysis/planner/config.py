@@ -62,6 +62,10 @@ class ClusterConfig:
     # and its gradient reductions in the model's dtype) or megatron (Megatron-LM 2021: even stages, fp32
     # reductions; what the published A100 runs ran). docs/planner.md: what differs, what is measured.
     engine: str = "deepspeed"
+    # The data-parallel gradient reduction runs during the last micro-batch's backward and costs only what
+    # outlasts it (Megatron-LM's --DDP-impl torch, as its 2021 paper ran Table 1's pp = 1 rows); false: after
+    # backward (Megatron-LM's local DDP; this trainer's DeepSpeed engine as the planner predicts it).
+    overlap_grad_reduce: bool = False
 
 
 @dataclass

@@ -21,10 +21,11 @@ V/12lh) (96 and V/16lh with full recompute). Collectives are ring collectives (t
     The same for GQA and SwiGLU: their column-parallel layers' outputs change width, not the b·s·h reduced.
   * pp: each micro-batch sends its activation forward and its gradient back, b·s·h/t per GPU
     (Megatron's scatter/gather: each tp rank sends its slice), across nodes when there are several.
-  * dp: after the last micro-batch (DeepSpeed reduces at the accumulation boundary; the trainer sets
-    overlap_comm=false, so nothing is overlapped). ZeRO-0 all-reduces the gradients, ZeRO-1 reduces them
-    and all-gathers the 16-bit weights, ZeRO-2 reduces every micro-batch and all-gathers the weights once,
-    ZeRO-3 all-gathers the weights for every forward, and for its backward all but what stays live
+  * dp: after the last micro-batch (DeepSpeed reduces at the accumulation boundary; the planner assumes
+    overlap_comm off, so nothing is overlapped), or with ``cluster.overlap_grad_reduce`` (Megatron-LM's torch
+    DDP) during the last micro-batch's backward, costing what outlasts it. ZeRO-0 all-reduces the gradients,
+    ZeRO-1 reduces them and all-gathers the 16-bit weights, ZeRO-2 reduces every micro-batch and all-gathers
+    the weights once, ZeRO-3 all-gathers the weights for every forward, and for its backward all but what stays live
     (``formulas.zero3_gathered``), and reduce-scatters every micro-batch. ZeRO-1/2's reduction is an
     all-reduce in DeepSpeed, a reduce-scatter for Megatron-LM (``stages.zero_gradient_reduction``);
     DeepSpeed's bf16 pipeline at ZeRO-0 also all-gathers (``stages.shards_optimizer``: its BF16_Optimizer
@@ -61,7 +62,7 @@ from trainer.analysis.planner.stages import (
 from trainer.model.shape import ModelShape
 from trainer.runtime.ds_config import ZERO3_MAX_LIVE_PARAMETERS
 
-GRAD_COMM_BYTES = 4  # Megatron-LM accumulates and reduces gradients in fp32 (DeepSpeed: see grad_comm_bytes)
+FP32_GRAD_PRECISIONS = ("bf16", "fp32")  # Megatron-LM 2021 accumulates and reduces these gradients in fp32
 ADAM_BYTES_PER_PARAM = 30
 
 
@@ -181,9 +182,18 @@ def tp_time(shape: ModelShape, layout: Layout, stage: Stage, precision: str, clu
 
 
 def grad_comm_bytes(cluster: ClusterSpec, precision: str) -> int:
-    """Bytes per gradient element the data-parallel reductions move: fp32 in Megatron-LM; the model's dtype in
-    DeepSpeed (its ``communication_data_type`` defaults to it, and the trainer's ds_config sets none)."""
-    return GRAD_COMM_BYTES if cluster.engine == "megatron" else BYTES[precision]
+    """Bytes per gradient element the data-parallel reductions move: the model's dtype in DeepSpeed (its
+    ``communication_data_type`` defaults to it, and the trainer's ds_config sets none) and in Megatron-LM 2021's
+    fp16 runs (``--accumulate-allreduce-grads-in-fp32`` is off by default, and its paper's scripts leave it off),
+    fp32 under bf16 (which Megatron-LM forces to accumulate and reduce in fp32)."""
+    fp32 = cluster.engine == "megatron" and precision in FP32_GRAD_PRECISIONS
+    return BYTES["fp32"] if fp32 else BYTES[precision]
+
+
+def backward_share(layout: Layout) -> float:
+    """The backward's share of a micro-batch's compute (with any recompute, which runs inside backward): 2 of
+    the 3 forward-sized passes, 3 of 4 under full recompute."""
+    return 1 - 1 / {"none": 3.0, "selective": 3.0, "full": 4.0}[layout.recompute]
 
 
 def step_time(
@@ -211,7 +221,8 @@ def step_time(
         tp = tp_time(shape, layout, stage, precision, cluster)
         psi = shape.padded(t).rank_params(t, stage.positions)
         zero = zero_micro_batch_time(layout, psi, precision, cluster, grad_bytes)
-        dp = dp_step_time(layout, psi, precision, cluster, grad_bytes)
+        hidden = backward_share(layout) * compute if cluster.overlap_grad_reduce else 0.0  # the last backward
+        dp = dp_step_time(layout, psi, precision, cluster, grad_bytes, hidden)
         sharded = shards_optimizer(cluster.engine, precision, p, layout.zero_stage)
         optimizer = (psi / layout.dp if sharded else psi) * ADAM_BYTES_PER_PARAM / cluster.mem_bw
         per_stage.append((compute + tp + pp + zero, compute, tp, zero, dp, optimizer))
@@ -234,9 +245,7 @@ def step_time(
     return StepTime(slots * compute, slots * tp, slots * pp, slots * zero, dp, optimizer, bubble, total, engine)
 
 
-def zero_micro_batch_time(
-    layout: Layout, psi: float, precision: str, cluster: ClusterSpec, grad_bytes: int = GRAD_COMM_BYTES
-) -> float:
+def zero_micro_batch_time(layout: Layout, psi: float, precision: str, cluster: ClusterSpec, grad_bytes: int) -> float:
     if layout.zero_stage < 2:
         return 0.0
     link, d, call = cluster.dp_link(layout.tp, layout.dp), layout.dp, cluster.call_latency
@@ -249,13 +258,16 @@ def zero_micro_batch_time(
 
 
 def dp_step_time(
-    layout: Layout, psi: float, precision: str, cluster: ClusterSpec, grad_bytes: int = GRAD_COMM_BYTES
+    layout: Layout, psi: float, precision: str, cluster: ClusterSpec, grad_bytes: int, hidden: float = 0.0
 ) -> float:
+    """The end-of-step data-parallel traffic of a rank holding ``psi`` parameters; ``hidden``: seconds of the
+    gradient reduction that backward hides (the weights' all-gather after the step hides behind nothing)."""
     link, d, call = cluster.dp_link(layout.tp, layout.dp), layout.dp, cluster.call_latency
     gather = ring_time(psi * BYTES[precision], d, "all_gather", link, call)
     if layout.zero_stage == 0:
-        reduced = ring_time(psi * grad_bytes, d, "all_reduce", link, call)
+        reduced = max(0.0, ring_time(psi * grad_bytes, d, "all_reduce", link, call) - hidden)
         return reduced + (gather if shards_optimizer(cluster.engine, precision, layout.pp, 0) else 0.0)
     if layout.zero_stage == 1:
-        return ring_time(psi * grad_bytes, d, zero_gradient_reduction(cluster.engine), link, call) + gather
+        kind = zero_gradient_reduction(cluster.engine)
+        return max(0.0, ring_time(psi * grad_bytes, d, kind, link, call) - hidden) + gather
     return gather if layout.zero_stage == 2 else 0.0

@@ -8,6 +8,16 @@ because we could not check them.
 All use sequence length 2048, vocabulary 51,200, mixed precision, full activation recomputation and no
 ZeRO; the TFLOP/s count recomputation (the paper's eq. 3: 96·B·s·l·h²(1 + s/6h + V/16lh)). Table 2
 states micro-batch 1 for its PTD-P rows; Table 1 does not state micro-batch sizes.
+
+What the paper leaves out its authors' scripts state: Megatron-LM's repository keeps "the scripts that were used
+to produce the results" (examples/academic_paper_scripts/sc21: run_table_1.sh, CONFIG.sh, run_figure_13..15.sh;
+Megatron-LM commit 6985e58 named there). From them: every run is fp16 (``--fp16``, without
+``--accumulate-allreduce-grads-in-fp32``, so gradients are reduced in fp16); Table 1's micro-batch sizes (16, 16,
+16, 8, 4, 2, 2, 1, 1, 1 from 1.7B to 1T); its four pp = 1 rows use torch's DistributedDataParallel, which
+reduces the gradients while the last micro-batch's backward runs (``--DDP-impl torch``), the others and the
+figures Megatron-LM's local DDP, which reduces after backward; the 76B–530B rows run the interleaved schedule
+(5, 5, 3 and 1 layers per virtual stage), which the planner does not model (it predicts their bubble
+(p - 1)/m, not (p - 1)/(v·m)).
 """
 
 from __future__ import annotations
@@ -31,12 +41,13 @@ class PublishedRun:
     gpus: int
     global_batch: int
     tflops_per_gpu: float  # achieved, recompute counted
-    micro_batch: int | None = None  # None: not published
+    micro_batch: int | None = None  # None: not published (Table 1's: its authors' scripts)
     aggregate_pflops: float | None = None  # Table 1's "achieved aggregate petaFLOP/s" column (GPUs x TFLOP/s)
     # The DeepSpeed-engine runs' own facts (the Megatron-LM 2021 rows keep the defaults)
     engine: str = "megatron"
     zero_stage: int = 0
-    precision: str = "bf16"
+    precision: str = "fp16"
+    ddp: str = "local"  # Megatron-LM's --DDP-impl: torch reduces the gradients during the last backward
     vocab: int = VOCAB
     iteration_s: float | None = None  # as published, where it is
     inter_node_bw_gbs: float | None = None  # per GPU, one direction, where the cluster is not a DGX A100's 25
@@ -62,23 +73,24 @@ class PublishedRun:
         from dataclasses import replace
 
         network = {"inter_node_bw_gbs": self.inter_node_bw_gbs} if self.inter_node_bw_gbs else {}
-        return replace(dgx_a100, nodes=self.nodes, engine=self.engine, **network)
+        overlap = self.ddp == "torch"
+        return replace(dgx_a100, nodes=self.nodes, engine=self.engine, overlap_grad_reduce=overlap, **network)
 
 
 T1, T2 = "Table 1", "Table 2"
 MEGATRON_2021 = (
     # Table 1 (Section 5.1, "End-to-End Performance"): weak scaling, PTD-P; the last field is its aggregate
     # petaFLOP/s column (the 1T row's 502 is also in the abstract: "502 petaFLOP/s on 3072 GPUs", 52% of peak)
-    PublishedRun(T1, 1.7, 24, 2304, 24, 1, 1, 32, 512, 137, aggregate_pflops=4.4),
-    PublishedRun(T1, 3.6, 30, 3072, 32, 2, 1, 64, 512, 138, aggregate_pflops=8.8),
-    PublishedRun(T1, 7.5, 36, 4096, 32, 4, 1, 128, 512, 142, aggregate_pflops=18.2),
-    PublishedRun(T1, 18.4, 40, 6144, 48, 8, 1, 256, 1024, 135, aggregate_pflops=34.6),
-    PublishedRun(T1, 39.1, 48, 8192, 64, 8, 2, 512, 1536, 138, aggregate_pflops=70.8),
-    PublishedRun(T1, 76.1, 60, 10240, 80, 8, 4, 1024, 1792, 140, aggregate_pflops=143.8),
-    PublishedRun(T1, 145.6, 80, 12288, 96, 8, 8, 1536, 2304, 148, aggregate_pflops=227.1),
-    PublishedRun(T1, 310.1, 96, 16384, 128, 8, 16, 1920, 2160, 155, aggregate_pflops=297.4),
-    PublishedRun(T1, 529.6, 105, 20480, 128, 8, 35, 2520, 2520, 163, aggregate_pflops=410.2),
-    PublishedRun(T1, 1008.0, 128, 25600, 160, 8, 64, 3072, 3072, 163, aggregate_pflops=502.0),
+    PublishedRun(T1, 1.7, 24, 2304, 24, 1, 1, 32, 512, 137, 16, aggregate_pflops=4.4, ddp="torch"),
+    PublishedRun(T1, 3.6, 30, 3072, 32, 2, 1, 64, 512, 138, 16, aggregate_pflops=8.8, ddp="torch"),
+    PublishedRun(T1, 7.5, 36, 4096, 32, 4, 1, 128, 512, 142, 16, aggregate_pflops=18.2, ddp="torch"),
+    PublishedRun(T1, 18.4, 40, 6144, 48, 8, 1, 256, 1024, 135, 8, aggregate_pflops=34.6, ddp="torch"),
+    PublishedRun(T1, 39.1, 48, 8192, 64, 8, 2, 512, 1536, 138, 4, aggregate_pflops=70.8),
+    PublishedRun(T1, 76.1, 60, 10240, 80, 8, 4, 1024, 1792, 140, 2, aggregate_pflops=143.8),
+    PublishedRun(T1, 145.6, 80, 12288, 96, 8, 8, 1536, 2304, 148, 2, aggregate_pflops=227.1),
+    PublishedRun(T1, 310.1, 96, 16384, 128, 8, 16, 1920, 2160, 155, 1, aggregate_pflops=297.4),
+    PublishedRun(T1, 529.6, 105, 20480, 128, 8, 35, 2520, 2520, 163, 1, aggregate_pflops=410.2),
+    PublishedRun(T1, 1008.0, 128, 25600, 160, 8, 64, 3072, 3072, 163, 1, aggregate_pflops=502.0),
     # Table 2: PTD-P rows (model-parallel size 96 = tp8 x pp12 for GPT-3 175B, 280 = tp8 x pp35), micro-batch 1
     PublishedRun(T2, 174.6, 96, 12288, 96, 8, 12, 384, 1536, 153, 1),
     PublishedRun(T2, 174.6, 96, 12288, 96, 8, 12, 768, 1536, 149, 1),
@@ -205,7 +217,7 @@ def sweep_point(sweep: PublishedSweep, pair: tuple[int, int], batch: int, cluste
     fitting = [
         q
         for micro in divisors(batch // dp)
-        if (q := predict(sweep.shape, Layout(tp, pp, dp, 0, micro, "full", False), batch, "bf16", spec)).fits
+        if (q := predict(sweep.shape, Layout(tp, pp, dp, 0, micro, "full", False), batch, "fp16", spec)).fits
     ]
     return max(fitting, key=lambda q: q.tokens_per_s, default=None)
 
@@ -236,7 +248,7 @@ def check(run: PublishedRun, cluster) -> Check:
     from trainer.analysis.planner.predict import make_plan
 
     spec = cluster_spec(run.cluster(cluster))
-    plan = make_plan(run.shape(), spec, run.global_batch, "bf16")
+    plan = make_plan(run.shape(), spec, run.global_batch, run.precision)
     space = [p for p in plan.ranked if megatron_2021(p)]
     published = [
         p
