@@ -160,9 +160,9 @@ TRAINING_TIME_ESTIMATES = (
 # ``order`` is best first as the figure shows it; ``unimodal`` says the figure falls off on both sides of its best
 # configuration along the x-axis (Figure 13), otherwise the order is total. The model configurations are not given
 # in the captions as we recall them; the shapes below are the GPT shapes of the stated sizes with 32 layers
-# (162.2B: h = 20480, a = 128 gives 162.16B; 5.9B: h = 3840, a = 32 gives 5.87B) -- an assumption. All runs are
-# Megatron-LM 2021's space: no ZeRO, full recomputation, no sequence parallelism; micro-batch not stated (the
-# planner's fastest one that fits is used for every configuration).
+# (162.2B: h = 20480, a = 128 gives 162.16B; 5.9B: h = 3840, a = 32 gives 5.87B), which the authors' scripts
+# (run_figure_13..15.sh) confirm. All runs are Megatron-LM 2021's space: no ZeRO, full recomputation, no sequence
+# parallelism; the scripts add micro-batch 1, fp16 and local DDP (the reduction after backward).
 
 
 @dataclass(frozen=True)
@@ -176,6 +176,7 @@ class PublishedSweep:
     best: tuple[int, int]  # the paper's best pair at every batch size
     shape_of_curve: str  # "unimodal": falls off on both sides of ``best`` along the x-axis; "monotone": in x order
     gpus: int = 64
+    micro_batch: int = 1  # the scripts'
 
     def degrees(self, pair: tuple[int, int]) -> tuple[int, int, int]:
         """(tp, pp, dp) of a pair; the degree not on the axes fills the GPUs."""
@@ -204,22 +205,20 @@ SWEEPS = (
 
 
 def sweep_point(sweep: PublishedSweep, pair: tuple[int, int], batch: int, cluster):
-    """The planner's fastest prediction for one configuration of a sweep in Megatron-LM 2021's option space (over
-    the micro-batches that fit), or None when none fits. ``cluster``: a ClusterConfig of DGX A100 nodes."""
+    """The planner's prediction for one configuration of a sweep as the scripts ran it (Megatron-LM 2021's option
+    space, the sweep's micro-batch, fp16, local DDP), or None when it does not fit. ``cluster``: a ClusterConfig
+    of DGX A100 nodes."""
     from dataclasses import replace
 
     from trainer.analysis.planner.cluster import cluster_spec
-    from trainer.analysis.planner.layouts import Layout, divisors
+    from trainer.analysis.planner.layouts import Layout
     from trainer.analysis.planner.predict import predict
 
     tp, pp, dp = sweep.degrees(pair)
     spec = cluster_spec(replace(cluster, nodes=sweep.gpus // cluster.gpus_per_node, engine="megatron"))
-    fitting = [
-        q
-        for micro in divisors(batch // dp)
-        if (q := predict(sweep.shape, Layout(tp, pp, dp, 0, micro, "full", False), batch, "fp16", spec)).fits
-    ]
-    return max(fitting, key=lambda q: q.tokens_per_s, default=None)
+    layout = Layout(tp, pp, dp, 0, sweep.micro_batch, "full", False)
+    q = predict(sweep.shape, layout, batch, "fp16", spec)
+    return q if q.fits else None
 
 
 @dataclass(frozen=True)
