@@ -315,6 +315,28 @@ def test_an_overlapped_gradient_reduction_costs_what_outlasts_the_last_backward(
     assert after.total == pytest.approx(before.total - before.dp_comm + after.dp_comm)
 
 
+def test_the_interleaved_schedule_divides_the_bubble_and_multiplies_the_sends():
+    """Megatron-LM's interleaved 1F1B with v chunks per stage (Narayanan et al. 2021, Section 2.2.2): bubble
+    (p - 1)/(v·m), v times the p2p sends, and the first stage's activations times 1 + (p - 1)/(p·v) (Korthikanti et
+    al. 2022); where the layers or micro-batches do not divide, the layout keeps the plain schedule."""
+    from trainer.analysis.planner.costmodel import step_time
+    from trainer.analysis.planner.layouts import interleave
+
+    spec = cluster_spec(replace(A100, nodes=128, engine="megatron"))
+    plain = _layout(tp=8, pp=4, dp=32, micro=2, recompute="full")  # 76.1B's row: m = 1792 / (32·2) = 28
+    shape = next(r for r in MEGATRON_2021 if r.params_b == 76.1).shape()
+    chunked = interleave(plain, shape, 1792, 3)
+    assert chunked.virtual_stages == 3 and interleave(plain, shape, 1792, 7).virtual_stages == 1  # 15 layers a stage
+    assert interleave(plain, shape, 1792 - 64, 3).virtual_stages == 1  # m = 27 is not a multiple of pp
+    one, three = (step_time(shape, lay, 1792, "fp16", spec) for lay in (plain, chunked))
+    assert one.bubble == pytest.approx(3 / 28) and three.bubble == pytest.approx(3 / (3 * 28))
+    assert three.pp_comm / (28 + 1) == pytest.approx(3 * one.pp_comm / (28 + 3))  # per slot, v times the sends
+    assert three.compute / (28 + 1) == pytest.approx(one.compute / (28 + 3))  # the same work per slot, fewer slots
+    grow = activation_bytes(shape, chunked, 1792, "fp16", True) - activation_bytes(shape, plain, 1792, "fp16", True)
+    blocks = 4 * 15 * layer_activation_bytes(shape, plain, "fp16")  # the first stage: 4 micro-batches of 15 blocks
+    assert grow == pytest.approx(blocks * 3 / (4 * 3))
+
+
 def test_gpt3_on_1024_gpus_matches_the_papers_estimate():
     """Section 5.1: 140 TFLOP/s per GPU for GPT-3 175B on 1024 A100s at batch 1536 in fp16 (no layout given): the
     fastest layout of the paper's rule (tensor parallelism over the node's 8 GPUs, then pipeline stages)."""
@@ -448,6 +470,8 @@ def test_spearman():
         (["cluster=a100-80gb", "plan.calibrate=/nonexistent"], "plan.calibrate"),
         (["cluster.gpus=4"], "cluster.gpus"),
         (["cluster=a100-80gb", "cluster.pipeline_efficiency=1.3"], "cluster.pipeline_efficiency"),
+        (["cluster=a100-80gb", "parallel.virtual_stages=2"], "parallel.virtual_stages"),  # DeepSpeed's engine
+        (["cluster=a100-80gb", "cluster.engine=megatron", "parallel.virtual_stages=0"], "parallel.virtual_stages"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(argv, key, capsys):

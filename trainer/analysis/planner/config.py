@@ -73,6 +73,9 @@ class PlanParallel:
     global_batch: int | None = None  # samples per optimizer step (the trainer's key); default 8
     precision: str = "auto"  # auto (the cluster's default) | fp32 | bf16 | fp16
     pipeline_partition: str = "parameters"  # the trainer's key: how DeepSpeed cuts stages (parameters | uniform)
+    # Megatron-LM's interleaved schedule (cluster.engine=megatron): model chunks per pipeline stage for every
+    # pipelined layout that can run it; 1 = plain 1F1B (DeepSpeed's engine, the trainer's, has nothing else)
+    virtual_stages: int = 1
     # Pinned degrees (the trainer's keys; unset = any): the plan also ranks the layouts that have them against
     # the best of all, e.g. a run you have, or a published one (PIN_KEYS)
     tp: int | None = None
@@ -186,5 +189,10 @@ def validate_plan(cfg: PlanConfig) -> None:
     if global_batch(cfg) < 1:
         raise ConfigError("parallel.global_batch", global_batch(cfg), "must be >= 1")
     validate_pins(pins(cfg))
+    if cfg.parallel.virtual_stages < 1:
+        raise ConfigError("parallel.virtual_stages", cfg.parallel.virtual_stages, "must be >= 1 (1: no interleaving)")
+    if cfg.parallel.virtual_stages > 1 and cfg.cluster.engine != "megatron":
+        fix = "DeepSpeed's pipeline engine has no interleaved schedule; add cluster.engine=megatron or drop it"
+        raise ConfigError("parallel.virtual_stages", cfg.parallel.virtual_stages, fix)
     if cfg.plan.top < 1:
         raise ConfigError("plan.top", cfg.plan.top, "must be >= 1")

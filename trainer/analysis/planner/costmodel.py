@@ -1,6 +1,7 @@
 """Step time of a layout, term by term (seconds per optimizer step, per GPU).
 
-    step = (m + p - 1) · t_micro / e_pipe + t_dp + t_optimizer    (1F1B: bubble (p-1)/m of the ideal time)
+    step = (m + (p - 1)/v) · t_micro / e_pipe + t_dp + t_optimizer  (1F1B: bubble (p-1)/(v·m) of the ideal time;
+           v = 1 but for Megatron-LM's interleaved schedule, whose v chunks per stage also send v times as often)
     t_micro = compute + tp collectives + pipeline p2p + ZeRO-2/3 per-micro-batch traffic
     e_pipe = the cluster's pipeline_efficiency for pp > 1 (1 for Megatron-LM 2021's engine, whose Table 2 the
              model meets; DeepSpeed's PipelineEngine runs the same slots slower: docs/planner.md), 1 for pp = 1
@@ -212,7 +213,9 @@ def step_time(
     stages = pipeline_stages(shape, t, p, method)
     act = layout.micro_batch * shape.seq_len * shape.n_embd * BYTES[precision]
     link = cluster.pp_link()
-    pp = 2 * (act / t / link.bandwidth + link.latency + cluster.call_latency) if p > 1 else 0.0
+    # Interleaving (v virtual stages, Megatron-LM's) sends every micro-batch's activation v times each way
+    v = layout.virtual_stages
+    pp = 2 * v * (act / t / link.bandwidth + link.latency + cluster.call_latency) if p > 1 else 0.0
     grad_bytes = grad_comm_bytes(cluster, precision)
     per_stage = []
     distinct = {(st.blocks, st.first, st.last): st for st in reversed(stages)}  # equal stages cost the same
@@ -228,7 +231,7 @@ def step_time(
         per_stage.append((compute + tp + pp + zero, compute, tp, zero, dp, optimizer))
     _, compute, tp, zero, _, _ = max(per_stage, key=lambda x: x[0])
     _, _, _, _, dp, optimizer = max(per_stage, key=lambda x: x[4] + x[5])
-    slots, bubble = m + p - 1, (p - 1) / m
+    slots, bubble = m + (p - 1) / v, (p - 1) / (v * m)  # interleaving divides the bubble by v
     if cluster.pooled and p > 1:
         # Ranks time-share the cores: the bubble fills with other stages' work, so the step takes the
         # machine's whole work (m micro-batches of the mean stage) unless the slowest stage, even at

@@ -10,7 +10,7 @@ with seq_len divisible by tp.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from trainer.analysis.planner.stages import pipeline_refusal
 from trainer.config.schema import ZERO_STAGES
@@ -27,6 +27,9 @@ class Layout:
     micro_batch: int
     recompute: str  # none | selective (attention core, Korthikanti et al. 2022) | full (every block's input)
     sequence_parallel: bool
+    # Megatron-LM's interleaved 1F1B: model chunks per pipeline stage (its virtual stages). DeepSpeed's pipeline
+    # engine, the trainer's, has none: 1 in every layout the planner enumerates unless a plan asks (``interleave``).
+    virtual_stages: int = 1
 
     def micro_batches(self, global_batch: int) -> int:
         """m: micro-batches per step and replica (the gradient accumulation steps)."""
@@ -130,6 +133,15 @@ def enumerate_layouts(
                 continue
             layouts += _knobs(shape, tp, pp, dp, global_batch)
     return Enumeration(layouts, excluded)
+
+
+def interleave(layout: Layout, shape: ModelShape, global_batch: int, v: int) -> Layout:
+    """``layout`` with ``v`` virtual stages where Megatron-LM's interleaved schedule can run it (pp > 1, v chunks
+    of whole layers per stage, micro-batches a multiple of pp); else unchanged."""
+    p, m = layout.pp, layout.micro_batches(global_batch)
+    if v > 1 and p > 1 and shape.n_layer % (p * v) == 0 and m % p == 0:
+        return replace(layout, virtual_stages=v)
+    return layout
 
 
 # The degrees a plan may pin (the trainer's parallel.* keys, as Layout names them)

@@ -86,6 +86,8 @@ def activation_bytes(
     stage = stage or even_stage(shape, layout.pp, first)
     in_flight = stage.in_flight(layout.pp, layout.micro_batches(global_batch))
     blocks = in_flight * stage.blocks * layer_activation_bytes(shape, layout, precision, scores)
+    # Megatron-LM's interleaved schedule warms up further: (1 + (p - 1)/(p·v)) times (Korthikanti et al. 2022)
+    blocks *= 1 + (layout.pp - 1) / (layout.pp * layout.virtual_stages) if layout.virtual_stages > 1 else 1
     if layout.recompute == "full" and stage.blocks:  # one block's full activations exist while it is recomputed
         blocks += shape_activation_bytes(shape, b, t, layout.sequence_parallel, precision, scores)
     embedding = in_flight * s * b * h / (t if layout.sequence_parallel else 1) if stage.first else 0.0

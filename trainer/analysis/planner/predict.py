@@ -8,7 +8,7 @@ from dataclasses import dataclass, replace
 from trainer.analysis.formulas import shape_flops_per_token
 from trainer.analysis.planner.cluster import ClusterSpec
 from trainer.analysis.planner.costmodel import StepTime, executed_flops_per_step, step_time
-from trainer.analysis.planner.layouts import Layout, enumerate_layouts
+from trainer.analysis.planner.layouts import Layout, enumerate_layouts, interleave
 from trainer.analysis.planner.memory import Memory, memory_per_gpu
 from trainer.analysis.planner.stages import keeps_attention_scores, partition_method
 from trainer.config.schema import lean_heap
@@ -82,11 +82,19 @@ def predict(
 
 
 def make_plan(
-    shape: ModelShape, cluster: ClusterSpec, global_batch: int, precision: str, partition: str = "parameters"
+    shape: ModelShape,
+    cluster: ClusterSpec,
+    global_batch: int,
+    precision: str,
+    partition: str = "parameters",
+    virtual_stages: int = 1,
 ) -> Plan:
+    """Every layout predicted and ranked; ``virtual_stages`` > 1: pipelined layouts run Megatron-LM's interleaved
+    schedule with that many chunks per stage where it can (``layouts.interleave``)."""
     method = partition_method(cluster.engine, partition)
     found = enumerate_layouts(shape, cluster.world, cluster.gpus_per_node, global_batch, method)
-    predictions = [predict(shape, layout, global_batch, precision, cluster, partition) for layout in found.layouts]
+    layouts = [interleave(layout, shape, global_batch, virtual_stages) for layout in found.layouts]
+    predictions = [predict(shape, layout, global_batch, precision, cluster, partition) for layout in layouts]
     return Plan(shape, cluster, global_batch, precision, rank(predictions), found.excluded, partition)
 
 

@@ -16,8 +16,8 @@ Megatron-LM commit 6985e58 named there). From them: every run is fp16 (``--fp16`
 16, 8, 4, 2, 2, 1, 1, 1 from 1.7B to 1T); its four pp = 1 rows use torch's DistributedDataParallel, which
 reduces the gradients while the last micro-batch's backward runs (``--DDP-impl torch``), the others and the
 figures Megatron-LM's local DDP, which reduces after backward; the 76B–530B rows run the interleaved schedule
-(5, 5, 3 and 1 layers per virtual stage), which the planner does not model (it predicts their bubble
-(p - 1)/m, not (p - 1)/(v·m)).
+with 5, 5, 3 and 1 layers per virtual stage, i.e. v = 3, 2, 2 and 3 model chunks per stage (``virtual_stages``:
+bubble (p - 1)/(v·m), v times the pipeline sends).
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ class PublishedRun:
     zero_stage: int = 0
     precision: str = "fp16"
     ddp: str = "local"  # Megatron-LM's --DDP-impl: torch reduces the gradients during the last backward
+    virtual_stages: int = 1  # Megatron-LM's interleaved schedule: model chunks per pipeline stage
     vocab: int = VOCAB
     iteration_s: float | None = None  # as published, where it is
     inter_node_bw_gbs: float | None = None  # per GPU, one direction, where the cluster is not a DGX A100's 25
@@ -86,10 +87,10 @@ MEGATRON_2021 = (
     PublishedRun(T1, 7.5, 36, 4096, 32, 4, 1, 128, 512, 142, 16, aggregate_pflops=18.2, ddp="torch"),
     PublishedRun(T1, 18.4, 40, 6144, 48, 8, 1, 256, 1024, 135, 8, aggregate_pflops=34.6, ddp="torch"),
     PublishedRun(T1, 39.1, 48, 8192, 64, 8, 2, 512, 1536, 138, 4, aggregate_pflops=70.8),
-    PublishedRun(T1, 76.1, 60, 10240, 80, 8, 4, 1024, 1792, 140, 2, aggregate_pflops=143.8),
-    PublishedRun(T1, 145.6, 80, 12288, 96, 8, 8, 1536, 2304, 148, 2, aggregate_pflops=227.1),
-    PublishedRun(T1, 310.1, 96, 16384, 128, 8, 16, 1920, 2160, 155, 1, aggregate_pflops=297.4),
-    PublishedRun(T1, 529.6, 105, 20480, 128, 8, 35, 2520, 2520, 163, 1, aggregate_pflops=410.2),
+    PublishedRun(T1, 76.1, 60, 10240, 80, 8, 4, 1024, 1792, 140, 2, aggregate_pflops=143.8, virtual_stages=3),
+    PublishedRun(T1, 145.6, 80, 12288, 96, 8, 8, 1536, 2304, 148, 2, aggregate_pflops=227.1, virtual_stages=2),
+    PublishedRun(T1, 310.1, 96, 16384, 128, 8, 16, 1920, 2160, 155, 1, aggregate_pflops=297.4, virtual_stages=2),
+    PublishedRun(T1, 529.6, 105, 20480, 128, 8, 35, 2520, 2520, 163, 1, aggregate_pflops=410.2, virtual_stages=3),
     PublishedRun(T1, 1008.0, 128, 25600, 160, 8, 64, 3072, 3072, 163, 1, aggregate_pflops=502.0),
     # Table 2: PTD-P rows (model-parallel size 96 = tp8 x pp12 for GPT-3 175B, 280 = tp8 x pp35), micro-batch 1
     PublishedRun(T2, 174.6, 96, 12288, 96, 8, 12, 384, 1536, 153, 1),
@@ -247,12 +248,13 @@ def check(run: PublishedRun, cluster) -> Check:
     from trainer.analysis.planner.predict import make_plan
 
     spec = cluster_spec(run.cluster(cluster))
-    plan = make_plan(run.shape(), spec, run.global_batch, run.precision)
+    plan = make_plan(run.shape(), spec, run.global_batch, run.precision, virtual_stages=run.virtual_stages)
     space = [p for p in plan.ranked if megatron_2021(p)]
+    degrees = (run.tp, run.pp, run.dp, run.virtual_stages)
     published = [
         p
         for p in space
-        if (p.layout.tp, p.layout.pp, p.layout.dp) == (run.tp, run.pp, run.dp)
+        if (p.layout.tp, p.layout.pp, p.layout.dp, p.layout.virtual_stages) == degrees
         and run.micro_batch in (None, p.layout.micro_batch)
     ]
     if not published:
@@ -270,7 +272,7 @@ def predict_published(run: PublishedRun, cluster):
     from trainer.analysis.planner.layouts import Layout
     from trainer.analysis.planner.predict import predict
 
-    layout = Layout(run.tp, run.pp, run.dp, run.zero_stage, run.micro_batch, "full", False)
+    layout = Layout(run.tp, run.pp, run.dp, run.zero_stage, run.micro_batch, "full", False, run.virtual_stages)
     return predict(run.shape(), layout, run.global_batch, run.precision, cluster_spec(run.cluster(cluster)))
 
 

@@ -71,7 +71,7 @@ def layout_table(plan: Plan, rows: list[Prediction], title: str) -> Table:
         table.add_row(
             "–" if p.rank is None else str(p.rank),
             str(lay.tp),
-            str(lay.pp),
+            f"{lay.pp}" + (f" (v{lay.virtual_stages})" if lay.virtual_stages > 1 else ""),
             str(lay.dp),
             str(lay.zero_stage),
             f"{lay.micro_batch} x {lay.micro_batches(plan.global_batch)}",
@@ -171,6 +171,7 @@ def layout_record(plan: Plan, p: Prediction) -> dict:
         "grad_accum": lay.micro_batches(plan.global_batch),
         "recompute": lay.recompute,
         "sequence_parallel": lay.sequence_parallel,
+        "virtual_stages": lay.virtual_stages,
         "fits": p.fits,
         "rank": p.rank,
         "mem_per_gpu_gb": mem.total / GB,

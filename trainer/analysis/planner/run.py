@@ -89,7 +89,8 @@ def run(cfg: PlanConfig) -> None:
     if cfg.plan.calibrate:
         return calibrate(cfg)
     shape, partition = ModelShape.from_config(cfg.model), cfg.parallel.pipeline_partition
-    plan = make_plan(shape, cluster_spec(cfg.cluster), global_batch(cfg), precision(cfg), partition)
+    v = cfg.parallel.virtual_stages
+    plan = make_plan(shape, cluster_spec(cfg.cluster), global_batch(cfg), precision(cfg), partition, v)
     print_plan(plan, cfg.plan.top, cfg.plan.rejected, model_overrides(), pins(cfg))
     if cfg.plan.out:
         write_json(plan, cfg.plan.out, pins(cfg))
