@@ -80,8 +80,9 @@ class PublishedRun:
 
 T1, T2 = "Table 1", "Table 2"
 MEGATRON_2021 = (
-    # Table 1 (Section 5.1, "End-to-End Performance"): weak scaling, PTD-P; the last field is its aggregate
-    # petaFLOP/s column (the 1T row's 502 is also in the abstract: "502 petaFLOP/s on 3072 GPUs", 52% of peak)
+    # Table 1 (Section 5.1, "End-to-End Performance"): weak scaling, PTD-P; aggregate_pflops is its aggregate
+    # petaFLOP/s column (the 1T row's 502 is also in the abstract: "502 petaFLOP/s on 3072 GPUs", 52% of peak).
+    # Micro-batch, DDP and virtual stages are run_table_1.sh's (the module docstring).
     PublishedRun(T1, 1.7, 24, 2304, 24, 1, 1, 32, 512, 137, 16, aggregate_pflops=4.4, ddp="torch"),
     PublishedRun(T1, 3.6, 30, 3072, 32, 2, 1, 64, 512, 138, 16, aggregate_pflops=8.8, ddp="torch"),
     PublishedRun(T1, 7.5, 36, 4096, 32, 4, 1, 128, 512, 142, 16, aggregate_pflops=18.2, ddp="torch"),
