@@ -12,7 +12,13 @@ import yaml
 
 from conftest import ROOT
 from trainer.analysis.planner.config import ClusterConfig
-from trainer.analysis.planner.published import SWEEPS, PublishedSweep, sweep_point
+from trainer.analysis.planner.published import (
+    INTERLEAVED_SWEEP,
+    SWEEPS,
+    PublishedSweep,
+    interleaving_point,
+    sweep_point,
+)
 
 A100 = ClusterConfig(**yaml.safe_load((ROOT / "conf/cluster/a100-80gb.yaml").read_text()))
 CASES = [(sweep, batch) for sweep in SWEEPS for batch in sweep.batches]
@@ -45,6 +51,17 @@ def test_the_sweeps_ordering_is_reproduced(sweep, batch):
     for side in falling:
         for nearer, farther in zip(side, side[1:]):
             assert tflops[nearer] > tflops[farther], (sweep.figure, batch, nearer, farther, tflops)
+
+
+def test_the_interleaved_schedule_wins_by_less_as_the_batch_grows():
+    """Figure 12 (GPT-3 175B, tp 8 × pp 12, micro-batch 1): the interleaved schedule (v = 4) ahead of the default
+    one at every batch size, and by less at each larger batch."""
+    gains = []
+    for batch in INTERLEAVED_SWEEP["batches"]:
+        plain, chunked = (interleaving_point(batch, v, A100) for v in (1, INTERLEAVED_SWEEP["virtual_stages"]))
+        assert plain.fits and chunked.fits and chunked.layout.virtual_stages == 4
+        gains.append(chunked.hw_tflops_per_gpu / plain.hw_tflops_per_gpu - 1)
+    assert all(gain > 0 for gain in gains) and gains == sorted(gains, reverse=True), gains
 
 
 def test_the_sweep_shapes_have_the_stated_sizes():

@@ -206,6 +206,31 @@ SWEEPS = (
 )
 
 
+# Figure 12 (Section 5.3.2, interleaved versus non-interleaved schedule): GPT-3 175B on 96 GPUs, tp 8 x pp 12,
+# micro-batch 1, batch 12 to 60 (run_figure_12.sh: 96 layers, h 12288, 96 heads, 2 layers per virtual stage, so
+# v = 4 chunks of the 8 layers a stage holds). The paper: the interleaved schedule (with the scatter/gather
+# optimisation) is faster at every batch size, and the gap closes as the batch grows (the default schedule's
+# bubble shrinks, and the interleaved one sends more per sample).
+INTERLEAVED_SWEEP = {"shape": ModelShape(96, 12288, 96, SEQ_LEN, VOCAB, name="174.6B"), "tp": 8, "pp": 12,
+                     "virtual_stages": 4, "batches": (12, 24, 36, 48, 60)}  # fmt: skip
+
+
+def interleaving_point(batch: int, virtual_stages: int, cluster):
+    """The planner's prediction of Figure 12's configuration at ``batch`` with ``virtual_stages`` chunks per
+    stage (1: the default schedule); ``cluster``: a ClusterConfig of DGX A100 nodes."""
+    from dataclasses import replace
+
+    from trainer.analysis.planner.cluster import cluster_spec
+    from trainer.analysis.planner.layouts import Layout
+    from trainer.analysis.planner.predict import predict
+
+    sweep = INTERLEAVED_SWEEP
+    tp, pp = sweep["tp"], sweep["pp"]
+    spec = cluster_spec(replace(cluster, nodes=tp * pp // cluster.gpus_per_node, engine="megatron"))
+    layout = Layout(tp, pp, 1, 0, 1, "full", False, virtual_stages)
+    return predict(sweep["shape"], layout, batch, "fp16", spec)
+
+
 def sweep_point(sweep: PublishedSweep, pair: tuple[int, int], batch: int, cluster):
     """The planner's prediction for one configuration of a sweep as the scripts ran it (Megatron-LM 2021's option
     space, the sweep's micro-batch, fp16, local DDP), or None when it does not fit. ``cluster``: a ClusterConfig
