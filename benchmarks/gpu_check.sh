@@ -29,7 +29,7 @@ if [[ $TINY == 1 ]]; then
   MODEL=(model=gpt-tiny model.seq_len=128 parallel.precision=fp32 train.device=cpu)
   BATCH=(parallel.micro_batch=2 parallel.global_batch=4 train.steps=8 train.log_interval=2)
   HF_STEPS=5
-  OPTION_STEPS=4
+  OPTION_STEPS=8
 else
   # micro-batch 2 x accumulation 4: 16,384 tokens a step; the planner predicts ~57 GB on one GPU (ZeRO-0)
   MODEL=(model=gpt3-1.3b model.seq_len=2048 parallel.precision=bf16 train.device=cuda)
@@ -37,7 +37,14 @@ else
   HF_STEPS=30
   OPTION_STEPS=20
 fi
-OPTIONS=(speed.flat_optimizer=false speed.fused_adamw=false speed.compile=true parallel.micro_batch=4)
+# Each entry is one row: its overrides, space-separated. The profile row's speed pays the profiler's overhead; it is
+# there for the line that says how busy the GPU was (train.profile_*).
+OPTIONS=(
+  "speed.flat_optimizer=false"
+  "speed.compile=true"
+  "train.profile_start=6 train.profile_steps=2"
+  "speed.compile=true parallel.micro_batch=4"
+)
 QUIET=(train.eval_interval=0 train.eval_batches=1 train.save_interval=-1 logging.wandb.mode=disabled logging.progress=false)
 
 step() { echo; echo "== $* ($((SECONDS - started)) s)"; }
@@ -88,9 +95,11 @@ if [[ ${GPU_CHECK_OPTIONS:-0} == 1 ]]; then
       continue
     fi
     name=option_${option//[^a-z0-9_]/_}
-    train "$name" 150 "$option" "train.steps=$OPTION_STEPS" >/dev/null || continue
+    # shellcheck disable=SC2086 # an entry's overrides are separate words
+    train "$name" 150 $option "train.steps=$OPTION_STEPS" >/dev/null || continue
     "$PY" benchmarks/gpu_check.py numbers "$OUT/$name" "$OUT/train" --label "$option"
   done | tee "$OUT/options.md"
+  grep -h "^profile of steps" "$OUT"/option_*.log || true
 fi
 
 step "done: pytest -m gpu exit code $tests_rc; results in $OUT"

@@ -7,7 +7,7 @@ import json
 import torch
 
 from conftest import read_metrics, run_train, tiny_corpus_overrides
-from trainer.training.profiler import StepProfiler
+from trainer.training.profiler import StepProfiler, device_busy
 
 
 def test_profiled_steps_leave_a_trace_and_a_table(tmp_path, data_cache):
@@ -33,3 +33,16 @@ def test_only_the_chosen_ranks_profile(tmp_path):
     off = StepProfiler.off()
     off.step_begins(1)
     assert off.step_ends(1) is None
+
+
+def test_device_busy_counts_overlapping_kernels_once():
+    events = [
+        {"ph": "X", "cat": "cpu_op", "name": "step", "ts": 0, "dur": 10_000},  # the window: 10 ms
+        {"ph": "X", "cat": "kernel", "name": "a", "ts": 1_000, "dur": 2_000},
+        {"ph": "X", "cat": "kernel", "name": "b", "ts": 2_000, "dur": 2_000},  # overlaps a by 1 ms (two streams)
+        {"ph": "X", "cat": "gpu_memcpy", "name": "c", "ts": 6_000, "dur": 1_000},
+        {"ph": "X", "cat": "kernel", "name": "d", "ts": 6_500, "dur": 100},  # inside c
+        {"ph": "i", "cat": "kernel", "name": "marker", "ts": 9_000},  # no duration: not work
+    ]
+    assert device_busy(events) == (4.0, 10.0)
+    assert device_busy(events[:1]) is None  # a CPU trace
