@@ -44,16 +44,16 @@ def test_speed_keys_given_on_the_command_line_win_over_auto():
 @pytest.mark.parametrize(
     "overrides, world, cuda, stage",
     [
-        (["parallel.precision=bf16"], 1, True, 1),  # auto on CUDA: ZeRO-1's flat optimizer over one rank
-        (["parallel.precision=fp16"], 1, True, 1),
-        (["parallel.precision=bf16"], 1, False, 0),  # auto on CPU: as before
+        (["parallel.precision=bf16"], 1, True, 0),  # off by default, on CUDA too
+        (["parallel.precision=bf16", "speed.flat_optimizer=auto"], 1, True, 1),  # auto on CUDA: ZeRO-1, one rank
+        (["parallel.precision=fp16", "speed.flat_optimizer=auto"], 1, True, 1),
+        (["parallel.precision=bf16", "speed.flat_optimizer=auto"], 1, False, 0),  # auto on CPU: off
         (["parallel.precision=bf16", "speed.flat_optimizer=true"], 1, False, 1),
-        (["parallel.precision=bf16", "speed.flat_optimizer=false"], 1, True, 0),
-        (["parallel.precision=fp32"], 1, True, 0),  # no wrapper to replace
-        (["parallel.precision=bf16"], 2, True, 0),  # dp 2: ZeRO-1 would partition; the user chose ZeRO-0
-        (["parallel.precision=bf16", "parallel=tp2"], 2, True, 1),  # tp 2 x dp 1
-        (["parallel.precision=bf16", "parallel=pp2"], 2, True, 0),  # the pipeline's own BF16_Optimizer
-        (["parallel.precision=bf16", "parallel.zero_stage=2"], 1, True, 2),
+        (["parallel.precision=fp32", "speed.flat_optimizer=true"], 1, True, 0),  # no wrapper to replace
+        (["parallel.precision=bf16", "speed.flat_optimizer=true"], 2, True, 0),  # dp 2: ZeRO-1 would partition
+        (["parallel.precision=bf16", "parallel=tp2", "speed.flat_optimizer=true"], 2, True, 1),  # tp 2 x dp 1
+        (["parallel.precision=bf16", "parallel=pp2", "speed.flat_optimizer=true"], 2, True, 0),  # BF16_Optimizer
+        (["parallel.precision=bf16", "parallel.zero_stage=2", "speed.flat_optimizer=true"], 1, True, 2),
     ],
 )
 def test_flat_optimizer_replaces_zero0_only_at_one_data_parallel_rank(overrides, world, cuda, stage):
