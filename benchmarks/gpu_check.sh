@@ -5,7 +5,7 @@
 #   3. gpt3-1.3b in bf16 at sequence 2048 through the launcher (launch/local.sh 1) on the embedded default corpus
 #   4. its tokens/s, MFU and peak memory beside the planner's prediction for the layout and Hugging Face's GPT-2
 #      at the same shape and batch, with the ratio
-#   5. with GPU_CHECK_OPTIONS=1, each speed option flipped from its default (and a larger micro-batch) for
+#   5. with GPU_CHECK_OPTIONS=1, rows of speed options flipped from their defaults (and a profiled run) for
 #      OPTION_STEPS steps at the same shape, while time is left (GPU_CHECK_DEADLINE seconds from the start)
 #
 #   bash benchmarks/gpu_check.sh                    # from the repository root, after `make gpu-venv`
