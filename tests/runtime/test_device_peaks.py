@@ -6,6 +6,7 @@ import pytest
 import yaml
 
 from conftest import ROOT
+from trainer.runtime import hardware
 from trainer.runtime.hardware import GPU_PEAK, gpu_peaks
 
 # torch.cuda.get_device_name of each part -> (bf16, fp32) dense TFLOP/s from NVIDIA's data sheets.
@@ -47,3 +48,25 @@ def test_the_planners_clusters_state_the_same_peaks(path):
     for precision in ("bf16", "fp16", "fp32"):
         assert cluster[f"peak_tflops_{precision}"] * 1e12 == peaks[precision]
     assert {"H100", "A100"} <= set(GPU_PEAK)
+
+
+@pytest.mark.parametrize(
+    "precision, rates, warned",
+    [
+        ("bf16", {"bf16": 0.9e9, "fp32": 116e9}, True),  # an AVX2 CPU: generic bf16 kernels
+        ("bf16", {"bf16": 900e9, "fp32": 350e9}, False),  # AVX512-BF16
+        ("fp16", {"fp16": 40e9, "fp32": 116e9}, True),
+    ],
+)
+def test_a_cpu_without_native_low_precision_says_so(monkeypatch, precision, rates, warned):
+    rate_of = {hardware.PRECISION_DTYPES[p]: r for p, r in rates.items()}
+    monkeypatch.setattr(hardware, "measured_matmul_peak", lambda dtype, **_: rate_of[dtype])
+    line = hardware.slow_cpu_precision(precision)
+    assert (line is not None) == warned
+    if warned:
+        assert line.startswith(f"warning: {precision} matmuls run at") and "parallel.precision=fp32" in line
+
+
+def test_fp32_is_not_probed(monkeypatch):
+    monkeypatch.setattr(hardware, "measured_matmul_peak", lambda *_a, **_k: pytest.fail("probed"))
+    assert hardware.slow_cpu_precision("fp32") is None

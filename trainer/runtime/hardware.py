@@ -24,6 +24,13 @@ GPU_PEAK = {
 }
 
 
+PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# A CPU without native bf16/fp16 units (no AVX512-BF16, AMX or AVX512-FP16) multiplies in those types through
+# torch's generic kernels: on an AVX2 EPYC, 0.9 GFLOP/s in bf16 against 116 in fp32. Below this fraction of
+# the fp32 rate the run says so.
+SLOW_LOW_PRECISION = 0.5
+
+
 def gpu_peaks(device_name: str) -> dict[str, float] | None:
     """The data-sheet peaks (precision -> FLOP/s) of a GPU by its name, or None for a GPU not in GPU_PEAK."""
     name = device_name.upper().replace("-", " ")
@@ -49,9 +56,22 @@ def peak_flops(device: torch.device, precision: str) -> float:
     return measured_matmul_peak(torch.bfloat16 if precision == "bf16" else torch.float32)
 
 
+def slow_cpu_precision(precision: str) -> str | None:
+    """One line when this CPU multiplies in ``precision`` (bf16/fp16) at under SLOW_LOW_PRECISION of its fp32
+    rate, so that a run which would crawl says why; None otherwise. Probes small matmuls (well under a second)."""
+    if precision == "fp32":
+        return None
+    rate = {p: measured_matmul_peak(PRECISION_DTYPES[p], size=256, seconds=0.05) for p in (precision, "fp32")}
+    if rate[precision] >= SLOW_LOW_PRECISION * rate["fp32"]:
+        return None
+    return (
+        f"warning: {precision} matmuls run at {rate[precision] / 1e9:,.1f} GFLOP/s on this CPU against "
+        f"{rate['fp32'] / 1e9:,.1f} in fp32 (no native {precision} units): parallel.precision=fp32 trains faster here"
+    )
+
+
 def measured_on_gpu(device: torch.device, precision: str, size: int = 8192) -> float:
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
-    a = torch.randn(size, size, device=device, dtype=dtype)
+    a = torch.randn(size, size, device=device, dtype=PRECISION_DTYPES[precision])
     torch.mm(a, a)
     torch.cuda.synchronize(device)
     started, runs = time.perf_counter(), 10

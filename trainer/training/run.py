@@ -23,6 +23,7 @@ from trainer.checkpoint.resume import check_model_matches, layout_of, model_meta
 from trainer.config.schema import BadInput, BatchPlan, Config, lean_heap
 from trainer.data.setup import build_streams, prepare_data
 from trainer.runtime.env import world_size_from_env
+from trainer.runtime.hardware import slow_cpu_precision
 from trainer.training.preempt import MARKER, Preempted, StopSignal
 from trainer.training.profiler import StepProfiler
 from trainer.training.record import Throughput, finish
@@ -172,6 +173,8 @@ def run(cfg: Config, cfg_node: DictConfig, plan: BatchPlan, run_dir: Path) -> No
 
     throughput = throughput_of(cfg, built.shape, device, world)
     console.print(f"peak {throughput.peak_flops_per_rank / 1e9:,.0f} GFLOP/s per rank ({device.type})")
+    if device.type == "cpu" and rank == 0 and (slow := slow_cpu_precision(cfg.parallel.precision)):
+        console.print(slow)
     stop = StopSignal().install()
     parts = LoopParts(
         engine, inputs.stream, inputs.val, cfg.train, plan, mesh, device, throughput, built.comm, metrics, console, save
