@@ -254,9 +254,9 @@ class SpeedConfig:
     contiguous_gradients: bool = True
     # Mixed precision at ZeRO-0 with one data-parallel rank and no pipeline: step through DeepSpeed's ZeRO-1
     # optimizer, whose fp32 masters, gradient copies, overflow check and norm are flat buffers (one kernel
-    # each), not its per-tensor FP16_UnfusedOptimizer (a host sync per tensor). One rank's ZeRO-1 partitions
-    # nothing: the same states, numerics and checkpoints. Off by default: on one H200 (gpt3-1.3b, bf16) it ran
-    # 0.81x the per-tensor wrapper, whose overflow check trainer.runtime.compat batches (docs/gpu.md).
+    # each), not its per-tensor FP16_UnfusedOptimizer. One rank's ZeRO-1 partitions nothing: the same states,
+    # numerics and checkpoints. Off by default: on one H200 (gpt3-1.3b, bf16) it ran 0.81x the per-tensor
+    # wrapper, whose per-tensor overflow syncs trainer.runtime.compat batches into one (docs/gpu.md).
     # auto = on for CUDA.
     flat_optimizer: str = "false"  # auto | true | false
     # torch.compile each transformer block (inductor; the first steps pay the compilation, tens of seconds).
