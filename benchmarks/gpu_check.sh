@@ -41,8 +41,9 @@ fi
 # there for the line that says how busy the GPU was (train.profile_*).
 OPTIONS=(
   "speed.compile=true"
-  "train.profile_start=6 train.profile_steps=2"
+  "parallel.micro_batch=4"
   "speed.compile=true parallel.micro_batch=4"
+  "train.profile_start=6 train.profile_steps=2"
   "speed.flat_optimizer=true"
 )
 QUIET=(train.eval_interval=0 train.eval_batches=1 train.save_interval=-1 logging.wandb.mode=disabled logging.progress=false)

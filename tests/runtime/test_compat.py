@@ -418,3 +418,51 @@ def test_one_replica_without_zero_skips_the_gradient_all_reduce_and_trains_bit_f
 def test_replicas_or_zero_keep_the_gradient_all_reduce(dp, zero):
     engine = SimpleNamespace(dp_world_size=dp, zero_optimization_stage=lambda: zero, enable_backward_allreduce=True)
     assert compat.skip_single_replica_reduction(engine) is False and engine.enable_backward_allreduce
+
+
+def _wrapper_steps(precision: str, foreach: bool) -> tuple[list[torch.Tensor], list[float]]:
+    """Four steps of a small model in ``precision`` at ZeRO-0 with a clipping norm that bites: the fp32 masters
+    and the gradient norms, with DeepSpeed's own step or ``foreach_fp16_step``."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4))
+    config = {
+        "train_batch_size": 2,
+        precision: {"enabled": True, **({"initial_scale_power": 8} if precision == "fp16" else {})},
+        "gradient_clipping": 0.05,
+        "optimizer": {"type": "AdamW", "params": {"lr": 0.01, "torch_adam": True}},
+        "zero_optimization": {"stage": 0},
+    }
+    if precision == "fp16":
+        compat.allow_cpu_fp16()
+        compat.scale_zero0_fp16_loss()
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
+    restore = compat.foreach_fp16_step(engine.optimizer) if foreach else None
+    norms, dtype = [], next(model.parameters()).dtype
+    for _ in range(4):
+        engine.backward(engine(torch.randn(2, 8, dtype=dtype)).float().square().mean())
+        engine.step()
+        norms.append(engine.optimizer._global_grad_norm)
+    if restore is not None:
+        restore()
+        assert "step" not in vars(engine.optimizer)
+    return [m.detach().clone() for group in engine.optimizer.fp32_groups for m in group], norms
+
+
+def _foreach_step_matches_deepspeeds(rank: int, world: int) -> None:
+    from tests.parallel.spawn import start_deepspeed
+
+    start_deepspeed(rank, world)
+    for precision in ("bf16", "fp16"):
+        want, want_norms = _wrapper_steps(precision, foreach=False)
+        got, got_norms = _wrapper_steps(precision, foreach=True)
+        assert min(want_norms) > 0.05  # every step clipped
+        assert got_norms == pytest.approx(want_norms, rel=1e-6), precision  # fp32 norms, summed in another order
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-7)
+
+
+def test_foreach_step_updates_as_deepspeeds_own_step_in_bf16_and_fp16():
+    from tests.parallel.spawn import run_ranks
+
+    run_ranks(_foreach_step_matches_deepspeeds, 1)
+    assert compat.foreach_fp16_step(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)) is None

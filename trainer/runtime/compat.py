@@ -18,7 +18,7 @@ The trainer relies on a few private attributes, replaced methods and module glob
     allow_cpu_fp16               the CPU accelerator's is_fp16_supported, supported_dtypes  restore callable
     scale_zero0_fp16_loss        DeepSpeedEngine.backward (the class's, for the run)        restore callable
     undo_fp16_optimizer_warmup   FP16_(Unfused)Optimizer's Adam state and fp32 masters      nothing to undo
-    tag_fp16_gradients           FP16_(Unfused)Optimizer.step (shadowed per optimizer)     restore callable
+    foreach_fp16_step            FP16_UnfusedOptimizer.step (shadowed per optimizer)       restore callable
     batch_overflow_check         its overflow_checker.has_overflow_serial (shadowed)       restore callable
 
 Each patch first calls ``check_version``: where an attribute it changes is missing it raises a
@@ -40,6 +40,7 @@ would make the override dead code without an error, so ``GPTPipe.__init__`` call
 from __future__ import annotations
 
 import importlib
+import math
 import re
 import warnings
 from collections.abc import Callable, Iterator
@@ -448,37 +449,78 @@ def undo_fp16_optimizer_warmup(optimizer) -> bool:
     return True
 
 
-GRADIENT_TAGS = ("tensor_model_parallel", "ds_pipe_replicated")  # what DeepSpeed's norm reads off a tensor
+def foreach_fp16_step(optimizer) -> Restore | None:
+    """Step DeepSpeed's fp16/bf16 ZeRO-0 optimizer wrapper with a few multi-tensor kernels, its norm counting each
+    gradient once.
 
-
-def tag_fp16_gradients(optimizer) -> Restore | None:
-    """Let DeepSpeed's fp16/bf16 ZeRO-0 optimizer wrapper count each gradient once in its clipping norm.
-
-    What: shadows ``step`` of an ``FP16_Optimizer`` / ``FP16_UnfusedOptimizer`` by one that first copies
-    each parameter's ``tensor_model_parallel`` and ``ds_pipe_replicated`` flags onto its gradient tensor,
-    then steps. Returns the undo, or None for any other optimizer.
-    Why: the wrappers compute the gradient norm (``runtime.utils.get_weight_norm``) over the gradient
-    tensors, but read those flags from the tensors it is given: gradients carry none, so every tp rank
-    but the first dropped its shards of the split weights (tp2, gpt-tiny: norm 1.75 instead of 2.04, so
-    clipping was too weak) and a pipeline's tied embedding was counted twice. With the flags the norm is
-    the parameters' own: shards from every tp rank, replicated tensors once.
+    What: shadows ``step`` of an ``FP16_UnfusedOptimizer`` by one that does what DeepSpeed 0.19.8's does -- skip on
+    overflow, the clipping norm of the 16-bit gradients (summed over the model-parallel group), fp32 copies of the
+    gradients, unscale and clip, the inner optimizer's step, the fp32 masters back into the 16-bit weights -- with
+    ``torch._foreach_*`` calls, reading the ``tensor_model_parallel`` / ``ds_pipe_replicated`` flags off the
+    parameters. Returns the undo, or None for any other optimizer.
+    Why: DeepSpeed walks the ~290 tensors of gpt3-1.3b four times a step in Python, each time one small kernel
+    per tensor, and its norm reads those flags off the gradients, which carry none (every tp rank but the first
+    dropped its shards of the split weights -- tp2, gpt-tiny: norm 1.75 instead of 2.04 -- and a pipeline's tied
+    embedding counted twice). Norms are per-tensor fp32 as DeepSpeed's; only their summation order differs.
     Undo: the returned callable puts the optimizer's step back.
     """
-    if not isinstance(optimizer, _fp16_wrappers()):
+    import torch
+    from deepspeed import comm
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+    from deepspeed.utils.bwc import bwc_tensor_model_parallel_rank
+
+    if not isinstance(optimizer, FP16_UnfusedOptimizer):
         return None
-    check_version("tag_fp16_gradients", optimizer, "step", "fp16_groups")
-    untagged_step = optimizer.step
+    check_version(
+        "foreach_fp16_step", optimizer, "step", "fp16_groups", "fp32_groups", "overflow_checker", "mpu", "clip_grad"
+    )
+    check_version("foreach_fp16_step", optimizer, "_skip_invalid_grad_norm", "_update_scale", "loss_scale_config")
+    tp_rank = bwc_tensor_model_parallel_rank(mpu=optimizer.mpu)
 
-    def step(*args, **kwargs):
-        for group in optimizer.fp16_groups:
-            for param in group:
+    def counted(param) -> bool:  # DeepSpeed's get_weight_norm's filter, read off the parameter
+        if getattr(param, "ds_pipe_replicated", False):
+            return False
+        return tp_rank == 0 or getattr(param, "tensor_model_parallel", False)
+
+    def norm_squares(group) -> torch.Tensor:
+        grads = [p.grad for p in group if p.grad is not None and counted(p)]
+        if not grads:
+            return torch.zeros((), dtype=torch.float32, device=group[0].device)
+        return torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)).square().sum()
+
+    def step(closure=None):
+        optimizer.overflow = optimizer.overflow_checker.check()
+        if optimizer.overflow:
+            return optimizer._skip_invalid_grad_norm()
+        squares = torch.stack([norm_squares(group) for group in optimizer.fp16_groups])
+        if optimizer.mpu is not None:
+            comm.all_reduce(squares, op=comm.ReduceOp.SUM, group=optimizer.mpu.get_model_parallel_group())
+        group_squares = squares.tolist()  # the step's one host sync
+        if not all(math.isfinite(s) for s in group_squares):
+            return optimizer._skip_invalid_grad_norm()
+        optimizer._global_grad_norm = math.sqrt(sum(group_squares))
+        masters, grads, halves, fp16_grads = [], [], [], []
+        for fp32_group, fp16_group in zip(optimizer.fp32_groups, optimizer.fp16_groups):
+            for master, param in zip(fp32_group, fp16_group):
+                master.grad = torch.zeros_like(master) if param.grad is None else torch.empty_like(master)
                 if param.grad is not None:
-                    for tag in GRADIENT_TAGS:
-                        if hasattr(param, tag):
-                            setattr(param.grad, tag, getattr(param, tag))
-        return untagged_step(*args, **kwargs)
+                    grads.append(master.grad)
+                    fp16_grads.append(param.grad)
+                masters.append(master)
+                halves.append(param)
+        torch._foreach_copy_(grads, fp16_grads)
+        optimizer._update_scale(False)
+        combined_scale = optimizer.unscale_and_clip_grads(optimizer._global_grad_norm, apply_scale=False)
+        if combined_scale != 1.0:  # bf16 without clipping: the multiply by 1 changes nothing
+            torch._foreach_mul_(grads, 1.0 / combined_scale)
+        optimizer.optimizer.step()
+        for master in masters:
+            master.grad = None
+        with torch.no_grad():
+            torch._foreach_copy_(halves, masters)
+        return optimizer.overflow
 
-    return _swap(vars(optimizer), "step", step, "tag_fp16_gradients")
+    return _swap(vars(optimizer), "step", step, "foreach_fp16_step")
 
 
 def batch_overflow_check(optimizer) -> Restore | None:

@@ -16,12 +16,12 @@ from trainer.runtime.compat import (
     allow_cpu_fp16,
     batch_overflow_check,
     bound_gloo_collectives,
+    foreach_fp16_step,
     scale_zero0_fp16_loss,
     set_default_pg_timeout,
     share_zero3_fp32_partitions,
     skip_shm_comm_op,
     skip_single_replica_reduction,
-    tag_fp16_gradients,
     undo_fp16_optimizer_warmup,
 )
 from trainer.runtime.ds_config import ZERO_BUCKET_ELEMENTS
@@ -119,7 +119,7 @@ def build_engine(model: nn.Module, ds_dict: dict[str, Any], weight_decay: float,
         dist_init_required=False,
     )
     undo_fp16_optimizer_warmup(engine.optimizer)  # bf16/fp16 at ZeRO-0: Adam starts at step 0 (compat)
-    tag_fp16_gradients(engine.optimizer)  # ... and its clipping norm counts tp shards and tied weights once
+    foreach_fp16_step(engine.optimizer)  # ... and steps in multi-tensor kernels, its norm counting each shard once
     batch_overflow_check(engine.optimizer)  # ... and it checks for overflow with one host sync, not one per tensor
     skip_single_replica_reduction(engine)  # one replica: no all-reduce of the gradients with itself (compat)
     if ds_dict["zero_optimization"]["stage"] == 3:
