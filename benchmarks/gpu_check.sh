@@ -46,6 +46,8 @@ OPTIONS=(
   "train.profile_start=6 train.profile_steps=2"
   "speed.flat_optimizer=true"
 )
+# GPU_CHECK_ROWS: other rows instead, separated by '|' (e.g. GPU_CHECK_ROWS='speed.compile=true|parallel.micro_batch=4')
+if [[ -n ${GPU_CHECK_ROWS:-} ]]; then IFS='|' read -r -a OPTIONS <<<"$GPU_CHECK_ROWS"; fi
 QUIET=(train.eval_interval=0 train.eval_batches=1 train.save_interval=-1 logging.wandb.mode=disabled logging.progress=false)
 
 step() { echo; echo "== $* ($((SECONDS - started)) s)"; }

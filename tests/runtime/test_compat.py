@@ -421,8 +421,9 @@ def test_replicas_or_zero_keep_the_gradient_all_reduce(dp, zero):
 
 
 def _wrapper_steps(precision: str, foreach: bool) -> tuple[list[torch.Tensor], list[float]]:
-    """Four steps of a small model in ``precision`` at ZeRO-0 with a clipping norm that bites: the fp32 masters
-    and the gradient norms, with DeepSpeed's own step or ``foreach_fp16_step``."""
+    """Five steps of a small model in ``precision`` at ZeRO-0 with a clipping norm that bites, the third with NaN
+    gradients: the fp32 masters, and the gradient norms and the loss scale, with DeepSpeed's own step or
+    ``foreach_fp16_step``."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4))
     config = {
@@ -438,14 +439,17 @@ def _wrapper_steps(precision: str, foreach: bool) -> tuple[list[torch.Tensor], l
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
     restore = compat.foreach_fp16_step(engine.optimizer) if foreach else None
     norms, dtype = [], next(model.parameters()).dtype
-    for _ in range(4):
-        engine.backward(engine(torch.randn(2, 8, dtype=dtype)).float().square().mean())
+    for i in range(5):
+        loss = engine(torch.randn(2, 8, dtype=dtype)).float().square().mean()
+        engine.backward(loss * float("nan") if i == 2 else loss)  # step 3: every gradient NaN
         engine.step()
         norms.append(engine.optimizer._global_grad_norm)
+    assert engine.skipped_steps == 1 and compat.skips_nonfinite(engine.optimizer) is foreach
     if restore is not None:
         restore()
         assert "step" not in vars(engine.optimizer)
-    return [m.detach().clone() for group in engine.optimizer.fp32_groups for m in group], norms
+    masters = [m.detach().clone() for group in engine.optimizer.fp32_groups for m in group]
+    return masters, [*norms, engine.optimizer.loss_scale]
 
 
 def _foreach_step_matches_deepspeeds(rank: int, world: int) -> None:
@@ -455,7 +459,8 @@ def _foreach_step_matches_deepspeeds(rank: int, world: int) -> None:
     for precision in ("bf16", "fp16"):
         want, want_norms = _wrapper_steps(precision, foreach=False)
         got, got_norms = _wrapper_steps(precision, foreach=True)
-        assert min(want_norms) > 0.05  # every step clipped
+        assert min(want_norms[:2] + want_norms[3:5]) > 0.05 and want_norms[2] == float("inf")  # clipped; skipped
+        assert want_norms[-1] == (2**7 if precision == "fp16" else 1.0)  # the skip halved fp16's scale
         assert got_norms == pytest.approx(want_norms, rel=1e-6), precision  # fp32 norms, summed in another order
         for g, w in zip(got, want):
             torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-7)

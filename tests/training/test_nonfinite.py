@@ -22,11 +22,14 @@ def _steps(run_dir) -> dict[int, dict]:
 
 
 SLOW = [pytest.param(name, marks=pytest.mark.slow) for name in NAMES if name != "single"]
+# bf16 at ZeRO-0: DeepSpeed's wrapper skips through trainer.runtime.compat.foreach_fp16_step, not the guard
+BF16 = ["single-bf16", pytest.param("tp2-bf16", marks=pytest.mark.slow)]
 
 
-@pytest.mark.parametrize("layout", ["single", *SLOW])
+@pytest.mark.parametrize("layout", ["single", *SLOW, *BF16])
 def test_poisoned_step_is_skipped_and_training_goes_on(layout, tmp_path, data_cache):
-    ranks, extra = LAYOUTS[layout]
+    ranks, extra = LAYOUTS[layout.removesuffix("-bf16")]
+    extra = [*extra, "parallel.precision=bf16"] if layout.endswith("-bf16") else extra
     clean, poisoned = tmp_path / "clean", tmp_path / "poisoned"
     for run_dir, more in ((clean, []), (poisoned, ["train.inject_nan_steps=[3]"])):
         proc = run_train(run_dir, _common(data_cache, *extra, *more), ranks=ranks)

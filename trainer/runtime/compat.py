@@ -454,14 +454,18 @@ def foreach_fp16_step(optimizer) -> Restore | None:
     gradient once.
 
     What: shadows ``step`` of an ``FP16_UnfusedOptimizer`` by one that does what DeepSpeed 0.19.8's does -- skip on
-    overflow, the clipping norm of the 16-bit gradients (summed over the model-parallel group), fp32 copies of the
-    gradients, unscale and clip, the inner optimizer's step, the fp32 masters back into the 16-bit weights -- with
-    ``torch._foreach_*`` calls, reading the ``tensor_model_parallel`` / ``ds_pipe_replicated`` flags off the
-    parameters. Returns the undo, or None for any other optimizer.
-    Why: DeepSpeed walks the ~290 tensors of gpt3-1.3b four times a step in Python, each time one small kernel
-    per tensor, and its norm reads those flags off the gradients, which carry none (every tp rank but the first
-    dropped its shards of the split weights -- tp2, gpt-tiny: norm 1.75 instead of 2.04 -- and a pipeline's tied
-    embedding counted twice). Norms are per-tensor fp32 as DeepSpeed's; only their summation order differs.
+    a non-finite gradient, the clipping norm of the 16-bit gradients (summed over the model-parallel group), fp32
+    copies of the gradients, unscale and clip, the inner optimizer's step, the fp32 masters back into the 16-bit
+    weights -- with ``torch._foreach_*`` calls and one host sync, reading the ``tensor_model_parallel`` /
+    ``ds_pipe_replicated`` flags off the parameters. The overflow test is the per-tensor norms' (a tensor with an
+    inf or NaN has a non-finite norm), reduced over every rank, so any rank's bad gradient skips the step
+    everywhere (``skips_nonfinite``: ``trainer.training.guard`` then adds no check of its own). Returns the undo,
+    or None for any other optimizer.
+    Why: DeepSpeed walks the ~290 tensors of gpt3-1.3b five times a step in Python, one small kernel per tensor
+    each time, with three host syncs (two for the overflow flag, one for the norm), and its norm reads those flags
+    off the gradients, which carry none (every tp rank but the first dropped its shards of the split weights --
+    tp2, gpt-tiny: norm 1.75 instead of 2.04 -- and a pipeline's tied embedding counted twice). Norms are
+    per-tensor fp32 as DeepSpeed's; only their summation order differs.
     Undo: the returned callable puts the optimizer's step back.
     """
     import torch
@@ -471,33 +475,41 @@ def foreach_fp16_step(optimizer) -> Restore | None:
 
     if not isinstance(optimizer, FP16_UnfusedOptimizer):
         return None
-    check_version(
-        "foreach_fp16_step", optimizer, "step", "fp16_groups", "fp32_groups", "overflow_checker", "mpu", "clip_grad"
-    )
-    check_version("foreach_fp16_step", optimizer, "_skip_invalid_grad_norm", "_update_scale", "loss_scale_config")
+    check_version("foreach_fp16_step", optimizer, "step", "fp16_groups", "fp32_groups", "mpu", "clip_grad")
+    check_version("foreach_fp16_step", optimizer, "_skip_invalid_grad_norm", "_update_scale", "unscale_and_clip_grads")
     tp_rank = bwc_tensor_model_parallel_rank(mpu=optimizer.mpu)
+    model_parallel = optimizer.mpu.get_model_parallel_group() if optimizer.mpu is not None else None
 
     def counted(param) -> bool:  # DeepSpeed's get_weight_norm's filter, read off the parameter
         if getattr(param, "ds_pipe_replicated", False):
             return False
         return tp_rank == 0 or getattr(param, "tensor_model_parallel", False)
 
-    def norm_squares(group) -> torch.Tensor:
-        grads = [p.grad for p in group if p.grad is not None and counted(p)]
-        if not grads:
-            return torch.zeros((), dtype=torch.float32, device=group[0].device)
-        return torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)).square().sum()
+    def all_reduce(tensor, op, group=None) -> None:
+        if comm.get_world_size(group=group) > 1:
+            comm.all_reduce(tensor, op=op, group=group)
+
+    def norms(group) -> tuple[torch.Tensor, torch.Tensor]:
+        """The squared norm of the group's counted gradients, and the sum of every gradient's norm (not finite
+        if any gradient is not)."""
+        with_grad = [p for p in group if p.grad is not None]
+        if not with_grad:
+            zero = torch.zeros((), dtype=torch.float32, device=group[0].device)
+            return zero, zero
+        each = torch._foreach_norm([p.grad for p in with_grad], 2, dtype=torch.float32)
+        kept = [norm for norm, p in zip(each, with_grad) if counted(p)] or [torch.zeros_like(each[0])]
+        return torch.stack(kept).square().sum(), torch.stack(each).sum()
 
     def step(closure=None):
-        optimizer.overflow = optimizer.overflow_checker.check()
-        if optimizer.overflow:
-            return optimizer._skip_invalid_grad_norm()
-        squares = torch.stack([norm_squares(group) for group in optimizer.fp16_groups])
-        if optimizer.mpu is not None:
-            comm.all_reduce(squares, op=comm.ReduceOp.SUM, group=optimizer.mpu.get_model_parallel_group())
-        group_squares = squares.tolist()  # the step's one host sync
-        if not all(math.isfinite(s) for s in group_squares):
-            return optimizer._skip_invalid_grad_norm()
+        squares, sums = zip(*(norms(group) for group in optimizer.fp16_groups))
+        squares = torch.stack(squares)
+        bad = (~torch.isfinite(torch.stack(sums).sum())).float().view(1)
+        all_reduce(squares, comm.ReduceOp.SUM, model_parallel)
+        all_reduce(bad, comm.ReduceOp.MAX)
+        *group_squares, overflow = torch.cat([squares, bad]).tolist()  # the step's one host sync
+        if overflow or not all(math.isfinite(s) for s in group_squares):
+            return optimizer._skip_invalid_grad_norm()  # sets optimizer.overflow, which the engine counts
+        optimizer.overflow = False
         optimizer._global_grad_norm = math.sqrt(sum(group_squares))
         masters, grads, halves, fp16_grads = [], [], [], []
         for fp32_group, fp16_group in zip(optimizer.fp32_groups, optimizer.fp16_groups):
@@ -520,7 +532,14 @@ def foreach_fp16_step(optimizer) -> Restore | None:
             torch._foreach_copy_(halves, masters)
         return optimizer.overflow
 
+    step.skips_nonfinite = True
     return _swap(vars(optimizer), "step", step, "foreach_fp16_step")
+
+
+def skips_nonfinite(optimizer) -> bool:
+    """Whether ``optimizer``'s step is ``foreach_fp16_step``'s, which skips a step with a non-finite gradient on
+    any rank."""
+    return getattr(vars(optimizer).get("step"), "skips_nonfinite", False)
 
 
 def batch_overflow_check(optimizer) -> Restore | None:

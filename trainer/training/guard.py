@@ -3,8 +3,9 @@
 DeepSpeed already skips a step whose gradients are not finite in its fp16 optimizer (dynamic loss
 scaling), in ZeRO-1/2 (the gradient norm comes out inf/NaN; with bf16 only when
 ``bf16.check_grad_overflow`` is on) and counts it in ``engine.skipped_steps`` without moving the
-learning-rate schedule. At ZeRO-0 in fp32/bf16 it applies whatever it has; ``install_nonfinite_skip``
-gives that path the same behaviour. ``SkipCounter`` turns the count into a clean stop.
+learning-rate schedule; at ZeRO-0 in bf16 its wrapper's step is ``compat.foreach_fp16_step``, which skips
+too. At ZeRO-0 in fp32 it applies whatever it has; ``install_nonfinite_skip`` gives that path the same
+behaviour. ``SkipCounter`` turns the count into a clean stop.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from trainer.runtime.compat import skip_optimizer_step_when
+from trainer.runtime.compat import skip_optimizer_step_when, skips_nonfinite
 
 
 class TooManySkips(RuntimeError):
@@ -28,9 +29,9 @@ def install_nonfinite_skip(engine) -> bool:
     The flag is reduced over every rank (gradients of other pipeline stages or tp shards may be the
     bad ones); DeepSpeed then counts the skip and holds the schedule
     (``trainer.runtime.compat.skip_optimizer_step_when``, for the run). Returns whether it installed
-    (ZeRO-1/2/3 and fp16 have their own check).
+    (ZeRO-1/2/3, fp16 and bf16's ``compat.foreach_fp16_step`` have their own check).
     """
-    if engine.zero_optimization_stage() > 0 or engine.fp16_enabled():
+    if engine.zero_optimization_stage() > 0 or engine.fp16_enabled() or skips_nonfinite(engine.optimizer):
         return False
     optimizer = engine.optimizer
 
