@@ -12,18 +12,21 @@ from trainer.parallel.dims import Mesh
 from trainer.parallel.mappings import CommStats, all_reduce
 
 
+def counted_once(param: nn.Parameter, first_tp_rank: bool) -> bool:
+    """Whether this rank's copy of ``param`` enters one replica's gradient norm: the shards of tensor-parallel
+    parameters from every tp rank, the replicated parameters (LayerNorm, row biases, position embedding) from
+    tp rank 0 only, and never a pipeline's second copy of the tied embedding (``ds_pipe_replicated``, on the
+    last stage)."""
+    return not getattr(param, "ds_pipe_replicated", False) and (
+        first_tp_rank or getattr(param, "tensor_model_parallel", False)
+    )
+
+
 def local_grad_squares(params: Iterable[nn.Parameter], first_tp_rank: bool, device=None) -> torch.Tensor:
-    """This rank's share of ||g||² of one replica: the shards of tensor-parallel parameters from every
-    tp rank, the replicated parameters (LayerNorm, row biases, position embedding) from tp rank 0
-    only, and never a pipeline's second copy of the tied embedding (``ds_pipe_replicated``, on the
-    last stage). Summed over the ranks of the replica it is the dense model's ||g||²."""
-    squares = [
-        p.grad.detach().float().pow(2).sum()
-        for p in params
-        if p.grad is not None
-        and not getattr(p, "ds_pipe_replicated", False)
-        and (first_tp_rank or getattr(p, "tensor_model_parallel", False))
-    ]
+    """This rank's share of ||g||² of one replica (``counted_once``). Summed over the ranks of the replica
+    it is the dense model's ||g||²."""
+    grads = [p.grad.detach() for p in params if p.grad is not None and counted_once(p, first_tp_rank)]
+    squares = [g.float().pow(2).sum() for g in grads]
     return torch.stack(squares).sum() if squares else torch.zeros((), device=device)
 
 

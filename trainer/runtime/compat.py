@@ -477,13 +477,10 @@ def foreach_fp16_step(optimizer) -> Restore | None:
         return None
     check_version("foreach_fp16_step", optimizer, "step", "fp16_groups", "fp32_groups", "mpu", "clip_grad")
     check_version("foreach_fp16_step", optimizer, "_skip_invalid_grad_norm", "_update_scale", "unscale_and_clip_grads")
-    tp_rank = bwc_tensor_model_parallel_rank(mpu=optimizer.mpu)
-    model_parallel = optimizer.mpu.get_model_parallel_group() if optimizer.mpu is not None else None
+    from trainer.parallel.grad_norm import counted_once
 
-    def counted(param) -> bool:  # DeepSpeed's get_weight_norm's filter, read off the parameter
-        if getattr(param, "ds_pipe_replicated", False):
-            return False
-        return tp_rank == 0 or getattr(param, "tensor_model_parallel", False)
+    first_tp_rank = bwc_tensor_model_parallel_rank(mpu=optimizer.mpu) == 0
+    model_parallel = optimizer.mpu.get_model_parallel_group() if optimizer.mpu is not None else None
 
     def all_reduce(tensor, op, group=None) -> None:
         if comm.get_world_size(group=group) > 1:
@@ -497,7 +494,8 @@ def foreach_fp16_step(optimizer) -> Restore | None:
             zero = torch.zeros((), dtype=torch.float32, device=group[0].device)
             return zero, zero
         each = torch._foreach_norm([p.grad for p in with_grad], 2, dtype=torch.float32)
-        kept = [norm for norm, p in zip(each, with_grad) if counted(p)] or [torch.zeros_like(each[0])]
+        kept = [norm for norm, p in zip(each, with_grad) if counted_once(p, first_tp_rank)]
+        kept = kept or [torch.zeros_like(each[0])]
         return torch.stack(kept).square().sum(), torch.stack(each).sum()
 
     def step(closure=None):

@@ -46,10 +46,12 @@ def install_nonfinite_skip(engine) -> bool:
 
 
 def _any_nonfinite(tensors: list[torch.Tensor], device) -> torch.Tensor:
+    """1.0 where a tensor holds an inf or NaN (or its norm overflows), from the per-tensor norms: a few
+    multi-tensor kernels, where ``isfinite(t).all()`` allocated a full-size boolean tensor per gradient."""
     if not tensors:
         return torch.zeros((), device=device)
-    finite = torch.stack([torch.isfinite(t).all() for t in tensors]).all()
-    return (~finite).float()
+    norms = torch._foreach_norm(tensors, 2, dtype=torch.float32)
+    return (~torch.isfinite(torch.stack(norms).sum())).float()
 
 
 class SkipCounter:
