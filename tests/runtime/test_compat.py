@@ -335,36 +335,6 @@ def test_zero3_partitioned_matrices_are_weight_decayed_like_the_dense_model():
     run_ranks(_zero3_parameters_decay_like_dense_ones, 1)
 
 
-def test_batched_overflow_check_answers_as_deepspeeds_and_restores():
-    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
-    from deepspeed.runtime.utils import CheckOverflow
-
-    optimizer = object.__new__(FP16_UnfusedOptimizer)  # only its overflow checker is used
-    optimizer.overflow_checker = checker = CheckOverflow()
-    params = [torch.nn.Parameter(torch.zeros(4)) for _ in range(3)]
-    cases = {"finite": 1.0, "nan": float("nan"), "+inf": float("inf"), "-inf": float("-inf")}
-    expected = {}
-    for case, value in cases.items():
-        for p in params:
-            p.grad = torch.ones(4)
-        params[1].grad[2] = value
-        expected[case] = checker.has_overflow_serial(params)
-    assert expected == {"finite": False, "nan": True, "+inf": True, "-inf": True}
-
-    restore = compat.batch_overflow_check(optimizer)
-    for case, value in cases.items():
-        for p in params:
-            p.grad = torch.ones(4)
-        params[1].grad[2] = value
-        assert checker.has_overflow_serial(params) is expected[case], case
-    params[0].grad = params[2].grad = None  # parameters without gradients are passed over
-    assert checker.has_overflow_serial(params) is True
-    assert checker.has_overflow_serial([params[0]]) is False
-    restore()
-    assert "has_overflow_serial" not in vars(checker)
-    assert compat.batch_overflow_check(torch.optim.SGD(params, lr=0.1)) is None  # not DeepSpeed's wrapper
-
-
 def _one_replica_steps(skip: bool) -> tuple[list[torch.Tensor], int]:
     """Two bf16 ZeRO-0 steps of 2 micro-batches on one rank: the parameters, and the all-reduces of more than one
     element they took (the overflow check all-reduces a flag)."""

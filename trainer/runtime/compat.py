@@ -19,7 +19,6 @@ The trainer relies on a few private attributes, replaced methods and module glob
     scale_zero0_fp16_loss        DeepSpeedEngine.backward (the class's, for the run)        restore callable
     undo_fp16_optimizer_warmup   FP16_(Unfused)Optimizer's Adam state and fp32 masters      nothing to undo
     foreach_fp16_step            FP16_UnfusedOptimizer.step (shadowed per optimizer)       restore callable
-    batch_overflow_check         its overflow_checker.has_overflow_serial (shadowed)       restore callable
 
 Each patch first calls ``check_version``: where an attribute it changes is missing it raises a
 RuntimeError naming the patch and both versions; where the attributes are there but the installed
@@ -538,35 +537,6 @@ def skips_nonfinite(optimizer) -> bool:
     """Whether ``optimizer``'s step is ``foreach_fp16_step``'s, which skips a step with a non-finite gradient on
     any rank."""
     return getattr(vars(optimizer).get("step"), "skips_nonfinite", False)
-
-
-def batch_overflow_check(optimizer) -> Restore | None:
-    """Test every gradient of DeepSpeed's fp16/bf16 ZeRO-0 optimizer wrapper for inf/NaN with one host sync.
-
-    What: shadows ``has_overflow_serial`` of the wrapper's ``overflow_checker`` (a ``CheckOverflow``) by one
-    that runs the checker's own per-tensor test (``_has_inf_or_nan``, a device scalar) on every gradient,
-    stacks the results and reads them once. Returns the undo, or None for any other optimizer.
-    Why: DeepSpeed 0.19.8 turns each tensor's result into a Python bool as it goes -- one host sync per
-    parameter before every step. On a GPU each sync drains the launch queue: gpt3-1.3b (~290 tensors) on an
-    H200 left the device idle ~60 ms of a 440 ms step there (docs/gpu.md). The answer is the same: any
-    non-finite gradient is an overflow.
-    Undo: the returned callable puts the checker's method back.
-    """
-    import torch
-
-    if not isinstance(optimizer, _fp16_wrappers()):
-        return None
-    check_version("batch_overflow_check", optimizer, "overflow_checker")
-    checker = optimizer.overflow_checker
-    check_version("batch_overflow_check", checker, "has_overflow_serial", "_has_inf_or_nan")
-
-    def has_overflow_serial(params) -> bool:
-        flags = [
-            torch.as_tensor(checker._has_inf_or_nan(p.grad.data, i)) for i, p in enumerate(params) if p.grad is not None
-        ]
-        return bool(torch.stack(flags).any()) if flags else False
-
-    return _swap(vars(checker), "has_overflow_serial", has_overflow_serial, "batch_overflow_check")
 
 
 def skip_single_replica_reduction(engine) -> bool:

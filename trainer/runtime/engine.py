@@ -14,7 +14,6 @@ from torch import nn
 # skip_shm_comm_op is also imported from here (tests start DeepSpeed without init_distributed)
 from trainer.runtime.compat import (
     allow_cpu_fp16,
-    batch_overflow_check,
     bound_gloo_collectives,
     foreach_fp16_step,
     scale_zero0_fp16_loss,
@@ -120,7 +119,6 @@ def build_engine(model: nn.Module, ds_dict: dict[str, Any], weight_decay: float,
     )
     undo_fp16_optimizer_warmup(engine.optimizer)  # bf16/fp16 at ZeRO-0: Adam starts at step 0 (compat)
     foreach_fp16_step(engine.optimizer)  # ... and steps in multi-tensor kernels, its norm counting each shard once
-    batch_overflow_check(engine.optimizer)  # ... and it checks for overflow with one host sync, not one per tensor
     skip_single_replica_reduction(engine)  # one replica: no all-reduce of the gradients with itself (compat)
     if ds_dict["zero_optimization"]["stage"] == 3:
         share_zero3_fp32_partitions(engine.optimizer)  # fp32: no second copy of the weights (compat)
