@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -19,6 +20,11 @@ from trainer.config.schema import Config
 from trainer.runtime.env import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
+# Intra-op threads of every test process and of the runs it launches (OMP_NUM_THREADS, which the trainer honours
+# over its own split of the cores): the Makefile's 2 pytest workers each start up to 2 ranks at a time, and
+# OpenMP threads beyond the cores spin against each other. On 2 cores the inference tests took 440 s with the
+# trainer's split (2 threads for a one-process run and in the workers) and 185 s with one thread each.
+TEST_THREADS = max(1, (os.cpu_count() or 1) // 4)
 SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 VENV_BIN = Path(sys.executable).parent
@@ -177,3 +183,8 @@ def read_metrics(run_dir: Path) -> list[dict]:
 def data_cache(tmp_path_factory) -> Path:
     """One prepared-corpus cache shared by the tests of a session."""
     return tmp_path_factory.mktemp("data-cache")
+
+
+def pytest_configure(config):
+    os.environ.setdefault("OMP_NUM_THREADS", str(TEST_THREADS))  # a user's setting wins
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
