@@ -472,12 +472,12 @@ def foreach_fp16_step(optimizer) -> Restore | None:
     from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
     from deepspeed.utils.bwc import bwc_tensor_model_parallel_rank
 
+    from trainer.parallel.grad_norm import counted_once
+
     if not isinstance(optimizer, FP16_UnfusedOptimizer):
         return None
     check_version("foreach_fp16_step", optimizer, "step", "fp16_groups", "fp32_groups", "mpu", "clip_grad")
     check_version("foreach_fp16_step", optimizer, "_skip_invalid_grad_norm", "_update_scale", "unscale_and_clip_grads")
-    from trainer.parallel.grad_norm import counted_once
-
     first_tp_rank = bwc_tensor_model_parallel_rank(mpu=optimizer.mpu) == 0
     model_parallel = optimizer.mpu.get_model_parallel_group() if optimizer.mpu is not None else None
 
