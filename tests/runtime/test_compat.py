@@ -4,6 +4,8 @@ bubble, non-finite and checkpoint tests)."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import warnings
 from datetime import timedelta
 from types import SimpleNamespace
@@ -207,6 +209,32 @@ def test_shm_comm_patch_marks_the_op_unavailable_and_restores_it():
     finally:
         restore()
     assert ops["deepspeed_shm_comm"] == before
+
+
+def test_muon_module_imports_without_inductor_and_compiles_at_first_call():
+    # A process of its own: which modules are imported is process state.
+    code = """
+import sys, torch
+from deepspeed.runtime import compiler
+from trainer.runtime import compat
+before = compiler.compile
+compat.defer_muon_compilation()
+assert compiler.compile is before and compat.MUON_MODULE in sys.modules
+assert "torch._inductor.compile_fx" not in sys.modules
+from deepspeed.runtime.zero.muon import original_muon
+compiled = []
+torch.compile = lambda fn, **kwargs: compiled.append(fn) or fn  # records what the first call compiles
+newton_schulz = original_muon.zeropower_via_newtonschulz5
+g = torch.randn(8, 4)
+out = newton_schulz(g, steps=2)
+assert compiled == [newton_schulz.__wrapped__] and torch.equal(out, newton_schulz.__wrapped__(g, steps=2))
+newton_schulz(g, steps=2)
+assert len(compiled) == 1  # compiled once
+compat.defer_muon_compilation()  # already imported: nothing happens
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
 
 
 def test_relink_zero_moments_resets_the_flag_and_relinks():

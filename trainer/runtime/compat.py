@@ -6,6 +6,7 @@ The trainer relies on a few private attributes, replaced methods and module glob
 
     patch                        target                                              undo
     skip_shm_comm_op             deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"]   restore callable
+    defer_muon_compilation       deepspeed.runtime.compiler.compile, while Muon imports   nothing to undo
     set_default_pg_timeout       torch c10d default_pg_timeout, default_pg_nccl_timeout   restore callable
     replace_fp32_clipping        engine.clip_fp32_gradients, engine._global_grad_norm      restore callable
     wrap_pipe_instructions       PipelineEngine._INSTRUCTION_MAP (shadowed per engine)     restore callable
@@ -38,6 +39,7 @@ would make the override dead code without an error, so ``GPTPipe.__init__`` call
 
 from __future__ import annotations
 
+import functools
 import importlib
 import math
 import re
@@ -132,6 +134,52 @@ def skip_shm_comm_op() -> Restore:
     ops = deepspeed.ops.__compatible_ops__  # built lazily by the module's __getattr__
     check_version("skip_shm_comm_op", ops, "deepspeed_shm_comm")
     return _swap(ops, "deepspeed_shm_comm", False, "skip_shm_comm_op")
+
+
+MUON_MODULE = "deepspeed.runtime.zero.muon.muon_optimizer"
+
+
+def defer_muon_compilation() -> None:
+    """Import DeepSpeed's Muon optimizer module with its ``torch.compile`` decorators deferred to each
+    function's first call.
+
+    What: while the module is imported, ``deepspeed.runtime.compiler.compile()`` (which returns
+    ``torch.compile``) returns a decorator that compiles on the first call instead; then it is put back.
+    Does nothing where the module is already imported.
+    Why: DeepSpeed 0.19.8's ZeRO imports that module on every rank (stage 1/2 at the first gradient
+    reduction, stage 3 at start-up, the engine's optimizer check) and ``torch.compile`` applied at import
+    loads inductor: 1.4 s of each rank's start-up on this project's CPUs, for an optimizer the trainer never
+    builds. A Muon function compiles as before, at its first call.
+    Undo: nothing to undo (the module's functions keep their deferred compilation).
+    """
+    import sys
+
+    if MUON_MODULE in sys.modules:
+        return
+    import torch
+    from deepspeed.runtime import compiler
+
+    check_version("defer_muon_compilation", compiler, "compile")
+
+    def compile_on_first_call() -> Callable[[Callable], Callable]:
+        def decorate(fn: Callable) -> Callable:
+            compiled = None
+
+            @functools.wraps(fn)
+            def call(*args, **kwargs):
+                nonlocal compiled
+                compiled = compiled or torch.compile(fn)
+                return compiled(*args, **kwargs)
+
+            return call
+
+        return decorate
+
+    restore = _swap(vars(compiler), "compile", compile_on_first_call, "defer_muon_compilation")
+    try:
+        importlib.import_module(MUON_MODULE)
+    finally:
+        restore()
 
 
 class _Done:

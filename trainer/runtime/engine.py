@@ -15,6 +15,7 @@ from torch import nn
 from trainer.runtime.compat import (
     allow_cpu_fp16,
     bound_gloo_collectives,
+    defer_muon_compilation,
     foreach_fp16_step,
     scale_zero0_fp16_loss,
     set_default_pg_timeout,
@@ -109,6 +110,7 @@ def build_engine(model: nn.Module, ds_dict: dict[str, Any], weight_decay: float,
     if ds_dict["fp16"]["enabled"]:
         allow_cpu_fp16()  # DeepSpeed refuses fp16 on CPUs without fast fp16 kernels; torch's run it (compat)
         scale_zero0_fp16_loss()  # without ZeRO DeepSpeed 0.19.8 unscales gradients it never scaled (compat)
+    defer_muon_compilation()  # ZeRO imports DeepSpeed's Muon module; without loading inductor (compat)
     engine, *_ = deepspeed.initialize(
         model=model,
         model_parameters=param_groups(model, weight_decay),
