@@ -42,7 +42,7 @@ fi
 OPTIONS=(
   "speed.compile=true"
   "parallel.micro_batch=4"
-  "speed.compile=true parallel.micro_batch=4"
+  "speed.fused_loss=true"
   "train.profile_start=6 train.profile_steps=2"
   "speed.flat_optimizer=true"
 )

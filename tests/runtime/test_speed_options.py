@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import PARITY_RTOL, compose_config, read_metrics, run_train, tiny_corpus_overrides
+from conftest import LAYOUTS, PARITY_RTOL, compose_config, read_metrics, run_train, tiny_corpus_overrides
 from trainer.config.schema import ConfigError
 from trainer.config.validate import validate
 from trainer.model import GPT, ModelShape
@@ -211,12 +211,13 @@ def reference_losses(tmp_path_factory, data_cache) -> list[float]:
     [
         ("speed.fused_adamw=true", "fused AdamW on"),  # torch's fused kernel, on CPU
         ("speed.compile=true", "compiled blocks 2"),  # inductor on CPU (needs a C compiler: the first steps compile)
+        ("speed.fused_loss=true", "fused loss on"),  # the head and loss in chunks (trainer.model.fused_loss)
         (  # ZeRO-Offload: the optimizer states and step on the host
             "parallel.zero_stage=2 +speed.deepspeed_extra.zero_optimization.offload_optimizer.device=cpu",
             "overlap_comm off",
         ),
     ],
-    ids=["fused-adamw", "compile", "zero-offload"],
+    ids=["fused-adamw", "compile", "fused-loss", "zero-offload"],
 )
 def test_each_option_gives_the_same_losses(option, says, reference_losses, tmp_path, data_cache):
     losses = _train(tmp_path / "run", data_cache, *option.split(), says=says)
@@ -235,3 +236,24 @@ def test_overlap_comm_gives_the_same_losses_on_two_ranks(tmp_path, data_cache):
         for value in ("false", "true")
     )
     assert all(math.isclose(a, b, rel_tol=PARITY_RTOL) for a, b in zip(on, off)), (on, off)
+
+
+# (layout, model overrides): the head vocabulary-split, and the tied embedding's copy on the last pipeline stage;
+# gathered by ZeRO-3; an untied Llama head on the last stage.
+FUSED_LOSS_CASES = {
+    "tp2-pp2": ("tp2-pp2", []),
+    "zero3-dp2": ("zero3-dp2", []),
+    "pp2-llama": ("pp2", ["model=llama-tiny"]),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", FUSED_LOSS_CASES)
+def test_fused_loss_at_other_layouts_gives_the_single_process_losses(case, reference_losses, tmp_path, data_cache):
+    layout, model = FUSED_LOSS_CASES[case]
+    ranks, extra = LAYOUTS[layout]
+    reference = _train(tmp_path / "single", data_cache, *model, says="fused loss off") if model else reference_losses
+    fused = [*extra, *model, "speed.fused_loss=true"]
+    losses = _train(tmp_path / "run", data_cache, *fused, ranks=ranks, says="fused loss on")
+    assert len(losses) == len(reference) == 4
+    assert all(math.isclose(a, b, rel_tol=PARITY_RTOL) for a, b in zip(losses, reference)), (losses, reference)

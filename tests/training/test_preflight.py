@@ -75,3 +75,17 @@ def test_the_bound_counts_no_attention_scores():
     short, long = (_cfg(f"model.seq_len={s}") for s in (1024, 4096))
     grow = [preflight.predicted_bytes(c, preflight.launched_layout(c, 1)) for c in (short, long)]
     assert grow[1] < 4.5 * grow[0]
+
+
+def test_the_fused_loss_lowers_the_bound_by_the_logits_less_its_gradients(monkeypatch):
+    """speed.fused_loss keeps no (tokens, V) fp32 logits but the gradients of the head's input and weight: a run
+    that is refused with the whole logits starts with the fused head."""
+    big_vocab = ["model.vocab_size=65536", "parallel.micro_batch=4", "parallel.global_batch=8"]
+    unfused, fused = _cfg(*big_vocab), _cfg(*big_vocab, "speed.fused_loss=true")
+    needed = [preflight.predicted_bytes(c, preflight.launched_layout(c, 1)) for c in (unfused, fused)]
+    s, b, h, V = 256, 4, 256, 65536
+    assert needed[0] - needed[1] == pytest.approx(4 * s * b * V - 4 * (s * b * h + V * h))
+    _with_available(monkeypatch, sum(needed) / 2)
+    with pytest.raises(BadInput):
+        preflight.check_memory(unfused, 1, CPU)
+    preflight.check_memory(fused, 1, CPU)

@@ -455,8 +455,14 @@ def pipeline_p2p_bytes(
     return micro_batches * (sends * message / t + gathers * wire_bytes("all_gather", message, t))
 
 
-def head_activation_bytes(s: int, b: int, h: int, V: int, t: int = 1, precision: str = "fp32") -> float:
+def head_activation_bytes(
+    s: int, b: int, h: int, V: int, t: int = 1, precision: str = "fp32", fused: bool = False
+) -> float:
     """Activations the output layer keeps: the final norm's input and output (s·b·h each, the head's
     input) and one (s, b, V/t) tensor of log-probabilities for the cross-entropy backward (fp32). The same
-    for a tied and an untied head, a LayerNorm and an RMSNorm."""
+    for a tied and an untied head, a LayerNorm and an RMSNorm. ``fused`` (``speed.fused_loss``): the norm's
+    input, the gradients of the head's input (s·b·h) and of its weight (V/t·h), both computed in forward and
+    kept until the head's backward, and no logits."""
+    if fused:
+        return (2 * s * b * h + V / t * h) * BYTES[precision]
     return s * b * (2 * h * BYTES[precision] + V / t * 4)

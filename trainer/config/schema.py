@@ -261,6 +261,10 @@ class SpeedConfig:
     flat_optimizer: str = "false"  # auto | true | false
     # torch.compile each transformer block (inductor; the first steps pay the compilation, tens of seconds).
     compile: bool = False
+    # The output head and the cross entropy in one pass over chunks of tokens (trainer.model.fused_loss): the
+    # same loss and gradients without the whole (tokens, V/tp) fp32 logits and their gradient (2 x 0.8 GB
+    # for gpt3-1.3b at micro-batch 2 x 2048; 2 x 2.1 GB with Llama 3's vocabulary). Every layout.
+    fused_loss: bool = False
     # Attention through scaled_dot_product_attention's flash kernel: auto = required on CUDA with bf16/fp16
     # (checked once at start, one line if this GPU or shape cannot run it), nothing on CPU or fp32; false lets
     # torch choose a kernel per call.

@@ -180,6 +180,9 @@ class GPT(nn.Module):
             raise ValueError(f"recompute={recompute!r}, checkpoint_every={checkpoint_every}: need {RECOMPUTE}, >= 1")
         self.shape = shape
         self.recompute, self.checkpoint_every = recompute, checkpoint_every
+        # The output head and the loss in one pass over chunks of tokens (trainer.model.fused_loss) rather
+        # than the whole logits then the loss: the same loss and gradients, less memory. Off by default.
+        self.fused_loss = False
         self.layers = layers or DenseLayers()
         self.wte = self.layers.embedding(shape.vocab_size, shape.n_embd)
         mark_padding(self.wte, shape.real_vocab)
@@ -211,7 +214,10 @@ class GPT(nn.Module):
                 x = block(x, cache, layer)
             cache.length += idx.shape[1]
         x = self.layers.from_block_layout(self.ln_f(x))
-        logits = self.layers.lm_logits(x, getattr(self, "lm_head", self.wte))  # (B, T, V) or its vocab shard
+        head = getattr(self, "lm_head", self.wte)
+        if targets is not None and self.fused_loss:
+            return self.layers.fused_head_loss(x, head, targets)
+        logits = self.layers.lm_logits(x, head)  # (B, T, V) or its vocab shard
         if targets is None:
             return logits
         return self.layers.cross_entropy(logits, targets)

@@ -47,6 +47,10 @@ class LayerProvider(Protocol):
     def cross_entropy(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean token loss over logits as returned by ``lm_logits``."""
 
+    def fused_head_loss(self, x: torch.Tensor, head: nn.Module, targets: torch.Tensor) -> torch.Tensor:
+        """``cross_entropy(lm_logits(x, head), targets)`` chunk by chunk, never holding the whole logits
+        (``trainer.model.fused_loss``)."""
+
 
 def mark_padding(head: nn.Module, real_vocab: int) -> None:
     """Tell an output head (the tied embedding or ``lm_head``) where its padding rows start (0: none)."""
@@ -91,3 +95,8 @@ class DenseLayers:
 
     def cross_entropy(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+    def fused_head_loss(self, x: torch.Tensor, head: nn.Module, targets: torch.Tensor) -> torch.Tensor:
+        from trainer.model.fused_loss import chunked_head_cross_entropy
+
+        return chunked_head_cross_entropy(x, head, targets)

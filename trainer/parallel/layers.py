@@ -25,6 +25,7 @@ from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.utils.hooks import RemovableHandle
 
+from trainer.model.fused_loss import chunked_head_cross_entropy
 from trainer.model.layers import NORM_TYPES, mask_padding
 from trainer.parallel.loss import vocab_parallel_cross_entropy
 from trainer.parallel.mappings import (
@@ -250,6 +251,17 @@ class TensorParallelLayers:
 
     def cross_entropy(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return vocab_parallel_cross_entropy(logits, targets, self.group, self.stats).mean()
+
+    def fused_head_loss(self, x: torch.Tensor, head: nn.Module, targets: torch.Tensor) -> torch.Tensor:
+        """The chunked head and loss over this rank's vocabulary rows; the row statistics are reduced over
+        the tp group, and x enters through ``copy_to_tp`` as in ``lm_logits`` (backward sums the ranks' dx)."""
+
+        def reduce(tensor: torch.Tensor, op: str) -> torch.Tensor:
+            how = dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM
+            return all_reduce(tensor, self.group, self.stats, op=how)
+
+        start = group_rank(self.group) * head.weight.shape[0]
+        return chunked_head_cross_entropy(copy_to_tp(x, self.group, self.stats), head, targets, start, reduce)
 
 
 def sequence_parallel_params(model: nn.Module) -> list[nn.Parameter]:

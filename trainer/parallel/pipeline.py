@@ -39,6 +39,7 @@ DeepSpeed builds its own process grid from ``dims.deepspeed_topology()``, with t
 from __future__ import annotations
 
 from collections.abc import Iterable
+from functools import partial
 from typing import Any
 
 import torch
@@ -69,6 +70,7 @@ class GPTEmbedding(nn.Module):
     def __init__(self, shape: ModelShape, layers: LayerProvider, position: bool = True):
         super().__init__()
         self.layers = layers  # a plain object, not a module: holds the tp group, not parameters
+        self.fused_loss = False  # as the head: pass x on to the loss, which applies wte (fuse_head_loss)
         self.wte = layers.embedding(shape.vocab_size, shape.n_embd)
         mark_padding(self.wte, shape.real_vocab)
         if position and shape.position == "learned":
@@ -81,8 +83,9 @@ class GPTEmbedding(nn.Module):
 
 
 def lm_head(embedding: GPTEmbedding, x: torch.Tensor) -> torch.Tensor:
-    """The tied output head (``TiedLayerSpec`` forward_fn): (B, T, h) -> logits (B, T, V or V/tp)."""
-    return embedding.layers.lm_logits(x, embedding.wte)
+    """The tied output head (``TiedLayerSpec`` forward_fn): (B, T, h) -> logits (B, T, V or V/tp), or x itself
+    where the loss applies the head (``fuse_head_loss``)."""
+    return x if embedding.fused_loss else embedding.layers.lm_logits(x, embedding.wte)
 
 
 class OutputHead(nn.Module):
@@ -91,11 +94,12 @@ class OutputHead(nn.Module):
     def __init__(self, shape: ModelShape, layers: LayerProvider):
         super().__init__()
         self.layers = layers
+        self.fused_loss = False  # pass x on to the loss, which applies lm_head (fuse_head_loss)
         self.lm_head = layers.head(shape.vocab_size, shape.n_embd)
         mark_padding(self.lm_head, shape.real_vocab)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layers.lm_logits(x, self.lm_head)
+        return x if self.fused_loss else self.layers.lm_logits(x, self.lm_head)
 
 
 class FinalNorm(nn.Module):
@@ -149,6 +153,24 @@ class GPTPipe(PipelineModule):
     def _synchronize_tied_weights(self) -> None:
         with torch.no_grad():
             super()._synchronize_tied_weights()
+
+
+def fuse_head_loss(module: PipelineModule) -> bool:
+    """On the last stage, the head and the loss in one chunked pass (``trainer.model.fused_loss``): the head
+    layer passes its input on and the stage's loss function applies the head's weight (the tied embedding's
+    copy or ``lm_head``), so the gradient reaches the same parameter. Whether this stage has the head."""
+    if module.stage_id != module.num_stages - 1:
+        return False
+    heads = [m for m in module.modules() if isinstance(m, OutputHead)]
+    owner = heads[0] if heads else module.tied_modules[TIED_KEY]
+    weight_holder = owner.lm_head if heads else owner.wte
+    owner.fused_loss = True
+    module.loss_fn = partial(_fused_loss, owner.layers, weight_holder)
+    return True
+
+
+def _fused_loss(layers: LayerProvider, head: nn.Module, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return layers.fused_head_loss(x, head, targets)
 
 
 def build_pipeline_module(

@@ -67,3 +67,15 @@ def compile_blocks(model: nn.Module) -> int:
     for block in blocks:
         block.compile()
     return len(blocks)
+
+
+def fuse_loss(model: nn.Module) -> bool:
+    """Make ``model`` (a GPT or a pipeline stage) compute its head and loss chunk by chunk
+    (``speed.fused_loss``); whether this rank has the head."""
+    from trainer.model.gpt import GPT
+    from trainer.parallel.pipeline import fuse_head_loss
+
+    if isinstance(model, GPT):
+        model.fused_loss = True
+        return True
+    return fuse_head_loss(model)

@@ -47,7 +47,7 @@ def launched_layout(cfg: Config, world: int, cuda: bool = False):
     mode, _ = recompute_plan(p)
     dp = world // (p.tp * p.pp)
     zero = engine_zero_stage(cfg, dp, cuda)
-    return Layout(p.tp, p.pp, dp, zero, p.micro_batch, mode, p.sequence_parallel)
+    return Layout(p.tp, p.pp, dp, zero, p.micro_batch, mode, p.sequence_parallel, fused_loss=cfg.speed.fused_loss)
 
 
 def predicted_bytes(cfg: Config, layout) -> float:

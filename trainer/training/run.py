@@ -202,14 +202,16 @@ def run(cfg: Config, cfg_node: DictConfig, plan: BatchPlan, run_dir: Path) -> No
 
 
 def apply_speed(cfg: Config, model, device, ds_dict: dict) -> str:
-    """speed.flash_attention and speed.compile on the built model (or this rank's pipeline stage); one line
-    saying what every speed option resolved to."""
-    from trainer.runtime.speed import compile_blocks, flash_required, use_flash
+    """speed.flash_attention, speed.compile and speed.fused_loss on the built model (or this rank's pipeline
+    stage); one line saying what every speed option resolved to."""
+    from trainer.runtime.speed import compile_blocks, flash_required, fuse_loss, use_flash
 
     flash = flash_required(cfg.speed, cfg.parallel.precision, device.type == "cuda")
     if flash:
         use_flash(model)  # validation ran the kernel once at this shape
     compiled = compile_blocks(model) if cfg.speed.compile else 0
+    if cfg.speed.fused_loss:
+        fuse_loss(model)
     zero = ds_dict["zero_optimization"]
     on = lambda value: "on" if value else "off"  # noqa: E731
     overlap = f"overlap_comm {on(zero.get('overlap_comm'))}" if zero["stage"] else "no ZeRO"
@@ -217,7 +219,8 @@ def apply_speed(cfg: Config, model, device, ds_dict: dict) -> str:
         overlap = "flat optimizer (ZeRO-1 at dp 1)"
     return (
         f"speed: fused AdamW {on(ds_dict['optimizer']['params'].get('fused'))}, {overlap}, "
-        f"flash attention {'required' if flash else 'as torch chooses'}, compiled blocks {compiled}"
+        f"flash attention {'required' if flash else 'as torch chooses'}, compiled blocks {compiled}, "
+        f"fused loss {on(cfg.speed.fused_loss)}"
     )
 
 

@@ -218,7 +218,7 @@ def _predicted_activations(shape, cfg, where: range, stage: int, m: int, b: int,
     runs = recomputed_runs(where, l, every, pipelined=p > 1) if recompute == "full" else []
     kept = partial(shape_activation_bytes, shape, b, t, sp, "fp32", False)
     per_micro = len(runs) * kept("full") + (blocks - sum(runs)) * kept("none" if recompute == "full" else recompute)
-    head = head_activation_bytes(s, b, h, V, t) if l + 2 in where else 0.0
+    head = head_activation_bytes(s, b, h, V, t, fused=cfg.speed.fused_loss) if l + 2 in where else 0.0
     forward = min(p - stage, m) * (per_micro + head) if p > 1 else per_micro + head
     if not (runs and p > 1):
         return forward, runs

@@ -57,7 +57,7 @@ def choose(cfg: Config, world: int):
     p = cfg.parallel
     cluster = cluster_for(p.cluster, world, cfg.train.device)
     shape = ModelShape.from_config(cfg.model)
-    plan = make_plan(shape, cluster, p.global_batch, p.precision, p.pipeline_partition)
+    plan = make_plan(shape, cluster, p.global_batch, p.precision, p.pipeline_partition, fused_loss=cfg.speed.fused_loss)
     if not plan.predictions:
         from trainer.analysis.planner.layouts import dp_multiple
         from trainer.analysis.planner.stages import partition_method

@@ -30,6 +30,9 @@ class Layout:
     # Megatron-LM's interleaved 1F1B: model chunks per pipeline stage (its virtual stages). DeepSpeed's pipeline
     # engine, the trainer's, has none: 1 in every layout the planner enumerates unless a plan asks (``interleave``).
     virtual_stages: int = 1
+    # speed.fused_loss: the head and the loss in chunks (trainer.model.fused_loss), no whole logits kept. A run's
+    # setting, not a degree the planner chooses: memory only (activation_bytes).
+    fused_loss: bool = False
 
     def micro_batches(self, global_batch: int) -> int:
         """m: micro-batches per step and replica (the gradient accumulation steps)."""

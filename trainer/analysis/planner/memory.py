@@ -91,8 +91,19 @@ def activation_bytes(
     if layout.recompute == "full" and stage.blocks:  # one block's full activations exist while it is recomputed
         blocks += shape_activation_bytes(shape, b, t, layout.sequence_parallel, precision, scores)
     embedding = in_flight * s * b * h / (t if layout.sequence_parallel else 1) if stage.first else 0.0
-    head = 4 * s * b * h / t * (1 + shape.padded_vocab(t) / h) if stage.last else 0.0
+    head = head_bytes(shape, layout, precision) if stage.last else 0.0
     return blocks + embedding + head
+
+
+def head_bytes(shape: ModelShape, layout: Layout, precision: str) -> float:
+    """The head's input and its fp32 logits, 4sbh/t·(1 + V/h) (Korthikanti et al.); with ``layout.fused_loss`` the
+    logits give way to the gradients the chunked head computes in forward, of its input (s·b·h) and of its weight
+    (V/t·h) (trainer.model.fused_loss)."""
+    s, b, h, t = shape.seq_len, layout.micro_batch, shape.n_embd, layout.tp
+    vocab = shape.padded_vocab(t)
+    if layout.fused_loss:
+        return 4 * s * b * h / t + (s * b * h + vocab / t * h) * BYTES[precision]
+    return 4 * s * b * h / t * (1 + vocab / h)
 
 
 def buffer_bytes(

@@ -88,12 +88,15 @@ def make_plan(
     precision: str,
     partition: str = "parameters",
     virtual_stages: int = 1,
+    fused_loss: bool = False,
 ) -> Plan:
     """Every layout predicted and ranked; ``virtual_stages`` > 1: pipelined layouts run Megatron-LM's interleaved
-    schedule with that many chunks per stage where it can (``layouts.interleave``)."""
+    schedule with that many chunks per stage where it can (``layouts.interleave``); ``fused_loss``: every layout
+    computes its head and loss in chunks (``speed.fused_loss``)."""
     method = partition_method(cluster.engine, partition)
     found = enumerate_layouts(shape, cluster.world, cluster.gpus_per_node, global_batch, method)
     layouts = [interleave(layout, shape, global_batch, virtual_stages) for layout in found.layouts]
+    layouts = [replace(layout, fused_loss=fused_loss) for layout in layouts]
     predictions = [predict(shape, layout, global_batch, precision, cluster, partition) for layout in layouts]
     return Plan(shape, cluster, global_batch, precision, rank(predictions), found.excluded, partition)
 
