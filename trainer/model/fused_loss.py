@@ -65,7 +65,10 @@ class _ChunkedHeadCrossEntropy(torch.autograd.Function):
                 z.div_(sum_exp.unsqueeze(1)).scatter_add_(1, t_c, -in_shard.unsqueeze(1).to(z.dtype)).div_(n)
                 g = z.to(x.dtype)
                 dx[start : start + step] = g @ weight
-                dw += (g.t() @ x_c).float()
+                if g.dtype == dw.dtype:
+                    dw.addmm_(g.t(), x_c)
+                else:  # a 16-bit product per chunk, summed in fp32
+                    dw += (g.t() @ x_c).float()
         if grads:
             ctx.save_for_backward(dx, dw.to(weight.dtype))
         return total / n
