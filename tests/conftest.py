@@ -28,6 +28,8 @@ TEST_THREADS = max(1, (os.cpu_count() or 1) // 4)
 SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 VENV_BIN = Path(sys.executable).parent
+# Starts the ranks of one machine without the deepspeed launcher's start-up (run_train; see the script).
+RANKS_SCRIPT = ROOT / "tests" / "ranks.py"
 
 # Relative tolerance of every parity check of a layout against the single-process reference (losses,
 # gradient norms, resharded resumes): layouts sum in different orders, so fp32 rounding differs.
@@ -126,22 +128,29 @@ def padded_smoke_overrides(cache_dir: Path) -> list[str]:
     ]
 
 
-def train_command(run_dir: Path, overrides: list[str], ranks: int = 0) -> list[str]:
-    """``trainer.train`` as one process (ranks=0) or through the deepspeed launcher."""
+def train_command(run_dir: Path, overrides: list[str], ranks: int = 0, launcher: str = "deepspeed") -> list[str]:
+    """``trainer.train`` as one process (ranks=0), or ``ranks`` of it started by the deepspeed launcher
+    (``launcher="deepspeed"``) or by tests/ranks.py (``"ranks"``: the same environment per rank, without the
+    launcher's start-up; see there)."""
     args = [*overrides, f"hydra.run.dir={run_dir}"]
     if not ranks:
         return [sys.executable, "-m", "trainer.train", *args]
-    launcher = ["deepspeed", "--num_gpus", str(ranks), "--no_local_rank", "--master_port", str(free_port())]
-    return [*launcher, "--module", "trainer.train", *args]
+    if launcher == "ranks":
+        return [sys.executable, str(RANKS_SCRIPT), str(ranks), str(free_port()), sys.executable, "-u", "-m",
+                "trainer.train", *args]  # fmt: skip
+    deepspeed = ["deepspeed", "--num_gpus", str(ranks), "--no_local_rank", "--master_port", str(free_port())]
+    return [*deepspeed, "--module", "trainer.train", *args]
 
 
-def run_train(run_dir: Path, overrides: list[str], ranks: int = 0, timeout: int = 300):
-    """Run ``trainer.train`` to the end; the completed process (stdout, stderr as text).
+def run_train(run_dir: Path, overrides: list[str], ranks: int = 0, timeout: int = 300, launcher: str = "ranks"):
+    """Run ``trainer.train`` to the end; the completed process (stdout, stderr as text). Several ranks start
+    through tests/ranks.py unless ``launcher="deepspeed"`` (the tests of the launcher's own behaviour start
+    the real one with ``start_train`` / ``train_command``).
 
     On timeout the launcher *and the ranks it started* are killed (they share a new session), so a
     hung run never outlives its test.
     """
-    cmd = train_command(run_dir, overrides, ranks)
+    cmd = train_command(run_dir, overrides, ranks, launcher)
     with subprocess.Popen(
         cmd,
         cwd=ROOT,
