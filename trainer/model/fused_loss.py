@@ -61,14 +61,14 @@ class _ChunkedHeadCrossEntropy(torch.autograd.Function):
             target = reduce(z.gather(1, t_c).squeeze(1).masked_fill(~in_shard, 0.0), "sum")
             sum_exp = reduce(z.exp_().sum(dim=1), "sum")
             total += (sum_exp.log() - target).sum()
-            if grads:
-                z.div_(sum_exp.unsqueeze(1)).scatter_add_(1, t_c, -in_shard.unsqueeze(1).to(z.dtype)).div_(n)
+            if grads:  # the 1/n of the mean goes into the products (a pass over (chunk, h), not (chunk, V/tp))
+                z.mul_(sum_exp.reciprocal_().unsqueeze(1)).scatter_add_(1, t_c, -in_shard.unsqueeze(1).to(z.dtype))
                 g = z.to(x.dtype)
-                dx[start : start + step] = g @ weight
+                torch.mm(g, weight, out=dx[start : start + step]).div_(n)
                 if g.dtype == dw.dtype:
-                    dw.addmm_(g.t(), x_c)
+                    dw.addmm_(g.t(), x_c, alpha=1 / n)
                 else:  # a 16-bit product per chunk, summed in fp32
-                    dw += (g.t() @ x_c).float()
+                    dw.add_((g.t() @ x_c).float(), alpha=1 / n)
         if grads:
             ctx.save_for_backward(dx, dw.to(weight.dtype))
         return total / n
