@@ -136,8 +136,7 @@ def train_command(run_dir: Path, overrides: list[str], ranks: int = 0, launcher:
     if not ranks:
         return [sys.executable, "-m", "trainer.train", *args]
     if launcher == "ranks":
-        return [sys.executable, str(RANKS_SCRIPT), str(ranks), str(free_port()), sys.executable, "-u", "-m",
-                "trainer.train", *args]  # fmt: skip
+        return [sys.executable, "-u", str(RANKS_SCRIPT), str(ranks), str(free_port()), "-m", "trainer.train", *args]
     deepspeed = ["deepspeed", "--num_gpus", str(ranks), "--no_local_rank", "--master_port", str(free_port())]
     return [*deepspeed, "--module", "trainer.train", *args]
 
