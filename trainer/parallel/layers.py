@@ -27,7 +27,7 @@ from torch.utils.hooks import RemovableHandle
 
 from trainer.model.fused_loss import chunked_head_cross_entropy
 from trainer.model.layers import NORM_TYPES, mask_padding
-from trainer.parallel.loss import vocab_parallel_cross_entropy
+from trainer.parallel.loss import tp_reduce, vocab_parallel_cross_entropy
 from trainer.parallel.mappings import (
     CommStats,
     all_gather_seq,
@@ -255,13 +255,9 @@ class TensorParallelLayers:
     def fused_head_loss(self, x: torch.Tensor, head: nn.Module, targets: torch.Tensor) -> torch.Tensor:
         """The chunked head and loss over this rank's vocabulary rows; the row statistics are reduced over
         the tp group, and x enters through ``copy_to_tp`` as in ``lm_logits`` (backward sums the ranks' dx)."""
-
-        def reduce(tensor: torch.Tensor, op: str) -> torch.Tensor:
-            how = dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM
-            return all_reduce(tensor, self.group, self.stats, op=how)
-
         start = group_rank(self.group) * head.weight.shape[0]
-        return chunked_head_cross_entropy(copy_to_tp(x, self.group, self.stats), head, targets, start, reduce)
+        x = copy_to_tp(x, self.group, self.stats)
+        return chunked_head_cross_entropy(x, head, targets, start, tp_reduce(self.group, self.stats))
 
 
 def sequence_parallel_params(model: nn.Module) -> list[nn.Parameter]:

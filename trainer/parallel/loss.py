@@ -1,19 +1,11 @@
 """Cross entropy over vocabulary-sharded logits, without gathering them.
 
-Rank r holds the logits z[:, v] for v in its vocabulary slice [r·V/tp, (r+1)·V/tp). For each token
-with target t:
-
-    loss = log Σ_v exp(z_v) - z_t = log Σ_v exp(z_v - m) - (z_t - m),   m = max_v z_v
-
-The three global quantities are each one all-reduce of a (B, T) tensor over the tp group: the max
-m (MAX), the target logit z_t - m (SUM; only the rank that owns t contributes it) and the sum of
-exponentials (SUM). No rank ever holds more than its (B, T, V/tp) shard. Backward is local:
-
-    dloss/dz_v = softmax(z)_v - [v == t]
+Rank r holds the logits of its vocabulary slice [r·V/tp, (r+1)·V/tp); the formula and its three row
+statistics are ``trainer.model.vocab_softmax``'s, each one all-reduce of a (B, T) tensor over the tp group
+(``tp_reduce``). No rank ever holds more than its (B, T, V/tp) shard, and backward is local.
 
 Padding rows of the embedding (``trainer.model.shape.padded_vocab``) arrive with -inf logits (``lm_logits`` masks
 them, ``trainer.model.layers.mask_padding``): they are in no softmax, so the loss is the unpadded model's at any tp.
-A shard of padding only contributes a max of -inf and no exponentials.
 """
 
 from __future__ import annotations
@@ -21,39 +13,34 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from trainer.model.vocab_softmax import Reduce, ShardSoftmax, shard_softmax
 from trainer.parallel.mappings import CommStats, all_reduce, group_rank
+
+_OPS = {"max": dist.ReduceOp.MAX, "sum": dist.ReduceOp.SUM}
+
+
+def tp_reduce(group: dist.ProcessGroup, stats: CommStats) -> Reduce:
+    """The vocabulary shards' ``Reduce``: an all-reduce over the tp group, counted in ``stats``."""
+    return lambda tensor, op: all_reduce(tensor, group, stats, op=_OPS[op])
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, targets, group, stats):
-        x = logits.float()  # (B, T, V/tp); softmax statistics in fp32 whatever the logits' dtype
-        vocab_local = x.shape[-1]
-        # The max only stabilises the exponentials and cancels from the loss, so it takes no gradient.
-        shifted = x - all_reduce(x.max(dim=-1).values, group, stats, op=dist.ReduceOp.MAX).unsqueeze(-1)
-
-        local_target = targets - group_rank(group) * vocab_local  # (B, T)
-        in_shard = (local_target >= 0) & (local_target < vocab_local)
-        local_target = local_target.masked_fill(~in_shard, 0).unsqueeze(-1)  # (B, T, 1)
-        target_logit = shifted.gather(-1, local_target).squeeze(-1).masked_fill(~in_shard, 0.0)
-        target_logit = all_reduce(target_logit, group, stats)
-
-        exp = shifted.exp_()  # (B, T, V/tp), reuses ``shifted``'s storage
-        sum_exp = all_reduce(exp.sum(dim=-1), group, stats)  # (B, T)
-
-        softmax = exp.div_(sum_exp.unsqueeze(-1))
-        ctx.save_for_backward(softmax, local_target, in_shard)
+        # Softmax statistics in fp32 whatever the logits' dtype.
+        soft = shard_softmax(logits.float(), targets, group_rank(group) * logits.shape[-1], tp_reduce(group, stats))
+        ctx.save_for_backward(soft.exp, soft.sum_exp, soft.target, soft.in_shard)
         ctx.input_dtype, ctx.consumed = logits.dtype, False
-        return sum_exp.log() - target_logit  # (B, T)
+        return soft.loss  # (B, T)
 
     @staticmethod
     def backward(ctx, grad_loss):
         if ctx.consumed:
             raise RuntimeError("vocab-parallel cross entropy: backward ran twice through the same graph")
         ctx.consumed = True
-        softmax, local_target, in_shard = ctx.saved_tensors
-        # In place on the saved softmax, (B, T, V/tp) fp32, rather than allocating a second one.
-        grad = softmax.scatter_add_(-1, local_target, -in_shard.unsqueeze(-1).to(softmax.dtype))
+        exp, sum_exp, target, in_shard = ctx.saved_tensors
+        # In place on the saved (B, T, V/tp) fp32 exponentials rather than allocating a second tensor.
+        grad = ShardSoftmax(None, exp, sum_exp, target, in_shard).minus_onehot_()
         grad.mul_(grad_loss.unsqueeze(-1))
         return grad.to(ctx.input_dtype), None, None, None
 
