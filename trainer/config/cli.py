@@ -110,8 +110,16 @@ def compose(job: list[str], config_name: str = "config") -> Any:
     from omegaconf import OmegaConf
 
     try:
-        _check_known_keys(job, config_name)
-        return OmegaConf.to_object(_compose_node(job, config_name))
+        # Hydra refuses a key the config lacks unless it is ``+``-added, so only then is the (second)
+        # composition that names unknown keys needed before this one; after a failure it names the key.
+        if any(o.startswith("+") for o in job):
+            _check_known_keys(job, config_name)
+        try:
+            node = _compose_node(job, config_name)
+        except Exception:
+            _check_known_keys(job, config_name)
+            raise
+        return OmegaConf.to_object(node)
     except BadInput:
         raise
     except Exception as err:  # composition errors: wrong types, missing values
