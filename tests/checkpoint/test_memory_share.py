@@ -10,7 +10,7 @@ moments of the rank's partition, which it allocates before the first step would 
 states whole instead would add 1.5 GB more and cross the bound. A load at the same layout reads DeepSpeed's
 own files, and DeepSpeed reads a rank's optimizer partition whole before copying it in: one more copy of that
 partition, 12 B × 124M / 4 (``DEEPSPEED_LOAD_BOUND``).
-Measured on 2 cores: saves +116 MB per rank (bound 864 MB), resharded load +1,270 MB (495 MB of it the
+Measured on 2 cores: save +117 MB per rank (bound 864 MB), resharded load +1,270 MB (495 MB of it the
 moments; bound 1,668 MB), same-layout load +354 MB (bound 627 MB). (gpt2-medium, which this test used
 before, measured +149 / +2,326 / +1,000 MB against the same formulas, at twice the suite time.)
 """
@@ -48,18 +48,20 @@ def test_save_and_load_stay_within_the_share(tmp_path, data_cache):
     common += ["train.eval_batches=1", "train.eval_interval=0", "logging.progress=false"]
     proc = run_train(run_dir, [*common, "train.steps=1"], ranks=4, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    proc = run_train(run_dir, [*common, "train.steps=2", "train.resume=auto"], ranks=4, timeout=900)
+    # The same-layout load; its run saves nothing (a second save would measure the same path again).
+    proc = run_train(run_dir, [*common, "train.steps=2", "train.resume=auto", "train.save_interval=-1"], ranks=4,
+                     timeout=900)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     resharded = tmp_path / "resharded"
     resume = f"train.resume={run_dir / 'checkpoints'}"
-    proc = run_train(resharded, [*common, "train.steps=3", resume, "train.save_interval=-1"], ranks=2, timeout=900)
+    proc = run_train(resharded, [*common, "train.steps=2", resume, "train.save_interval=-1"], ranks=2, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     saves, same_layout, resharded_loads = (
         _records(run_dir, "save"),
         _records(run_dir, "load"),
         _records(resharded, "load"),
     )
-    assert len(saves) == 2 and len(same_layout) == 1 and len(resharded_loads) == 1 and "resharded from" in proc.stdout
+    assert len(saves) == 1 and len(same_layout) == 1 and len(resharded_loads) == 1 and "resharded from" in proc.stdout
     bounds = [(r, SAVE_BOUND) for r in saves] + [(r, LOAD_BOUND) for r in resharded_loads]
     bounds += [(r, DEEPSPEED_LOAD_BOUND) for r in same_layout]
     for record, bound in bounds:
