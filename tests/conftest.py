@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -28,7 +32,7 @@ TEST_THREADS = max(1, (os.cpu_count() or 1) // 4)
 SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 VENV_BIN = Path(sys.executable).parent
-# Starts the ranks of one machine without the deepspeed launcher's start-up (run_train; see the script).
+# Forks run_train's processes from a server that imported torch and DeepSpeed once (see the script).
 RANKS_SCRIPT = ROOT / "tests" / "ranks.py"
 
 # Relative tolerance of every parity check of a layout against the single-process reference (losses,
@@ -130,20 +134,42 @@ def padded_smoke_overrides(cache_dir: Path) -> list[str]:
 
 def train_command(run_dir: Path, overrides: list[str], ranks: int = 0, launcher: str = "deepspeed") -> list[str]:
     """``trainer.train`` as one process (ranks=0), or ``ranks`` of it started by the deepspeed launcher
-    (``launcher="deepspeed"``) or by tests/ranks.py (``"ranks"``: the same environment per rank, without the
-    launcher's start-up; see there)."""
+    (``launcher="deepspeed"``); with ``launcher="ranks"`` either is forked by this worker's tests/ranks.py
+    server (the same environment per rank, without importing torch and DeepSpeed again; see there)."""
     args = [*overrides, f"hydra.run.dir={run_dir}"]
+    if launcher == "ranks":
+        return [sys.executable, str(RANKS_SCRIPT), ranks_server(), str(ranks), str(free_port()), "-m", "trainer.train",
+                *args]  # fmt: skip
     if not ranks:
         return [sys.executable, "-m", "trainer.train", *args]
-    if launcher == "ranks":
-        return [sys.executable, "-u", str(RANKS_SCRIPT), str(ranks), str(free_port()), "-m", "trainer.train", *args]
     deepspeed = ["deepspeed", "--num_gpus", str(ranks), "--no_local_rank", "--master_port", str(free_port())]
     return [*deepspeed, "--module", "trainer.train", *args]
 
 
+_SERVER: dict[str, object] = {}
+
+
+def ranks_server() -> str:
+    """The socket of this pytest process's tests/ranks.py server, started on first use (its imports take a
+    few seconds) and stopped when the process exits."""
+    if "path" not in _SERVER:
+        folder = Path(tempfile.mkdtemp(prefix="ranks-"))
+        path, log = folder / "socket", (folder / "server.log").open("w")
+        proc = subprocess.Popen([sys.executable, str(RANKS_SCRIPT), "serve", str(path)], cwd=ROOT, env=child_env(),
+                                stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)  # fmt: skip
+        atexit.register(proc.kill)
+        atexit.register(shutil.rmtree, folder, True)
+        while not path.exists():
+            if proc.poll() is not None:
+                raise RuntimeError(f"tests/ranks.py server failed: {(folder / 'server.log').read_text()[-3000:]}")
+            time.sleep(0.05)
+        _SERVER["path"] = str(path)
+    return _SERVER["path"]
+
+
 def run_train(run_dir: Path, overrides: list[str], ranks: int = 0, timeout: int = 300, launcher: str = "ranks"):
-    """Run ``trainer.train`` to the end; the completed process (stdout, stderr as text). Several ranks start
-    through tests/ranks.py unless ``launcher="deepspeed"`` (the tests of the launcher's own behaviour start
+    """Run ``trainer.train`` to the end; the completed process (stdout, stderr as text). Its processes are
+    forked by tests/ranks.py unless ``launcher="deepspeed"`` (the tests of the launcher's own behaviour start
     the real one with ``start_train`` / ``train_command``).
 
     On timeout the launcher *and the ranks it started* are killed (they share a new session), so a
