@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import functools
 import hashlib
 import json
 import os
@@ -146,25 +147,21 @@ def train_command(run_dir: Path, overrides: list[str], ranks: int = 0, launcher:
     return [*deepspeed, "--module", "trainer.train", *args]
 
 
-_SERVER: dict[str, object] = {}
-
-
+@functools.cache
 def ranks_server() -> str:
     """The socket of this pytest process's tests/ranks.py server, started on first use (its imports take a
     few seconds) and stopped when the process exits."""
-    if "path" not in _SERVER:
-        folder = Path(tempfile.mkdtemp(prefix="ranks-"))
-        path, log = folder / "socket", (folder / "server.log").open("w")
-        proc = subprocess.Popen([sys.executable, str(RANKS_SCRIPT), "serve", str(path)], cwd=ROOT, env=child_env(),
-                                stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)  # fmt: skip
-        atexit.register(proc.kill)
-        atexit.register(shutil.rmtree, folder, True)
-        while not path.exists():
-            if proc.poll() is not None:
-                raise RuntimeError(f"tests/ranks.py server failed: {(folder / 'server.log').read_text()[-3000:]}")
-            time.sleep(0.05)
-        _SERVER["path"] = str(path)
-    return _SERVER["path"]
+    folder = Path(tempfile.mkdtemp(prefix="ranks-"))
+    path, log = folder / "socket", (folder / "server.log").open("w")
+    proc = subprocess.Popen([sys.executable, str(RANKS_SCRIPT), "serve", str(path)], cwd=ROOT, env=child_env(),
+                            stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)  # fmt: skip
+    atexit.register(proc.kill)
+    atexit.register(shutil.rmtree, folder, True)
+    while not path.exists():
+        if proc.poll() is not None:
+            raise RuntimeError(f"tests/ranks.py server failed: {(folder / 'server.log').read_text()[-3000:]}")
+        time.sleep(0.05)
+    return str(path)
 
 
 def run_train(run_dir: Path, overrides: list[str], ranks: int = 0, timeout: int = 300, launcher: str = "ranks"):
@@ -172,8 +169,9 @@ def run_train(run_dir: Path, overrides: list[str], ranks: int = 0, timeout: int 
     forked by tests/ranks.py unless ``launcher="deepspeed"`` (the tests of the launcher's own behaviour start
     the real one with ``start_train`` / ``train_command``).
 
-    On timeout the launcher *and the ranks it started* are killed (they share a new session), so a
-    hung run never outlives its test.
+    On timeout the launcher is killed, and with it the ranks it started (the deepspeed launcher's share its
+    new session; tests/ranks.py's supervisor kills them when its client goes), so a hung run never outlives
+    its test.
     """
     cmd = train_command(run_dir, overrides, ranks, launcher)
     with subprocess.Popen(

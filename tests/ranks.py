@@ -31,6 +31,7 @@ import signal
 import socket
 import sys
 import time
+import traceback
 
 # Imported by the server: what a process of the trainer imports anyway, the lazily imported ones included.
 ENTRY = "trainer.train"
@@ -52,8 +53,6 @@ def run_module(env: dict[str, str], cwd: str, module: str, args: list[str]) -> N
     except SystemExit as stop:
         code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
     except BaseException:  # a crash prints its traceback as the interpreter would
-        import traceback
-
         traceback.print_exc()
         code = 1
     sys.stdout.flush()
@@ -157,10 +156,14 @@ def serve(path: str) -> None:
         conn.settimeout(None)
         sys.stdout.flush()
         sys.stderr.flush()
-        if os.fork() == 0:
+        if os.fork() == 0:  # the supervisor never returns into this loop
             server.close()
-            code = supervise(conn)
-            conn.sendall(f"{code}\n".encode())
+            try:
+                conn.sendall(f"{supervise(conn)}\n".encode())
+            except (BrokenPipeError, ConnectionResetError):  # the client was killed
+                pass
+            except BaseException:
+                traceback.print_exc()
             os._exit(0)
         conn.close()
 
