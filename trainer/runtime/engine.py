@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import sys
 from datetime import timedelta
 from typing import Any
@@ -25,6 +24,7 @@ from trainer.runtime.compat import (
     undo_fp16_optimizer_warmup,
 )
 from trainer.runtime.ds_config import ZERO_BUCKET_ELEMENTS
+from trainer.runtime.env import free_port
 
 
 def resolve_device(requested: str) -> torch.device:
@@ -46,12 +46,6 @@ def _share_cores() -> None:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world_size()))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def init_distributed(device: torch.device, timeout_s: int) -> tuple[int, int]:
     """Start the default process group (nccl on GPU, gloo on CPU); return (rank, world size).
 
@@ -62,7 +56,7 @@ def init_distributed(device: torch.device, timeout_s: int) -> tuple[int, int]:
 
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
     # Ops DeepSpeed JIT-builds (fused optimizers on GPU) go to one cache per environment instead of
     # a shared one that every other environment invalidates.
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))

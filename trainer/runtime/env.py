@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import os
+import random
 import socket
+from pathlib import Path
+
+EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+RENDEZVOUS_PORTS = 12000  # how many ports below that range free_port draws from
 
 
 def adopt_mpi_env() -> None:
@@ -31,7 +36,32 @@ def local_world_size() -> int:
 
 
 def free_port() -> int:
-    """A TCP port on the loopback interface that nothing listens on now (for a rendezvous)."""
+    """A TCP port on the loopback interface that nothing listens on now (for a rendezvous).
+
+    Drawn below the kernel's ephemeral range where there is room: a port from that range (what binding port 0
+    gives) can be taken, before the rendezvous binds it, as the local end of any outgoing connection on the
+    machine, and every gloo process group opens one per peer (EADDRINUSE at the rendezvous, seen with a few
+    launched runs at once). Below the range only listeners compete, and the draw is random (not from the
+    seeded ``random``: runs started alike would draw alike)."""
+    low, high = _below_ephemeral()
+    draw = random.SystemRandom()
+    for _ in range(100 if high - low >= 1000 else 0):
+        port = draw.randrange(low, high)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _below_ephemeral() -> tuple[int, int]:
+    """Up to RENDEZVOUS_PORTS ports just below the ephemeral range (Linux's default: 32768-60999), above 1023."""
+    try:
+        first = int(EPHEMERAL_RANGE.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        first = 32768
+    return max(1024, first - RENDEZVOUS_PORTS), first
