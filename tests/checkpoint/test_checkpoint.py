@@ -11,7 +11,7 @@ import pytest
 
 from conftest import LAYOUTS as SHARED
 from conftest import PARITY_RTOL, ROOT, child_env, compose_config, read_metrics, run_train, tiny_corpus_overrides
-from trainer.checkpoint.store import damage
+from trainer.checkpoint.manifest import damage
 
 # --- damaged checkpoints (one process, fast) --------------------------------------------------------
 
@@ -64,10 +64,11 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous(kind, saved_run, t
     assert [r["step"] for r in read_metrics(run_dir) if "loss" in r][-3:] == [3, 4, 5]
 
 
-def test_no_usable_checkpoint_is_one_line_and_exit_2(saved_run, tmp_path, data_cache):
+@pytest.mark.parametrize("spoil", [_truncate, _garbage], ids=["sizes, before the process group", "checksums, after"])
+def test_no_usable_checkpoint_is_one_line_and_exit_2(spoil, saved_run, tmp_path, data_cache):
     run_dir = _copy(saved_run, tmp_path)
     for tag in ("step_2", "step_4"):
-        _truncate(run_dir / "checkpoints" / tag / "state" / "part_00000" / "__0_0.distcp")
+        spoil(run_dir / "checkpoints" / tag / "state" / "part_00000" / "__0_0.distcp")
     proc = run_train(run_dir, _smoke(data_cache, "train.steps=5", "train.resume=auto"))
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
 from conftest import ROOT, child_env, small_corpus
-from trainer.checkpoint import consolidate, sharded
+from trainer.checkpoint import consolidate, manifest, sharded
 from trainer.checkpoint import store as checkpoint
 from trainer.data.tokenizer import EOT, load_tokenizer, save_tokenizer, train_bpe
 from trainer.export import main as export_main
@@ -83,7 +83,7 @@ def run_dir(tmp_path_factory, dense, text) -> Path:
     tok = train_bpe([text], SHAPE["vocab_size"])
     assert tok.get_vocab_size() <= SHAPE["vocab_size"]
     save_tokenizer(tok, step_dir / checkpoint.TOKENIZER_DIR)
-    checkpoint.write_manifest(step_dir)
+    manifest.write(step_dir)
     (run / checkpoint.CHECKPOINTS / checkpoint.LATEST).write_text("step_20\n")
     return run
 
@@ -155,7 +155,7 @@ def test_exported_tokenizer_gives_our_ids(exported, step_dir, text):
 
 def test_export_takes_a_tokenizer_option(step_dir, tmp_path, capsys):
     bare = tmp_path / "step_20"
-    shutil.copytree(step_dir, bare, ignore=shutil.ignore_patterns(checkpoint.TOKENIZER_DIR, checkpoint.MANIFEST))
+    shutil.copytree(step_dir, bare, ignore=shutil.ignore_patterns(checkpoint.TOKENIZER_DIR, manifest.MANIFEST))
     assert export_main([str(bare), str(tmp_path / "no-tok")]) == 2
     assert_one_line_error(capsys.readouterr().err, "--tokenizer")
     tokenizer_json = step_dir / checkpoint.TOKENIZER_DIR / "tokenizer.json"
@@ -173,7 +173,7 @@ def test_import_then_export_round_trips_exactly(exported, step_dir, tmp_path, ca
     assert "train.init_from=" in capsys.readouterr().out
     meta = consolidate.read_meta(imported)
     assert meta["model"] == SHAPE and meta["step"] == 0 and meta["layout"]["source"] == "hf"
-    assert checkpoint.damage(imported) is None  # manifest written, as train.init_from verifies it
+    assert manifest.damage(imported) is None  # manifest written, as train.init_from verifies it
     original, back = sharded.read_tensors(step_dir), sharded.read_tensors(imported)
     original["wte.weight"] = original["wte.weight"][: SHAPE["vocab_size"]]
     assert back.keys() == original.keys()

@@ -13,6 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import ROOT, child_env, padded_smoke_overrides, run_layout
+from trainer.checkpoint import manifest
 from trainer.checkpoint import store as checkpoint
 from trainer.data.tokenizer import load_tokenizer
 from trainer.hf.export import export
@@ -120,7 +121,7 @@ def test_bad_input_is_one_line_and_exit_2(trained, tmp_path):
     step_dir, _ = trained("gpt", "single")
     damaged = tmp_path / "damaged"
     shutil.copytree(step_dir, damaged)
-    (damaged / checkpoint.MANIFEST).unlink()
+    (damaged / manifest.MANIFEST).unlink()
     long_prompt = "x " * 200
     cases = [
         ([f"ckpt={tmp_path / 'missing'}", "prompt=hi"], "ckpt"),

@@ -8,7 +8,7 @@ import math
 import pytest
 
 from conftest import LAYOUTS, read_metrics, run_train, tiny_corpus_overrides
-from trainer.checkpoint.store import damage
+from trainer.checkpoint.manifest import damage
 
 NAMES = ("single", "zero1-dp2", "pp2", "tp2")
 

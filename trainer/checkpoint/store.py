@@ -4,18 +4,18 @@
 into the layout that wrote them), the layout-independent form (``trainer.checkpoint.consolidate``,
 written and read shard by shard: ``trainer.checkpoint.sharded``), one RNG
 file per rank, the tokenizer, the resolved ``config.yaml``, and ``manifest.json`` (size and SHA-256
-of every file).
+of every file: ``trainer.checkpoint.manifest``).
 
 A save is written under ``checkpoints/.staging/`` and renamed into place only when complete; the
 manifest is written just before that rename and ``checkpoints/latest`` (the newest tag) after it,
 each by an atomic replace. A crash at any point leaves every published checkpoint as it was.
-Resume verifies the manifest of the newest checkpoint and falls back to older ones, saying why.
+Resume verifies the newest checkpoint against its manifest and falls back to older ones, saying why:
+sizes before any process group exists (``find``), checksums once it does, each rank hashing its
+share of the files (``settle``).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import random
 import re
@@ -27,62 +27,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from trainer.checkpoint import consolidate, sharded
+from trainer.checkpoint import consolidate, manifest, sharded
 from trainer.config.schema import BadInput
 from trainer.runtime.hardware import memory_window
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
-MANIFEST = "manifest.json"
 STAGING = ".staging"
 RNG_DIR = "rng"
 TOKENIZER_DIR = "tokenizer"
 _TAG = re.compile(r"^step_(\d+)$")
-
-
-# --- files ----------------------------------------------------------------------------------------
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    with tmp.open("rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def write_manifest(step_dir: Path) -> None:
-    files = sorted(p for p in step_dir.rglob("*") if p.is_file() and p.name != MANIFEST)
-    entries = {str(p.relative_to(step_dir)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}
-    _write_atomic(step_dir / MANIFEST, json.dumps({"files": entries}, indent=1))
-
-
-def damage(step_dir: Path) -> str | None:
-    """Why ``step_dir`` cannot be trusted (None if its files match its manifest)."""
-    manifest = step_dir / MANIFEST
-    if not manifest.is_file():
-        return "no manifest.json (incomplete save)"
-    try:
-        entries = json.loads(manifest.read_text())["files"]
-    except (ValueError, KeyError):
-        return "manifest.json is unreadable"
-    for name, entry in entries.items():
-        path = step_dir / name
-        if not path.is_file():
-            return f"{name} is missing"
-        if path.stat().st_size != entry["bytes"]:
-            return f"{name} has {path.stat().st_size} bytes, the manifest says {entry['bytes']}"
-        if _sha256(path) != entry["sha256"]:
-            return f"{name} does not match its checksum"
-    return None
 
 
 # --- choosing what to resume from (before any process group exists) ------------------------------
@@ -92,6 +46,8 @@ def damage(step_dir: Path) -> str | None:
 class Found:
     step_dir: Path
     skipped: tuple[str, ...]  # "step_20: <why>" for every newer checkpoint passed over
+    older: tuple[Path, ...] = ()  # the candidates after step_dir, newest first, should its checksums fail
+    searched: Path | None = None  # the checkpoints directory it was chosen from (None: one step directory named)
 
     @property
     def root(self) -> Path:
@@ -115,7 +71,8 @@ def _step_of(path: Path) -> int:
 
 
 def find(spec: str, run_dir: Path) -> Found | None:
-    """The checkpoint ``train.resume`` / ``train.init_from`` names, verified; None to start fresh.
+    """The checkpoint ``train.resume`` / ``train.init_from`` names, its files all there at the sizes its
+    manifest gives (checksums: ``settle``, once the ranks can share the reading); None to start fresh.
 
     ``auto``: the newest sound checkpoint of this run directory (None if it has none at all). A
     path: a checkpoints directory (its newest sound one) or one step directory (that one only).
@@ -125,22 +82,45 @@ def find(spec: str, run_dir: Path) -> Found | None:
         return None
     path = run_dir / CHECKPOINTS if spec == "auto" else Path(spec)
     if (path / consolidate.META_FILE).is_file() or _TAG.match(path.name):
-        why = damage(path)
-        if why:
-            raise BadInput(f"checkpoint {path} is damaged: {why}; pick another step directory")
-        return Found(path, ())
+        return _choose([path], None)
     candidates = _candidates(path) if path.is_dir() else []
     if not candidates:
         if spec == "auto":
             return None
         raise BadInput(f"train.resume={spec}: no checkpoints there; use auto, a checkpoints or step_<n> directory")
-    skipped = []
-    for step_dir in candidates:
-        why = damage(step_dir)
+    return _choose(candidates, path)
+
+
+def settle(found: Found | None, rank: int, world: int) -> Found | None:
+    """``found`` once its checksums are verified, or the next older candidate that verifies (the reasons
+    added to ``skipped``). A collective of the default process group: every rank hashes its share of the
+    files and all come to the same choice; BadInput on every rank when none is left."""
+    while found is not None:
+        why = manifest.damage_together(found.step_dir, rank, world)
         if why is None:
-            return Found(step_dir, tuple(skipped))
+            return found
+        if found.searched is None:
+            raise _damaged(found.step_dir, why)
+        skipped = (*found.skipped, f"{found.tag}: {why}")
+        found = _choose(list(found.older), found.searched, skipped)
+    return None
+
+
+def _choose(candidates: list[Path], searched: Path | None, skipped: tuple[str, ...] = ()) -> Found:
+    """The first candidate whose files are all there at their sizes; BadInput when there is none."""
+    skipped = list(skipped)
+    for i, step_dir in enumerate(candidates):
+        why = manifest.damage(step_dir, hashes=False)
+        if why is None:
+            return Found(step_dir, tuple(skipped), tuple(candidates[i + 1 :]), searched)
+        if searched is None:
+            raise _damaged(step_dir, why)
         skipped.append(f"{step_dir.name}: {why}")
-    raise BadInput(f"no usable checkpoint in {path} ({'; '.join(skipped)}); start fresh with train.resume=''")
+    raise BadInput(f"no usable checkpoint in {searched} ({'; '.join(skipped)}); start fresh with train.resume=''")
+
+
+def _damaged(step_dir: Path, why: str) -> BadInput:
+    return BadInput(f"checkpoint {step_dir} is damaged: {why}; pick another step directory")
 
 
 # --- saving -----------------------------------------------------------------------------------------
@@ -209,6 +189,7 @@ class Saver:
         self.io["state_bytes"] = sharded.rank_file_bytes(staging / tag, dist.get_rank())
         _save_rng(staging / tag, dist.get_rank())
         dist.barrier()
+        manifest.write(staging / tag, dist.get_rank(), dist.get_world_size())
         if is_writer:
             self._publish(staging / tag)
         dist.barrier()
@@ -235,7 +216,6 @@ class Saver:
                 shutil.copy2(self.run_dir / "config.yaml", step_dir / "config.yaml")
 
     def _publish(self, staged: Path) -> None:
-        write_manifest(staged)
         target = self.root / staged.name
         if target.exists():  # re-saving a step (resumed from an older checkpoint): replace it whole
             old = self.root / STAGING / f"replaced-{staged.name}"
@@ -245,7 +225,7 @@ class Saver:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(staged, target)
-        _write_atomic(self.root / LATEST, staged.name + "\n")
+        manifest.write_atomic(self.root / LATEST, staged.name + "\n")
         self._prune(keep=staged.name)
 
     def _prune(self, keep: str) -> None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from trainer.checkpoint import consolidate, sharded
+from trainer.checkpoint import consolidate, manifest, sharded
 from trainer.checkpoint import store as checkpoint
 from trainer.config.schema import BadInput
 from trainer.hf import convert as hf
@@ -125,7 +125,7 @@ def _model_shape(meta: dict, step_dir: Path) -> ModelShape:
 
 def export(checkpoint_path: Path, out: Path, tokenizer: Path | None) -> str:
     step_dir = find_step_dir(checkpoint_path)
-    damaged = checkpoint.damage(step_dir) if (step_dir / checkpoint.MANIFEST).is_file() else None
+    damaged = manifest.damage(step_dir) if (step_dir / manifest.MANIFEST).is_file() else None
     if damaged:
         raise BadInput(f"checkpoint {step_dir} is damaged: {damaged}; export another step directory")
     check_output_dir(out)

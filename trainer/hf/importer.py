@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from trainer.checkpoint import consolidate, sharded
+from trainer.checkpoint import consolidate, manifest, sharded
 from trainer.checkpoint import store as checkpoint
 from trainer.config.schema import BadInput
 from trainer.hf import convert as hf
@@ -129,7 +129,7 @@ def import_hf(hf_dir: Path, out: Path) -> str:
         layout = {"source": "hf", "path": str(hf_dir.resolve())}
         consolidate.write_meta(tmp, {"model": model, "step": 0, "tokens": 0, "adam_step": 0, "layout": layout})
         has_tokenizer = write_tokenizer(hf_dir, tmp / checkpoint.TOKENIZER_DIR)
-        checkpoint.write_manifest(tmp)  # so train.init_from verifies it like any checkpoint
+        manifest.write(tmp)  # so train.init_from verifies it like any checkpoint
     overrides = " ".join(f"model.{k}={override_value(v)}" for k, v in model.items())
     if has_tokenizer:
         overrides += f" data.tokenizer.source={out / checkpoint.TOKENIZER_DIR}"

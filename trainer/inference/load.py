@@ -63,12 +63,12 @@ _VOCAB_ROWS = ("wte.weight", "lm_head.weight")  # may carry tensor parallelism's
 
 
 def _from_checkpoint(path: Path) -> Loaded:
-    from trainer.checkpoint import consolidate, sharded
+    from trainer.checkpoint import consolidate, manifest, sharded
     from trainer.checkpoint import store as checkpoint
     from trainer.hf.export import find_step_dir
 
     step_dir = find_step_dir(path)
-    damaged = checkpoint.damage(step_dir)
+    damaged = manifest.damage(step_dir)
     if damaged:
         raise BadInput(f"checkpoint {step_dir} is damaged: {damaged}; give another step directory")
     try:

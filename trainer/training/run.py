@@ -80,14 +80,29 @@ def check_inputs(cfg: Config, plan: BatchPlan, run_dir: Path) -> Inputs:
         samples = Samples(cfg.train.sample_prompts, cfg.train.sample_tokens, prepared.tokenizer_dir, cfg.model.seq_len)
     found = checkpoint.find(cfg.train.resume, run_dir)
     start_from = checkpoint.find(cfg.train.init_from, run_dir) if found is None else None
+    check_checkpoints(cfg, found, start_from)
+    if cfg.train.save_interval != -1:
+        checkpoint.check_writable(run_dir)
+    return Inputs(prepared, dims, coords, stream, val, found, start_from, samples)
+
+
+def check_checkpoints(cfg: Config, found, start_from) -> None:
+    """What the run resumes or starts from holds this model, and a resume has a layout to resume."""
     for where in (found, start_from):
         if where is not None:
             check_model_matches(cfg, where.step_dir)
     if found is not None and "tp" not in read_meta(found.step_dir).get("layout", {}):
         raise BadInput(f"{found.step_dir} holds weights only (an import); start from it with train.init_from")
-    if cfg.train.save_interval != -1:
-        checkpoint.check_writable(run_dir)
-    return Inputs(prepared, dims, coords, stream, val, found, start_from, samples)
+
+
+def verify_checkpoints(cfg: Config, inputs: Inputs, rank: int, world: int) -> None:
+    """The chosen checkpoints' checksums, each rank reading its share of the files (a collective); an
+    older checkpoint where the chosen one fails, checked like the first."""
+    found = checkpoint.settle(inputs.found, rank, world)
+    start_from = checkpoint.settle(inputs.start_from, rank, world)
+    if (found, start_from) != (inputs.found, inputs.start_from):
+        check_checkpoints(cfg, found, start_from)
+        inputs.found, inputs.start_from = found, start_from
 
 
 def start_ranks(cfg: Config, inputs: Inputs, run_dir: Path):
@@ -101,6 +116,7 @@ def start_ranks(cfg: Config, inputs: Inputs, run_dir: Path):
         pin_mmap_threshold()
     rank, world = init_distributed(device, cfg.train.collective_timeout_s)
     check_same_run_dir(run_dir)
+    verify_checkpoints(cfg, inputs, rank, world)
     mesh = build_mesh(inputs.dims)
     c = inputs.coords
     # One line per rank, once: where it runs and its place in the mesh (multi-node debugging).
