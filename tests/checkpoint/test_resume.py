@@ -1,5 +1,6 @@
-"""A run killed after a checkpoint and resumed with ``train.resume=auto`` continues exactly:
-the same samples, learning rates and random numbers, so the same per-step losses (bitwise, fp32 on CPU)."""
+"""A run killed after a checkpoint and resumed with ``train.resume=auto`` continues exactly: the same samples,
+learning rates, random numbers and loss scale, so the same per-step losses (bitwise on CPU, fp32 and the mixed
+precisions), from DeepSpeed's own files and from a checkpoint that holds the sharded state alone."""
 
 from __future__ import annotations
 
@@ -13,7 +14,14 @@ from conftest import read_metrics, run_train, start_train, tiny_corpus_overrides
 
 STEPS, KILL_AFTER = 20, 10
 # name -> (ranks, overrides)
-LAYOUTS = {"single": (0, []), "pp2": (2, ["parallel=pp2"]), "tp2-pp2": (4, ["parallel=tp2-pp2", "model.n_layer=4"])}
+LAYOUTS = {
+    "single": (0, []),
+    "pp2": (2, ["parallel=pp2"]),
+    "tp2-pp2": (4, ["parallel=tp2-pp2", "model.n_layer=4"]),
+    "zero3-fp16": (2, ["parallel=zero3", "parallel.precision=fp16"]),  # the loss scaler's state carried
+    "zero2-bf16": (2, ["parallel=zero2", "parallel.precision=bf16"]),
+}
+DEEPSPEED_FILES = "*_states.pt"  # DeepSpeed's model and optimizer files (mp_rank_*, zero_pp_rank_*, layer_*)
 
 
 def losses(run_dir) -> dict[int, float]:
@@ -47,14 +55,27 @@ def kill_after_checkpoint(run_dir, overrides: list[str], ranks: int, tag: str, t
 def test_killed_run_resumes_exactly(layout, tmp_path, data_cache):
     ranks, extra = LAYOUTS[layout]
     common = ["debug=smoke", *tiny_corpus_overrides(data_cache), f"train.steps={STEPS}", *extra]
-    straight, killed = tmp_path / "straight", tmp_path / "killed"
-    proc = run_train(straight, common, ranks=ranks)
+    straight, killed, again = tmp_path / "straight", tmp_path / "killed", tmp_path / "again"
+    # The uninterrupted run saves the sharded state alone at the kill step (saving changes nothing it trains).
+    sharded_only = [f"train.save_interval={KILL_AFTER}", "train.deepspeed_files=false"]
+    proc = run_train(straight, [*common, *sharded_only], ranks=ranks)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    before = losses(straight)
 
     kill_after_checkpoint(killed, [*common, f"train.save_interval={KILL_AFTER}"], ranks, f"step_{KILL_AFTER}")
-    proc = run_train(killed, [*common, f"train.save_interval={KILL_AFTER}", "train.resume=auto"], ranks=ranks)
+    resume = [*common, f"train.save_interval={KILL_AFTER}", "train.resume=auto"]
+    continues_exactly(killed, resume, ranks, "same layout, exact", before)
+
+    step_dir = straight / "checkpoints" / f"step_{KILL_AFTER}"
+    assert not list(step_dir.glob(DEEPSPEED_FILES)) and list(killed.glob(f"checkpoints/*/{DEEPSPEED_FILES}"))
+    resume = [*common, f"train.resume={step_dir}", "train.save_interval=-1"]
+    continues_exactly(again, resume, ranks, "same layout, exact, from the sharded state", before)
+
+
+def continues_exactly(run_dir, overrides: list[str], ranks: int, how: str, before: dict[int, float]) -> None:
+    proc = run_train(run_dir, overrides, ranks=ranks)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"at step {KILL_AFTER} (same layout, exact)" in proc.stdout, proc.stdout[-2000:]
-    before, after = losses(straight), losses(killed)
+    assert f"at step {KILL_AFTER} ({how})" in proc.stdout, proc.stdout[-2000:]
+    after = losses(run_dir)
     for step in range(KILL_AFTER + 1, STEPS + 1):
-        assert after[step] == before[step], (step, before, after)  # bitwise (fp32, CPU)
+        assert after[step] == before[step], (step, before, after)  # bitwise

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from trainer.runtime.compat import relink_zero_moments
+from trainer.runtime.compat import refresh_zero3_model_partitions, relink_zero_moments
 
 FORMAT = "trainer-consolidated"
 VERSION = 2  # 2: sharded state/ (DCP); 1 (whole tensors per pipeline stage) is no longer read
@@ -123,6 +123,30 @@ def adam_step(engine) -> int:
     return max(steps, default=0)
 
 
+SCALER_FIELDS = ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis")
+
+
+def engine_counters(engine) -> dict[str, Any]:
+    """What DeepSpeed's own files restore besides tensors and the schedule: its skipped-step and sample counts,
+    and the loss scaler's state (fp16's dynamic scale and how long since it last changed: without it a resumed
+    run starts again from the initial scale and overflows where the uninterrupted run did not)."""
+    scaler = getattr(engine.optimizer, "loss_scaler", None)
+    scale = {k: float(getattr(scaler, k)) for k in SCALER_FIELDS if hasattr(scaler, k)}
+    return {"skipped_steps": int(engine.skipped_steps), "global_samples": int(engine.global_samples), "scaler": scale}
+
+
+def restore_counters(engine, counters: dict[str, Any]) -> None:
+    engine.skipped_steps = counters["skipped_steps"]
+    engine.global_samples = counters["global_samples"]
+    scaler = getattr(engine.optimizer, "loss_scaler", None)
+    for key, value in counters["scaler"].items():
+        current = getattr(scaler, key, None)
+        if isinstance(current, torch.Tensor):
+            current.fill_(value)
+        elif current is not None:
+            setattr(scaler, key, type(current)(value))
+
+
 def _shard(full: torch.Tensor, param: nn.Parameter, tp_group) -> torch.Tensor:
     if not getattr(param, "tensor_model_parallel", False):
         return full
@@ -174,6 +198,8 @@ def load_into(engine, named: list[tuple[str, nn.Parameter]], items: Iterable, me
                 safe_set_full_optimizer_state(param, value, key)
             else:
                 engine.optimizer.state[master][key].copy_(value)
+    if stage == 3:
+        refresh_zero3_model_partitions(engine.optimizer)
     return moments
 
 

@@ -1,8 +1,9 @@
 """Checkpoints: atomic saves, verified resume, and continuing at another parallel layout.
 
 ``<run_dir>/checkpoints/step_<n>/`` holds DeepSpeed's files for every rank (they load back only
-into the layout that wrote them), the layout-independent form (``trainer.checkpoint.consolidate``,
-written and read shard by shard: ``trainer.checkpoint.sharded``), one RNG
+into the layout that wrote them; not written with ``train.deepspeed_files=false``), the
+layout-independent form (``trainer.checkpoint.consolidate``, written and read shard by shard:
+``trainer.checkpoint.sharded``; enough alone for an exact resume at the same layout), one RNG
 file per rank, the tokenizer, the resolved ``config.yaml``, and ``manifest.json`` (size and SHA-256
 of every file: ``trainer.checkpoint.manifest``).
 
@@ -156,6 +157,7 @@ class Saver:
     meta: dict[str, Any]  # model shape and layout, recorded in every meta.json
     tokenizer_dir: Path | None
     keep_last: int = 0
+    deepspeed_files: bool = True  # False: the sharded state alone (a same-layout resume is exact from it too)
 
     @property
     def root(self) -> Path:
@@ -184,7 +186,8 @@ class Saver:
             shutil.rmtree(staging / tag, ignore_errors=True)  # a save that crashed half-way
             staging.mkdir(parents=True, exist_ok=True)
         dist.barrier()
-        self.engine.save_checkpoint(str(staging), tag=tag, client_state=client_state, save_latest=False)
+        if self.deepspeed_files:
+            self.engine.save_checkpoint(str(staging), tag=tag, client_state=client_state, save_latest=False)
         self._write_consolidated(staging / tag, step, client_state)
         self.io["state_bytes"] = sharded.rank_file_bytes(staging / tag, dist.get_rank())
         _save_rng(staging / tag, dist.get_rank())
@@ -208,6 +211,8 @@ class Saver:
                     "adam_step": consolidate.adam_step(self.engine),
                     "lr_last_epoch": sched.last_epoch if sched is not None else step,
                     "stream": client_state.get("stream"),
+                    "engine": consolidate.engine_counters(self.engine),
+                    "deepspeed_files": self.deepspeed_files,
                 },
             )
             if self.tokenizer_dir is not None:
@@ -271,8 +276,9 @@ class Resumed:
 
 
 def load(engine, found: Found, mesh, named_params, layout: dict[str, Any]) -> Resumed:
-    """Continue from ``found``: DeepSpeed's own files at the same layout (exact: optimizer, RNG),
-    otherwise the layout-independent form (weights and Adam moments resharded; RNG not carried)."""
+    """Continue from ``found``: at the same layout exactly (optimizer, schedule, RNG), from DeepSpeed's own
+    files where the checkpoint has them, else from the sharded state; at another layout from the sharded
+    state, resharded (weights and Adam moments; RNG not carried)."""
     with memory_window() as io:
         resumed = _load(engine, found, mesh, named_params, layout)
     io["state_bytes"] = sharded.rank_file_bytes(found.step_dir, mesh.rank)
@@ -281,7 +287,8 @@ def load(engine, found: Found, mesh, named_params, layout: dict[str, Any]) -> Re
 
 def _load(engine, found: Found, mesh, named_params, layout: dict[str, Any]) -> Resumed:
     meta = consolidate.read_meta(found.step_dir)
-    if meta.get("layout") == layout:
+    same = meta.get("layout") == layout
+    if same and meta.get("deepspeed_files", True):  # (checkpoints from before the option all had them)
         _, client = engine.load_checkpoint(str(found.root), tag=found.tag)
         if client is None:
             raise RuntimeError(f"DeepSpeed could not load {found.step_dir}")
@@ -290,8 +297,14 @@ def _load(engine, found: Found, mesh, named_params, layout: dict[str, Any]) -> R
     restored = _load_sharded(engine, found.step_dir, mesh, named_params, moments=True, step=meta["adam_step"])
     _fast_forward(engine.lr_scheduler, meta["lr_last_epoch"])
     engine.global_steps = meta["step"]  # DeepSpeed's own count, as its files would have restored it
-    moments = "Adam moments resharded" if restored else "Adam moments restart from zero (the checkpoint has none)"
-    how = f"resharded from {_layout_str(meta.get('layout'))} to {_layout_str(layout)}: weights and {moments}"
+    if "engine" in meta:
+        consolidate.restore_counters(engine, meta["engine"])
+    if same:  # the sharded state holds the fp32 masters and Adam's state exactly; each rank's RNG is its own
+        _load_rng(found.step_dir, mesh.rank)
+        how = "same layout, exact, from the sharded state"
+    else:
+        moments = "Adam moments resharded" if restored else "Adam moments restart from zero (the checkpoint has none)"
+        how = f"resharded from {_layout_str(meta.get('layout'))} to {_layout_str(layout)}: weights and {moments}"
     return Resumed(meta["step"], meta.get("tokens", 0), meta.get("stream"), how, {})
 
 

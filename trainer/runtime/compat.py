@@ -368,6 +368,34 @@ def share_zero3_fp32_partitions(zero) -> int:
     return freed
 
 
+def refresh_zero3_model_partitions(zero) -> None:
+    """Copy a ZeRO-3 optimizer's fp32 master partitions into the model's (bf16/fp16) partitions.
+
+    What: for every sub-group, the flat fp32 partition is copied into the flat model partition, and each
+    parameter's partition is pointed at its piece of it (as DeepSpeed's own step does after updating).
+    Why: ``deepspeed.utils.safe_set_full_fp32_param`` writes only the fp32 master under ZeRO-3; the model
+    keeps the weights it was built with until the next optimizer step overwrites them, so the first forward
+    and backward after loading a checkpoint ran on the initial weights (DeepSpeed's universal-checkpoint load
+    does this copy itself). In fp32 with ``share_zero3_fp32_partitions`` the two are one tensor: a no-op.
+    Call after writing the masters, before the next forward.
+    """
+    check_version(
+        "refresh_zero3_model_partitions",
+        zero,
+        "fp16_partitioned_groups_flat",
+        "fp16_partitioned_groups",
+        "fp32_partitioned_groups_flat",
+        "unflatten",
+    )
+    groups = zip(zero.fp16_partitioned_groups_flat, zero.fp16_partitioned_groups, zero.fp32_partitioned_groups_flat)
+    for model_flat, params, fp32_flat in groups:
+        if model_flat is None or fp32_flat.data_ptr() == model_flat.data_ptr():
+            continue
+        model_flat.data.copy_(fp32_flat.data)
+        for param, piece in zip(params, zero.unflatten(model_flat, params)):
+            param.data = piece.data
+
+
 def name_comm_logs(name_fn: Callable[[dict, bool], str]) -> Restore:
     """Let ``name_fn`` name the records of DeepSpeed's communication logger.
 

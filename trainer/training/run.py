@@ -174,6 +174,7 @@ def run(cfg: Config, cfg_node: DictConfig, plan: BatchPlan, run_dir: Path) -> No
         {"model": model_meta(cfg), "layout": layout_of(inputs.dims, ds_dict)},
         inputs.prepared.tokenizer_dir,
         cfg.train.keep_last,
+        cfg.train.deepspeed_files,
     )
     metrics = open_metrics(cfg, cfg_node, run_dir, rank == 0)
     if cfg.parallel.auto:  # the planner's choice, to read beside what the run measures
