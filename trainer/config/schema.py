@@ -188,8 +188,8 @@ class TrainConfig:
     resume: str = ""
     keep_last: int = 0  # published checkpoints to keep (the newest); 0 = all
     # Checkpoints also hold DeepSpeed's own files (read by DeepSpeed's tools, e.g. zero_to_fp32.py). false: the
-    # sharded state alone, half the bytes and the save time; a same-layout resume is then exact from it too, at
-    # a resharded load's cost (each parameter joined over the data-parallel ranks in turn: docs/checkpoints.md).
+    # sharded state alone, half the bytes; a same-layout resume is then exact from it too, at a resharded load's
+    # cost (each parameter joined over the data-parallel ranks in turn: slower, more memory; docs/checkpoints.md).
     deepspeed_files: bool = True
     # Weights to start from when there is nothing to resume: a checkpoint step directory of any
     # layout, or one written by ``python -m trainer.import_hf`` (fresh optimizer and schedule).
