@@ -98,8 +98,13 @@ LAYOUTS = {  # the shared table's layouts under the names the resharding matrix 
     "zero1-dp2": SHARED["zero1-dp2"],
     "zero3-dp2": SHARED["zero3-dp2"],
 }
+BF16 = "parallel.precision=bf16"
+LAYOUTS |= {f"{name}-bf16": (LAYOUTS[name][0], [*LAYOUTS[name][1], BF16]) for name in ("tp2-pp2", "zero3-dp2")}
 RESHARDS = [("tp2-pp2", "tp1-pp1"), ("tp2-pp2", "tp1-pp2"), ("tp2-pp2", "tp2-pp1"), ("tp1-pp1", "tp2-pp2")]
-RESHARDS += [("tp2-pp2", "zero1-dp2"), ("tp2-pp2", "zero3-dp2")]
+RESHARDS += [("tp2-pp2", "zero1-dp2"), ("tp2-pp2", "zero3-dp2"), ("tp2-pp2-bf16", "zero3-dp2-bf16")]
+# bf16 layouts round their activations differently (measured: losses within 2e-5 relative of the source's);
+# a load that left ZeRO-3's 16-bit weights at their initial values was 1.8e-2 off at the first step.
+BF16_RTOL = 1e-3
 
 
 def _run(run_dir, layout: str, data_cache, *extra: str):
@@ -119,8 +124,8 @@ def sources(tmp_path_factory, data_cache):
     return runs
 
 
-def _close(a: float, b: float) -> bool:
-    return abs(a - b) <= PARITY_RTOL * abs(b)
+def _close(a: float, b: float, rtol: float = PARITY_RTOL) -> bool:
+    return abs(a - b) <= rtol * abs(b)
 
 
 @pytest.mark.slow
@@ -136,8 +141,9 @@ def test_resharded_run_continues_like_the_source(source, target, sources, tmp_pa
         want = {r["step"]: r[key] for r in before if key in r and r["step"] > SAVE_AT}
         got = {r["step"]: r[key] for r in after if key in r}
         assert sorted(got) == sorted(want), key
+        rtol = BF16_RTOL if target.endswith("-bf16") else PARITY_RTOL
         for step in want:
-            assert _close(got[step], want[step]), (key, step, got[step], want[step])
+            assert _close(got[step], want[step], rtol), (key, step, got[step], want[step])
 
 
 # --- a checkpoint directory that cannot be written -------------------------------------------------------

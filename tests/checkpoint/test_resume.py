@@ -1,6 +1,6 @@
 """A run killed after a checkpoint and resumed with ``train.resume=auto`` continues exactly: the same samples,
-learning rates, random numbers and loss scale, so the same per-step losses (bitwise on CPU, fp32 and the mixed
-precisions), from DeepSpeed's own files and from a checkpoint that holds the sharded state alone."""
+learning rates, random numbers and loss scale, so the same per-step losses (bitwise on CPU, fp32 and fp16), from
+DeepSpeed's own files and from a checkpoint that holds the sharded state alone."""
 
 from __future__ import annotations
 
@@ -19,7 +19,6 @@ LAYOUTS = {
     "pp2": (2, ["parallel=pp2"]),
     "tp2-pp2": (4, ["parallel=tp2-pp2", "model.n_layer=4"]),
     "zero3-fp16": (2, ["parallel=zero3", "parallel.precision=fp16"]),  # the loss scaler's state carried
-    "zero2-bf16": (2, ["parallel=zero2", "parallel.precision=bf16"]),
 }
 DEEPSPEED_FILES = "*_states.pt"  # DeepSpeed's model and optimizer files (mp_rank_*, zero_pp_rank_*, layer_*)
 
