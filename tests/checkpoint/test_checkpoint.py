@@ -100,8 +100,10 @@ LAYOUTS = {  # the shared table's layouts under the names the resharding matrix 
 }
 BF16 = "parallel.precision=bf16"
 LAYOUTS |= {f"{name}-bf16": (LAYOUTS[name][0], [*LAYOUTS[name][1], BF16]) for name in ("tp2-pp2", "zero3-dp2")}
+LAYOUTS["pp2-dp2-bf16"] = (SHARED["pp2-dp2"][0], [*SHARED["pp2-dp2"][1], BF16])
 RESHARDS = [("tp2-pp2", "tp1-pp1"), ("tp2-pp2", "tp1-pp2"), ("tp2-pp2", "tp2-pp1"), ("tp1-pp1", "tp2-pp2")]
 RESHARDS += [("tp2-pp2", "zero1-dp2"), ("tp2-pp2", "zero3-dp2"), ("tp2-pp2-bf16", "zero3-dp2-bf16")]
+RESHARDS += [("tp2-pp2-bf16", "pp2-dp2-bf16")]  # DeepSpeed's BF16_Optimizer: fp32 masters partitioned over dp
 # bf16 layouts round their activations differently (measured: losses within 2e-5 relative of the source's);
 # a load that left ZeRO-3's 16-bit weights at their initial values was 1.8e-2 off at the first step.
 BF16_RTOL = 1e-3

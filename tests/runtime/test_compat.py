@@ -253,6 +253,35 @@ def test_relink_zero_moments_resets_the_flag_and_relinks():
         compat.relink_zero_moments(SimpleNamespace(_hp_optimizer_states_linked=True))
 
 
+def _zero3_spans(rank: int, world: int) -> None:
+    import torch.distributed as dist
+
+    # 10 elements over 3 ranks: partitions of 4 (padded), the last holding 2 real ones
+    param = SimpleNamespace(ds_tensor=torch.zeros(4), ds_numel=10, ds_process_group=dist.group.WORLD)
+    assert compat.zero3_span(param) == [(0, 4), (4, 8), (8, 10)][rank]
+    param = SimpleNamespace(ds_tensor=torch.zeros(1), ds_numel=2, ds_process_group=dist.group.WORLD)
+    assert compat.zero3_span(param) == [(0, 1), (1, 2), (2, 2)][rank]  # a partition of padding only
+
+
+def test_zero3_span_is_the_rank_s_range_without_padding():
+    from parallel.spawn import run_ranks
+
+    run_ranks(_zero3_spans, 3)
+
+
+def test_hp_fragment_reads_the_mapping():
+    flat = torch.arange(10.0)
+    mapping = SimpleNamespace(
+        lp_fragment_address=SimpleNamespace(start=3, numel=4),
+        get_hp_fragment=lambda key=None: flat.narrow(0, 2, 4) if key is None else None,
+    )
+    start, view = compat.hp_fragment(SimpleNamespace(_hp_mapping=mapping))
+    assert start == 3 and view.data_ptr() == flat[2:].data_ptr()  # a view into the partition: writes land there
+    assert compat.hp_fragment(SimpleNamespace(_hp_mapping=None)) is None  # none of it on this rank
+    with pytest.raises(RuntimeError, match="hp_fragment"):
+        compat.hp_fragment(SimpleNamespace())
+
+
 def test_the_tied_weight_override_targets_an_existing_method():
     from deepspeed.pipe import PipelineModule
 

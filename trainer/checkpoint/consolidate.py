@@ -24,7 +24,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from trainer.runtime.compat import refresh_zero3_model_partitions, relink_zero_moments
+from trainer.runtime.compat import (
+    hp_fragment,
+    refresh_zero3_model_partitions,
+    relink_zero_moments,
+    update_lp_params,
+    zero3_span,
+)
 
 FORMAT = "trainer-consolidated"
 VERSION = 2  # 2: sharded state/ (DCP); 1 (whole tensors per pipeline stage) is no longer read
@@ -61,6 +67,17 @@ def _bf16_pipeline(engine) -> bool:
     from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
 
     return isinstance(engine.optimizer, BF16_Optimizer)
+
+
+def deepspeed_resumes(engine) -> bool:
+    """Whether DeepSpeed's own checkpoint files restore this engine at the layout that wrote them.
+
+    Not its BF16_Optimizer (bf16 under a pipeline without ZeRO) in DeepSpeed 0.19.8: its fp32 masters and
+    Adam state are partitioned over data parallelism, but they go into the model file, which data-parallel
+    rank 0 alone writes (the other ranks' partitions are not saved), and its load indexes that one state
+    dict by data-parallel rank (KeyError at every rank). The sharded state holds every partition.
+    """
+    return not _bf16_pipeline(engine)
 
 
 def _mapped(engine) -> bool:
@@ -171,36 +188,60 @@ def _full_rows(param: nn.Parameter, tp_group) -> int:
     return rows * dist.get_world_size(tp_group) if getattr(param, "tensor_model_parallel", False) else rows
 
 
+def span(engine, param: nn.Parameter) -> tuple[int, int]:
+    """The flat range ``[start, stop)`` of this rank's tp shard of ``param`` whose fp32 master and Adam
+    moments this rank holds: its ZeRO partition (possibly empty), or all of it without ZeRO."""
+    if _zero_stage(engine) == 3:
+        return zero3_span(param)
+    if _mapped(engine):
+        fragment = hp_fragment(param)
+        return (0, 0) if fragment is None else (fragment[0], fragment[0] + fragment[1].numel())
+    return 0, local_shape(param).numel()
+
+
 @torch.no_grad()
-def load_into(engine, named: list[tuple[str, nn.Parameter]], items: Iterable, mesh, moments: bool, step: int) -> bool:
-    """Copy saved weights (and Adam moments, when ``moments``) into this rank's shards.
+def load_into(engine, items: Iterable, moments: bool, step: int, params: list[nn.Parameter]) -> bool:
+    """Copy saved weights (and Adam moments, when ``moments``) into this rank's share of the engine.
 
-    ``items`` yields ``(name, param, {kind: tensor})`` for the parameters in ``named``, each tensor this
-    rank's tp shard or the whole tensor (``to_layout`` cuts it). Returns whether the moments were restored.
+    ``items`` yields ``(name, param, {kind: values})`` for ``params``, each value the flat range
+    ``span(engine, param)`` of a saved tensor. Under ZeRO only the fp32 masters and moments are written;
+    the model's weights are then refreshed from them (ZeRO-1/2 all-gather them over data parallelism, as
+    after a step). Returns whether the moments were restored.
     """
-    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
-
-    stage, mapped = _zero_stage(engine), _mapped(engine)
+    stage = _zero_stage(engine)
     if moments:
-        _create_adam_state(engine, [p for _, p in named], step)
-    for name, param, saved in items:
-        local = to_layout(saved["model"], name, param, mesh.tp_group).to(param.device)
-        master = None if mapped else _master(engine, param)
-        if mapped:
-            safe_set_full_fp32_param(param, local)
-        elif master is not param:  # bf16/fp16 at ZeRO-0: the fp32 master too, or the next step undoes the load
-            master.copy_(local)
-        if stage < 3:
-            param.copy_(local.to(param.dtype))
-        for key in MOMENTS if moments else ():
-            value = to_layout(saved[key], name, param, mesh.tp_group).to(param.device)
-            if mapped:
-                safe_set_full_optimizer_state(param, value, key)
-            else:
-                engine.optimizer.state[master][key].copy_(value)
+        _create_adam_state(engine, params, step)
+    for _, param, saved in items:
+        for kind, values in saved.items():
+            _write(engine, param, None if kind == "model" else kind, values.to(param.device))
     if stage == 3:
         refresh_zero3_model_partitions(engine.optimizer)
+    elif _mapped(engine):
+        update_lp_params(engine.optimizer)
     return moments
+
+
+def _write(engine, param: nn.Parameter, key: str | None, values: torch.Tensor) -> None:
+    """This rank's ``span`` of a master (``key`` None) or Adam moment into the engine."""
+    from deepspeed.utils import safe_set_local_fp32_param, safe_set_local_optimizer_state
+
+    if _zero_stage(engine) == 3:  # the partition is padded to the same size on every rank
+        padded = values.new_zeros(param.ds_tensor.numel())
+        padded[: values.numel()] = values
+        if key is None:
+            safe_set_local_fp32_param(param, padded)
+        else:
+            safe_set_local_optimizer_state(param, padded, key)
+    elif _mapped(engine):
+        fragment = hp_fragment(param, key)
+        if fragment is not None:
+            fragment[1].copy_(values)
+    else:
+        master = _master(engine, param)
+        target = master if key is None else engine.optimizer.state[master][key]
+        target.copy_(values.view(target.shape))
+        if key is None and master is not param:  # bf16/fp16 at ZeRO-0: the model's copy too
+            param.copy_(values.view(param.shape))
 
 
 def to_layout(saved: torch.Tensor, name: str, param: nn.Parameter, tp_group) -> torch.Tensor:

@@ -21,9 +21,10 @@ Every tensor is a DTensor over the ranks of its pipeline stage, arranged (tp, dp
 
 so a rank writes 1/(tp·dp) of its stage. The parameters go in parts of at most ``PART_ELEMENTS``
 elements each (``state/part_<k>/``, one DCP checkpoint per part, in parameter order): a rank holds
-one part's slices at a time, plus one parameter's tp shard whole (gathered over ZeRO's partition when
-saving, over dp when loading). The last stage's copy of the tied embedding is not written (the first
-stage's is the same tensor: DeepSpeed all-reduces their gradients).
+one part's slices at a time, plus, when saving, one parameter's tp shard whole (gathered over ZeRO's
+partition). A load reads only what the rank keeps: under ZeRO the rows its partition (a flat range of
+the tp shard) covers, without ZeRO its tp shard. The last stage's copy of the tied embedding is not
+written (the first stage's is the same tensor: DeepSpeed all-reduces their gradients).
 """
 
 from __future__ import annotations
@@ -31,13 +32,14 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from trainer.checkpoint.consolidate import MOMENTS, full_over_dp, local_shape, relink_moments
+from trainer.checkpoint.consolidate import MOMENTS, full_over_dp, local_shape, relink_moments, to_layout
 from trainer.parallel.dims import Coords, Mesh
 
 STATE_DIR = "state"  # the sharded state inside a step directory: one DCP checkpoint per part
@@ -183,56 +185,90 @@ def saved_shapes(step_dir: Path) -> dict[str, tuple[int, torch.Size]]:
     return out
 
 
-def load_parts(named: list[tuple[str, nn.Parameter]], mesh: Mesh, step_dir: Path, kinds, device_type: str) -> Iterator:
-    """Read this rank's slices part by part (collective over the world per part) and yield, for each of
-    its parameters, ``(name, param, {kind: tensor})``: the tp shard of each saved tensor, or the whole
-    tensor where the saved shape is not this layout's (the embedding under another vocabulary padding).
-    The caller hands each parameter to the engine before the next part is read."""
+def load_parts(named: list[tuple[str, nn.Parameter]], mesh: Mesh, step_dir: Path, kinds, span) -> Iterator:
+    """Read this rank's share part by part (collective over the world per part) and yield, for each of
+    its parameters, ``(name, param, {kind: values})``: the flat range ``span(param)`` of this rank's tp
+    shard of each saved tensor (its ZeRO partition, or the whole shard without ZeRO), read from the rows
+    that range covers and nothing else. Where the saved shape is not this layout's (the embedding under
+    another vocabulary padding) the whole tensor is read and cut. The caller hands each parameter to the
+    engine before the next part is read."""
     import torch.distributed.checkpoint as dcp
 
-    saved, device_mesh = saved_shapes(step_dir), stage_device_mesh(mesh, device_type)
+    saved = saved_shapes(step_dir)
     by_part: dict[int, list] = {}
     for name, param in named:
         by_part.setdefault(saved[key("model", name)][0], []).append((name, param))
     for k, path in enumerate(part_dirs(step_dir)):
-        state = _target_state(by_part.get(k, []), kinds, saved, mesh, device_mesh)
-        dcp.load(state, checkpoint_id=str(path))  # every rank, every part: the load is collective
+        regions = {
+            key(kind, name): _Region.of(param, saved[key(kind, name)][1], span(param), mesh)
+            for name, param in by_part.get(k, [])
+            for kind in kinds
+        }
+        state = {fqn: torch.empty(region.shape) for fqn, region in regions.items() if region.count}
+        planner = _region_planner({fqn: regions[fqn].offsets for fqn in state})
+        dcp.load(state, checkpoint_id=str(path), planner=planner)  # every rank, every part: collective
         for name, param in by_part.get(k, []):
-            yield name, param, {kind: _joined(state.pop(key(kind, name)), param, mesh) for kind in kinds}
+            cut = {kind: _cut(state.pop(key(kind, name), None), regions[key(kind, name)], name, param, mesh)
+                   for kind in kinds}  # fmt: skip
+            yield name, param, cut
         del state  # before the next part is read
 
 
-def _target_state(named: list, kinds, saved: dict, mesh: Mesh, device_mesh) -> dict:
-    """Empty DTensors in this layout's split (or, where the shape differs, the saved tensor's dp chunks)."""
-    from torch.distributed.tensor import Replicate
+@dataclass(frozen=True)
+class _Region:
+    """The block of a saved tensor to read for a flat range of this rank's tp shard: whole rows of the
+    shard (``offsets``, ``shape`` in the saved tensor), of which ``count`` elements from ``skip`` are wanted;
+    or, ``whole``, the saved tensor entire (another shape than this layout's), cut to the range after."""
 
-    state = {}
-    for name, param in named:
-        ours = tp_global_shape(local_shape(param), param, mesh.dims.tp)
-        for kind in kinds:
-            shape = saved[key(kind, name)][1]
-            whole = shape != ours  # another vocabulary padding: read it all, cut it afterwards
-            split = torch.empty(shape if whole else local_shape(param), device="meta")  # shapes only
-            chunk = torch.zeros(dp_chunk(split, mesh.dims.dp, mesh.coords.dp).shape)
-            state[key(kind, name)] = _as_dtensor(
-                chunk, device_mesh, Replicate() if whole else _tp_placement(param), shape
-            )
-    return state
+    offsets: tuple[int, ...]
+    shape: tuple[int, ...]
+    skip: int
+    count: int
+    whole: bool
+
+    @classmethod
+    def of(cls, param: nn.Parameter, saved: torch.Size, span: tuple[int, int], mesh: Mesh) -> _Region:
+        start, stop = span
+        shard = local_shape(param)
+        if saved != tp_global_shape(shard, param, mesh.dims.tp):
+            return cls((0,) * len(saved), tuple(saved), start, stop - start, whole=True)
+        row = shard[1:].numel()
+        first, last = start // row, -(-stop // row)
+        offsets = [0] * len(shard)
+        if getattr(param, "tensor_model_parallel", False):
+            offsets[param.partition_dim] = mesh.coords.tp * shard[param.partition_dim]
+        offsets[0] += first
+        return cls(tuple(offsets), (last - first, *shard[1:]), start - first * row, stop - start, whole=False)
 
 
-def _joined(tensor, param: nn.Parameter, mesh: Mesh) -> torch.Tensor:
-    """A DTensor's dp chunks joined again on every dp rank (collective over dp; uneven chunks padded)."""
-    chunk, dp = tensor.to_local(), mesh.dims.dp
-    if dp == 1:
-        return chunk
-    rows = tensor.shape[0] if tensor.placements[0].is_replicate() else local_shape(param)[0]
-    sizes = [len(piece) for piece in torch.empty(rows, 0).chunk(dp, 0)]
-    sizes += [0] * (dp - len(sizes))
-    padded = torch.zeros((max(sizes), *chunk.shape[1:]), dtype=chunk.dtype)
-    padded[: chunk.shape[0]] = chunk
-    pieces = [torch.empty_like(padded) for _ in range(dp)]
-    dist.all_gather(pieces, padded, group=mesh.dp_group)  # checkpoint traffic, not training communication
-    return torch.cat([piece[:size] for piece, size in zip(pieces, sizes)])
+def _cut(block: torch.Tensor | None, region: _Region, name: str, param: nn.Parameter, mesh: Mesh) -> torch.Tensor:
+    if block is None:  # nothing of this tensor is this rank's
+        return torch.empty(0)
+    if region.whole:
+        block = to_layout(block, name, param, mesh.tp_group)
+    return block.flatten().narrow(0, region.skip, region.count)
+
+
+def _region_planner(offsets: dict[str, tuple[int, ...]]):
+    """DCP's default load planner, except that each plain tensor of the state is the block at ``offsets``
+    of the saved tensor rather than the whole of it (a rank's ZeRO partition is a flat range, which no
+    DTensor placement expresses). Defined on call: importing DCP takes most of a second."""
+    from torch.distributed.checkpoint import DefaultLoadPlanner, LoadPlan
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+    from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+
+    class RegionPlanner(DefaultLoadPlanner):
+        def create_local_plan(self) -> LoadPlan:
+            items = []
+            for fqn, block in self.state_dict.items():
+                chunk = ChunkStorageMetadata(offsets=torch.Size(offsets[fqn]), sizes=block.size())
+                items += create_read_items_for_chunk_list(fqn, self.metadata.state_dict_metadata[fqn], [chunk])
+            return LoadPlan(items)
+
+        def lookup_tensor(self, index):  # the block itself: the default looks offsets up in ShardedTensors only
+            return self.state_dict[index.fqn]
+
+    return RegionPlanner(flatten_state_dict=False, flatten_sharded_tensors=False)
 
 
 # --- whole tensors, one at a time, without a process group (export, import, tests) -------------------

@@ -277,8 +277,8 @@ class Resumed:
 
 def load(engine, found: Found, mesh, named_params, layout: dict[str, Any]) -> Resumed:
     """Continue from ``found``: at the same layout exactly (optimizer, schedule, RNG), from DeepSpeed's own
-    files where the checkpoint has them, else from the sharded state; at another layout from the sharded
-    state, resharded (weights and Adam moments; RNG not carried)."""
+    files where the checkpoint has them and DeepSpeed can read them back, else from the sharded state; at
+    another layout from the sharded state, resharded (weights and Adam moments; RNG not carried)."""
     with memory_window() as io:
         resumed = _load(engine, found, mesh, named_params, layout)
     io["state_bytes"] = sharded.rank_file_bytes(found.step_dir, mesh.rank)
@@ -288,7 +288,8 @@ def load(engine, found: Found, mesh, named_params, layout: dict[str, Any]) -> Re
 def _load(engine, found: Found, mesh, named_params, layout: dict[str, Any]) -> Resumed:
     meta = consolidate.read_meta(found.step_dir)
     same = meta.get("layout") == layout
-    if same and meta.get("deepspeed_files", True):  # (checkpoints from before the option all had them)
+    files = meta.get("deepspeed_files", True)  # (checkpoints from before the option all had them)
+    if same and files and consolidate.deepspeed_resumes(engine):
         _, client = engine.load_checkpoint(str(found.root), tag=found.tag)
         if client is None:
             raise RuntimeError(f"DeepSpeed could not load {found.step_dir}")
@@ -320,8 +321,8 @@ def _load_sharded(engine, step_dir: Path, mesh, named_params, moments: bool, ste
     saved = sharded.saved_shapes(step_dir)
     moments = moments and any(k.startswith("exp_avg.") for k in saved)
     kinds = sharded.KINDS if moments else ("model",)
-    items = sharded.load_parts(named, mesh, step_dir, kinds, engine.device.type)
-    return consolidate.load_into(engine, named, items, mesh, moments, step)
+    items = sharded.load_parts(named, mesh, step_dir, kinds, lambda param: consolidate.span(engine, param))
+    return consolidate.load_into(engine, items, moments, step, [param for _, param in named])
 
 
 def _fast_forward(scheduler, last_epoch: int) -> None:

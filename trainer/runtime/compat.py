@@ -13,6 +13,9 @@ The trainer relies on a few private attributes, replaced methods and module glob
     skip_optimizer_step_when     optimizer.step, optimizer.overflow (read by the engine)   restore callable
     relink_zero_moments          ZeRO-1/2 _hp_optimizer_states_linked + its lazy init      nothing to undo
     share_zero3_fp32_partitions  ZeRO-3 fp32_partitioned_groups_flat[i].data               nothing to undo
+    refresh_zero3_model_partitions  ZeRO-3 fp16_partitioned_groups_flat (written)          nothing to undo
+    zero3_span, hp_fragment      ZeRO-3 ds_tensor, ds_process_group; _hp_mapping (read)   nothing to undo
+    update_lp_params             ZeRO-1/2's and BF16_Optimizer's update_lp_params (called) nothing to undo
     name_comm_logs               deepspeed.comm.comm.get_debug_log_name                    restore callable
     bound_gloo_collectives       the comm backend's all_gather_into_tensor, reduce_scatter_tensor   restore callable
     check_tied_weight_sync       PipelineModule._synchronize_tied_weights (overridden)     not a patch
@@ -366,6 +369,48 @@ def share_zero3_fp32_partitions(zero) -> int:
             fp32_flat.data = model_flat.data
             freed += model_flat.numel()
     return freed
+
+
+def zero3_span(param) -> tuple[int, int]:
+    """The flat range ``[start, stop)`` of a ZeRO-3 parameter this rank's partition holds (empty where
+    the partition is all padding).
+
+    What: reads ``param.ds_tensor`` (the partition, padded to an equal size on every rank), ``ds_numel``
+    and ``ds_process_group`` (whose rank orders the partitions: ``_get_param_partition_rank``).
+    Why: a checkpoint load writes each rank's partition (``deepspeed.utils.safe_set_local_*``) from only
+    the elements it holds, instead of every rank assembling the whole parameter.
+    """
+    import torch.distributed as dist
+
+    check_version("zero3_span", param, "ds_tensor", "ds_numel", "ds_process_group")
+    size = param.ds_tensor.numel()
+    start = min(dist.get_rank(group=param.ds_process_group) * size, param.ds_numel)
+    return start, min(start + size, param.ds_numel)
+
+
+def hp_fragment(param, key: str | None = None):
+    """``(start, tensor)``: the flat offset in ``param`` and the view of this rank's fp32 master (``key``
+    None) or optimizer-state fragment of a ZeRO-1/2 or bf16-pipeline parameter; None where this rank's
+    partition holds none of it.
+
+    What: reads ``param._hp_mapping`` (DeepSpeed's ``tensor_fragment``: ``lp_fragment_address`` and
+    ``get_hp_fragment``), as ``safe_set_full_fp32_param`` does after taking the whole tensor.
+    Why: a checkpoint load writes the fragment from only the elements it holds. Moments need
+    ``relink_zero_moments`` after the state is created.
+    """
+    check_version("hp_fragment", param, "_hp_mapping")
+    mapping = param._hp_mapping
+    if mapping is None:
+        return None
+    return mapping.lp_fragment_address.start, mapping.get_hp_fragment(key)
+
+
+def update_lp_params(optimizer) -> None:
+    """Copy a ZeRO-1/2 or bf16-pipeline optimizer's fp32 partitions into the model's weights and all-gather
+    them over data parallelism (DeepSpeed's own method, as its universal-checkpoint load calls it): after a
+    load wrote only this rank's fragments."""
+    check_version("update_lp_params", optimizer, "update_lp_params")
+    optimizer.update_lp_params()
 
 
 def refresh_zero3_model_partitions(zero) -> None:
