@@ -116,7 +116,6 @@ def start_ranks(cfg: Config, inputs: Inputs, run_dir: Path):
         pin_mmap_threshold()
     rank, world = init_distributed(device, cfg.train.collective_timeout_s)
     check_same_run_dir(run_dir)
-    verify_checkpoints(cfg, inputs, rank, world)
     mesh = build_mesh(inputs.dims)
     c = inputs.coords
     # One line per rank, once: where it runs and its place in the mesh (multi-node debugging).
@@ -155,6 +154,7 @@ def run(cfg: Config, cfg_node: DictConfig, plan: BatchPlan, run_dir: Path) -> No
 
     inputs = check_inputs(cfg, plan, run_dir)  # everything that can be refused, before the process group
     device, rank, world, mesh = start_ranks(cfg, inputs, run_dir)
+    verify_checkpoints(cfg, inputs, rank, world)  # checksums, each rank its share: needs the process group
     ds_dict, mpu = engine_extras(cfg, mesh, ds_config(cfg, plan, cuda=device.type == "cuda"))
     built = build_parallel_model(cfg, mesh, device, ds_dict)
     speed = apply_speed(cfg, built.model, device, ds_dict)
