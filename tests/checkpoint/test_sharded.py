@@ -58,20 +58,40 @@ def _params(mesh, vocab_rows: int) -> list[tuple[str, nn.Parameter]]:
     return out
 
 
-def _engine() -> SimpleNamespace:
-    """What the sharded state reads of a ZeRO-0 engine: its device and Adam's state."""
-    optimizer = SimpleNamespace(state={})
+def _engine(named, mesh) -> SimpleNamespace:
+    """What the sharded state reads of a ZeRO-0 engine: its device and Adam's state (the dense moments cut
+    like the weights)."""
+    state = {param: {"step": torch.tensor(3.0), **_moments(name, param, mesh)} for name, param in named}
+    optimizer = SimpleNamespace(state=state)
     return SimpleNamespace(device=torch.device("cpu"), optimizer=optimizer, zero_optimization_stage=lambda: 0)
 
 
-def _check_roundtrip(rank: int, world: int, path: str) -> None:
-    saved_at = build_mesh(ParallelDims(world, tp=2, pp=2))
+def _moments(name: str, param, mesh) -> dict:
+    return {k: consolidate.to_layout(_full(name, k), name, param, mesh.tp_group) for k in ("exp_avg", "exp_avg_sq")}
+
+
+def _zero1_engine(named, mesh) -> SimpleNamespace:
+    """A ZeRO-1-like engine: each dp rank holds a flat fragment of every parameter's tp shard (DeepSpeed's
+    ``_hp_mapping``), rank 0 the first third plus one element, so fragments end mid-row."""
+    for name, param in named:
+        n = param.numel()
+        cut = n // 3 + 1
+        start, stop = (0, cut) if mesh.coords.dp == 0 else (cut, n)
+        values = {k: v.flatten() for k, v in _moments(name, param, mesh).items()}
+        values[None] = param.detach().clone().flatten()
+        param._hp_mapping = SimpleNamespace(
+            lp_fragment_address=SimpleNamespace(start=start, numel=stop - start),
+            get_hp_fragment=lambda key=None, values=values, start=start, stop=stop: values[key][start:stop],
+        )
+    base = SimpleNamespace(state={"flat": {"step": torch.tensor(3.0)}})
+    optimizer = SimpleNamespace(optimizer=base, single_partition_of_fp32_groups=[])
+    return SimpleNamespace(device=torch.device("cpu"), optimizer=optimizer, zero_optimization_stage=lambda: 1)
+
+
+def _check_roundtrip(rank: int, world: int, path: str, zero1: bool = False) -> None:
+    saved_at = build_mesh(ParallelDims(world, tp=2, pp=1 if zero1 else 2))  # dp2 under ZeRO-1, else pp2
     named = _params(saved_at, V_SAVED)
-    engine = _engine()
-    for name, param in named:  # moments: the dense moments cut like the weights
-        engine.optimizer.state[param] = {
-            k: consolidate.to_layout(_full(name, k), name, param, saved_at.tp_group) for k in ("exp_avg", "exp_avg_sq")
-        }
+    engine = (_zero1_engine if zero1 else _engine)(named, saved_at)
     sharded.save(engine, named, saved_at, path)
     for tp in (1, 4):  # dp4, then tp4: every rank reads its slices and gets the dense tensors' cut
         target = build_mesh(ParallelDims(world, tp=tp))
@@ -95,8 +115,9 @@ def _middle(param) -> tuple[int, int]:
     return param.numel() // 3 + 1, param.numel() * 2 // 3
 
 
-def test_written_at_one_layout_read_at_others(tmp_path):
-    run_ranks(_check_roundtrip, 4, str(tmp_path / "step"))
+@pytest.mark.parametrize("zero1", [False, True], ids=["tp2-pp2", "tp2-dp2-zero1"])
+def test_written_at_one_layout_read_at_others(tmp_path, zero1):
+    run_ranks(_check_roundtrip, 4, str(tmp_path / "step"), zero1)
     # every tensor once, whole, without a process group; the last stage's tied copy was not written twice
     assert sorted(sharded.tensor_names(tmp_path / "step")) == sorted(PARAMS)
     assert torch.equal(

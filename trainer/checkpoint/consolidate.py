@@ -97,22 +97,6 @@ def _master(engine, param: nn.Parameter) -> torch.Tensor:
     return param
 
 
-def full_over_dp(engine, param: nn.Parameter, key: str | None) -> torch.Tensor | None:
-    """``param`` (key None) or its Adam moment ``key``, whole over ZeRO partitions, fp32, local tp shard.
-
-    Collective over the data-parallel group when ZeRO partitions the state.
-    """
-    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
-
-    if _mapped(engine):
-        return safe_get_full_fp32_param(param) if key is None else safe_get_full_optimizer_state(param, key)
-    master = _master(engine, param)
-    if key is None:
-        return master.detach().float()
-    state = engine.optimizer.state.get(master, {})
-    return state.get(key)
-
-
 def relink_moments(engine) -> None:
     """Point ZeRO-1/2's per-parameter views at the optimizer's current state.
 
@@ -197,6 +181,28 @@ def span(engine, param: nn.Parameter) -> tuple[int, int]:
         fragment = hp_fragment(param)
         return (0, 0) if fragment is None else (fragment[0], fragment[0] + fragment[1].numel())
     return 0, local_shape(param).numel()
+
+
+def partitioned(engine) -> bool:
+    """Whether each data-parallel rank holds only its partition of the fp32 masters and moments."""
+    return _mapped(engine)
+
+
+def read_span(engine, param: nn.Parameter, key: str | None) -> torch.Tensor:
+    """This rank's ``span`` of a master (``key`` None) or Adam moment, flat fp32: what it holds, nothing
+    gathered. Moments must exist (after the optimizer's first step)."""
+    from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_optimizer_state
+
+    start, stop = span(engine, param)
+    if _zero_stage(engine) == 3:  # the partition, padded to the same size on every rank
+        local = safe_get_local_fp32_param(param) if key is None else safe_get_local_optimizer_state(param, key)
+        return local.detach().flatten()[: stop - start].float()
+    if _mapped(engine):
+        fragment = hp_fragment(param, key)
+        return torch.empty(0) if fragment is None else fragment[1].detach().flatten().float()
+    master = _master(engine, param)
+    value = master if key is None else engine.optimizer.state[master][key]
+    return value.detach().flatten().float()
 
 
 @torch.no_grad()

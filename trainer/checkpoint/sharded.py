@@ -13,18 +13,21 @@ Keys are the dense GPT's parameter names (``trainer.model.gpt.GPT``) under three
     exp_avg.<name>      Adam's first moment   (absent before the optimizer's first step)
     exp_avg_sq.<name>   Adam's second moment
 
-Every tensor is a DTensor over the ranks of its pipeline stage, arranged (tp, dp):
+Every tensor is written with its global shape (the dense tensor's: tp shards side by side along the
+layer's partition dim, Megatron's column / row / vocabulary-parallel split; replicated tensors once), each
+rank writing whole rows of its tp shard as DCP chunks:
 
-    tp  split as the layer splits it: Shard(partition_dim) for Megatron's column / row / vocabulary-
-        parallel weights, Replicate() for the rest (LayerNorms, row-parallel biases, positions)
-    dp  each tp shard cut into dp chunks along dim 0 (Shard(0), torch.chunk's rule)
+    under ZeRO  the rows whose first element its partition (a flat range of the shard) holds; the rest of
+                its last such row comes from the next ranks' partitions (at most a row each, over dp)
+    without     its torch.chunk share of the rows over dp
+    ZeRO
 
-so a rank writes 1/(tp·dp) of its stage. The parameters go in parts of at most ``PART_ELEMENTS``
-elements each (``state/part_<k>/``, one DCP checkpoint per part, in parameter order): a rank holds
-one part's slices at a time, plus, when saving, one parameter's tp shard whole (gathered over ZeRO's
-partition). A load reads only what the rank keeps: under ZeRO the rows its partition (a flat range of
-the tp shard) covers, without ZeRO its tp shard. The last stage's copy of the tied embedding is not
-written (the first stage's is the same tensor: DeepSpeed all-reduces their gradients).
+so a rank writes about 1/(tp·dp) of its stage and nothing is gathered whole. The parameters go in parts of
+at most ``PART_ELEMENTS`` elements each (``state/part_<k>/``, one DCP checkpoint per part, in parameter
+order); a rank copies one tensor's rows at a time, as DCP writes them. A load reads only what the rank
+keeps: under ZeRO the rows its partition covers, without ZeRO its tp shard; DCP reads any chunking back.
+The last stage's copy of the tied embedding is not written (the first stage's is the same tensor: DeepSpeed
+all-reduces their gradients).
 """
 
 from __future__ import annotations
@@ -39,8 +42,18 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from trainer.checkpoint.consolidate import MOMENTS, full_over_dp, local_shape, relink_moments, to_layout
-from trainer.parallel.dims import Coords, Mesh
+from trainer.checkpoint.consolidate import (
+    MOMENTS,
+    adam_step,
+    local_shape,
+    partitioned,
+    read_span,
+    relink_moments,
+    span,
+    to_layout,
+)
+from trainer.parallel.dims import Mesh
+from trainer.parallel.mappings import gather_objects
 
 STATE_DIR = "state"  # the sharded state inside a step directory: one DCP checkpoint per part
 PART_ELEMENTS = int(5e7)  # parameter elements per part (times 3 with both Adam moments), over a stage's ranks
@@ -77,23 +90,6 @@ def parts(named: list[tuple[str, nn.Parameter]], tp: int) -> list[list[tuple[str
 # --- layout ------------------------------------------------------------------------------------------
 
 
-def stage_device_mesh(mesh: Mesh, device_type: str):
-    """The DeviceMesh of this rank's pipeline stage, dims (tp, dp), over the mesh's existing groups."""
-    from torch.distributed.device_mesh import DeviceMesh
-
-    dims, pp = mesh.dims, mesh.coords.pp
-    ranks = [[dims.rank(Coords(tp=t, dp=d, pp=pp)) for d in range(dims.dp)] for t in range(dims.tp)]
-    return DeviceMesh.from_group(
-        [mesh.tp_group, mesh.dp_group], device_type, mesh=torch.tensor(ranks), mesh_dim_names=("tp", "dp")
-    )
-
-
-def _tp_placement(param: nn.Parameter):
-    from torch.distributed.tensor import Replicate, Shard
-
-    return Shard(param.partition_dim) if getattr(param, "tensor_model_parallel", False) else Replicate()
-
-
 def tp_global_shape(local: torch.Size, param: nn.Parameter, tp: int) -> torch.Size:
     """The whole tensor's shape from this rank's tp shard (Megatron's splits are even)."""
     if not getattr(param, "tensor_model_parallel", False):
@@ -101,22 +97,6 @@ def tp_global_shape(local: torch.Size, param: nn.Parameter, tp: int) -> torch.Si
     shape = list(local)
     shape[param.partition_dim] *= tp
     return torch.Size(shape)
-
-
-def dp_chunk(tensor: torch.Tensor, dp: int, index: int) -> torch.Tensor:
-    """Chunk ``index`` of ``dp`` along dim 0 by torch.chunk's rule (DTensor's Shard(0)), as its own
-    storage; empty where the rule leaves this index none."""
-    pieces = tensor.chunk(dp, 0)
-    return pieces[index].clone() if index < len(pieces) else tensor[:0].clone()
-
-
-def _as_dtensor(local: torch.Tensor, device_mesh, tp_placement, shape: torch.Size):
-    from torch.distributed.tensor import DTensor, Shard
-
-    stride = torch.empty(shape, device="meta").stride()
-    return DTensor.from_local(
-        local.contiguous(), device_mesh, [tp_placement, Shard(0)], run_check=False, shape=shape, stride=stride
-    )
 
 
 def _saved_here(name: str, mesh: Mesh) -> bool:
@@ -136,32 +116,115 @@ def _part_count(named: list, mesh: Mesh) -> int:
 
 
 def save(engine, named: Iterable[tuple[str, nn.Parameter]], mesh: Mesh, step_dir: Path) -> None:
-    """Write this rank's slices of weights and Adam moments, part by part; collective over the world."""
+    """Write this rank's slices of weights and Adam moments, part by part; collective over the world.
+
+    A rank writes whole rows of its tp shard of each tensor: under ZeRO those whose first element its
+    partition holds (the rest of its last such row comes from the next ranks' partitions: at most a row
+    each, exchanged over dp), without ZeRO its torch.chunk share of the rows over dp. Nothing is gathered
+    whole."""
     import torch.distributed.checkpoint as dcp
 
     named = list(named)
-    device_mesh = stage_device_mesh(mesh, engine.device.type)
-    mine = parts(named, mesh.dims.tp)
     relink_moments(engine)
+    kinds = KINDS if adam_step(engine) > 0 else ("model",)  # no moments before the optimizer's first step
+    mine = parts(named, mesh.dims.tp)
     for k in range(_part_count(named, mesh)):
-        state = _part_state(engine, mine[k] if k < len(mine) else [], mesh, device_mesh)
-        dcp.save(state, checkpoint_id=str(part_dir(step_dir, k)))
-        del state  # one part's slices at a time
+        rows = _part_rows(engine, mine[k] if k < len(mine) else [], mesh, kinds)
+        dcp.save(rows, checkpoint_id=str(part_dir(step_dir, k)), planner=_rows_save_planner())
+        del rows  # one part's exchanged pieces at a time
 
 
-def _part_state(engine, named: list, mesh: Mesh, device_mesh) -> dict:
-    dp, dp_rank = mesh.dims.dp, mesh.coords.dp
-    state = {}
+def _save_range(engine, param: nn.Parameter, mesh: Mesh) -> tuple[int, int]:
+    """The flat range of the tp shard this rank writes from: its ZeRO partition, or without ZeRO (every dp
+    rank holds it all) its torch.chunk share of the rows, so the dp ranks split the writing."""
+    if partitioned(engine):
+        return span(engine, param)
+    shard = local_shape(param)
+    rows = [len(piece) for piece in torch.empty(shard[0], 0).chunk(mesh.dims.dp, 0)]
+    rows += [0] * (mesh.dims.dp - len(rows))
+    first, row = sum(rows[: mesh.coords.dp]), shard[1:].numel()
+    return first * row, (first + rows[mesh.coords.dp]) * row
+
+
+@dataclass(frozen=True)
+class _Rows:
+    """The whole rows of a tensor that this rank writes: its own elements (a view of what it holds) and the
+    following ranks' leading pieces that complete its last row. Joined only when DCP writes them, so a rank
+    copies one tensor's rows at a time."""
+
+    own: torch.Tensor
+    tail: tuple[torch.Tensor, ...]
+    shape: torch.Size  # the rows' shape
+    offsets: torch.Size  # where they lie in the saved tensor
+    size: torch.Size  # the saved tensor's (dense) shape
+
+    def tensor(self) -> torch.Tensor:
+        return (torch.cat([self.own, *self.tail]) if self.tail else self.own).view(self.shape)
+
+
+def _part_rows(engine, named: list, mesh: Mesh, kinds) -> dict[str, _Rows]:
+    """{key: this rank's rows} for one part; collective over dp (each rank's leading piece of a row that an
+    earlier rank writes goes to that rank)."""
+    ranges, values, pieces = {}, {}, {}
     for name, param in named:
-        for kind in KINDS:
-            value = full_over_dp(engine, param, None if kind == "model" else kind)  # collective over dp
-            if value is None or not _saved_here(name, mesh):
-                continue
-            local = value.detach().float().reshape(local_shape(param))
-            shape = tp_global_shape(local.shape, param, mesh.dims.tp)
-            state[key(kind, name)] = _as_dtensor(dp_chunk(local, dp, dp_rank), device_mesh, _tp_placement(param), shape)
-            del value, local  # one parameter's tp shard at a time
-    return state
+        if not _saved_here(name, mesh):
+            continue
+        start, stop = _save_range(engine, param, mesh)
+        row = local_shape(param)[1:].numel()
+        lead = min(stop, -(-start // row) * row) - start  # elements before this rank's first whole row
+        for kind in kinds:
+            fqn = key(kind, name)
+            value = read_span(engine, param, None if kind == "model" else kind)
+            if not partitioned(engine):
+                value = value[start:stop]
+            ranges[fqn], values[fqn] = (start, stop, param), value[lead:]
+            if lead:
+                pieces[fqn] = (start, value[:lead].clone())
+    everyone = gather_objects(pieces, group=mesh.dp_group)  # at most a row per tensor and rank
+    return {fqn: _rows(fqn, *ranges[fqn], values[fqn], everyone, mesh) for fqn in ranges if values[fqn].numel()}
+
+
+def _rows(fqn: str, start: int, stop: int, param: nn.Parameter, own: torch.Tensor, everyone: list, mesh: Mesh):
+    """This rank's whole rows of ``fqn``: its own elements, then the following ranks' leading pieces up to
+    the row's end."""
+    shard = local_shape(param)
+    row = shard[1:].numel()
+    first, end = -(-start // row), -(-stop // row) * row
+    tail = sorted((p[fqn] for p in everyone if fqn in p and stop <= p[fqn][0] < end), key=lambda piece: piece[0])
+    tail = tuple(piece for _, piece in tail)
+    count = own.numel() + sum(piece.numel() for piece in tail)
+    assert count == end - first * row, (fqn, start, stop, count)
+    offsets = [0] * len(shard)
+    if getattr(param, "tensor_model_parallel", False):
+        offsets[param.partition_dim] = mesh.coords.tp * shard[param.partition_dim]
+    offsets[0] += first
+    shape = torch.Size([count // row, *shard[1:]])
+    return _Rows(own, tail, shape, torch.Size(offsets), tp_global_shape(shard, param, mesh.dims.tp))
+
+
+def _rows_save_planner():
+    """DCP's default save planner over a state of ``_Rows``: each is written as a chunk at its offsets in a
+    tensor of its dense shape (DCP's metadata then lists every rank's rows as chunks), and joined only when
+    the writer asks for it."""
+    from torch.distributed.checkpoint import DefaultSavePlanner, SavePlan
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
+    from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
+
+    class RowsSavePlanner(DefaultSavePlanner):
+        def create_local_plan(self) -> SavePlan:
+            items = []
+            for fqn, rows in self.state_dict.items():
+                chunk = ChunkStorageMetadata(offsets=rows.offsets, sizes=rows.shape)
+                properties = TensorProperties.create_from_tensor(rows.own)
+                data = TensorWriteData(chunk=chunk, properties=properties, size=rows.size)
+                items.append(WriteItem(MetadataIndex(fqn, rows.offsets), WriteItemType.SHARD, tensor_data=data))
+            self.plan = SavePlan(items)
+            return self.plan
+
+        def lookup_object(self, index):  # the default looks offsets up in ShardedTensors only
+            return self.state_dict[index.fqn].tensor()
+
+    return RowsSavePlanner(flatten_state_dict=False, flatten_sharded_tensors=False)
 
 
 def rank_file_bytes(step_dir: Path, rank: int) -> int:
@@ -185,9 +248,9 @@ def saved_shapes(step_dir: Path) -> dict[str, tuple[int, torch.Size]]:
     return out
 
 
-def load_parts(named: list[tuple[str, nn.Parameter]], mesh: Mesh, step_dir: Path, kinds, span) -> Iterator:
+def load_parts(named: list[tuple[str, nn.Parameter]], mesh: Mesh, step_dir: Path, kinds, span_of) -> Iterator:
     """Read this rank's share part by part (collective over the world per part) and yield, for each of
-    its parameters, ``(name, param, {kind: values})``: the flat range ``span(param)`` of this rank's tp
+    its parameters, ``(name, param, {kind: values})``: the flat range ``span_of(param)`` of this rank's tp
     shard of each saved tensor (its ZeRO partition, or the whole shard without ZeRO), read from the rows
     that range covers and nothing else. Where the saved shape is not this layout's (the embedding under
     another vocabulary padding) the whole tensor is read and cut. The caller hands each parameter to the
@@ -200,7 +263,7 @@ def load_parts(named: list[tuple[str, nn.Parameter]], mesh: Mesh, step_dir: Path
         by_part.setdefault(saved[key("model", name)][0], []).append((name, param))
     for k, path in enumerate(part_dirs(step_dir)):
         regions = {
-            key(kind, name): _Region.of(param, saved[key(kind, name)][1], span(param), mesh)
+            key(kind, name): _Region.of(param, saved[key(kind, name)][1], span_of(param), mesh)
             for name, param in by_part.get(k, [])
             for kind in kinds
         }
