@@ -2,19 +2,20 @@
 
 gpt2-small (124M parameters at seq_len 64) at ZeRO-3 on 4 ranks: a rank's share of the model states is
 16 B × 124M / 4 ≈ 0.5 GB. Gathering a stage's weights and both Adam moments, as saves once did, would add
-12 B × 124M ≈ 1.5 GB to every rank. The sharded save writes each rank's rows from what it holds and
-copies one tensor's rows at a time when DCP writes them (DCP may copy them once more): at most twice the
-largest tensor's quarter, and the allocator's slack: ``SAVE_BOUND`` (330 MB).
+12 B × 124M ≈ 1.5 GB to every rank. The sharded save writes each rank's rows from what it holds; what it
+copies (a view into a flat ZeRO partition, rows joined with the next ranks' pieces) DCP's writer keeps until
+the part's file is closed, one chunk per tensor: at most one part's share (``PART_ELEMENTS`` parameters,
+three fp32 tensors each, over the ranks) and the allocator's slack: ``SAVE_BOUND`` (542 MB).
 A resharded load (onto 2 ranks, read part by part) reads only the rows of each tensor its ZeRO partition
-covers: it adds one part's blocks, one stored chunk that DCP reads whole before narrowing it (at most the
-largest tensor), and the Adam moments of the rank's partition, which it allocates before the first step
+covers: it adds one part's blocks, one stored chunk that DCP reads whole before narrowing it (at most
+``CHUNK_ELEMENTS``), and the Adam moments of the rank's partition, which it allocates before the first step
 would (8 B × 124M / 2): ``LOAD_BOUND``. Joining each parameter whole over the ranks first, as loads did until
 2026-12, added +1,272 MB and crosses it. A load at the same layout reads DeepSpeed's own files, and DeepSpeed
 reads a rank's optimizer partition whole before copying it in: one more copy of that partition,
 12 B × 124M / 4 (``DEEPSPEED_LOAD_BOUND``).
-Measured on 2 cores: save +0 MB per rank (bound 330 MB; +117 MB when each parameter was still gathered
+Measured on 2 cores: save +0 MB per rank (bound 542 MB; +117 MB when each parameter was still gathered
 whole over ZeRO's partition, one at a time), resharded load +828 MB (495 MB of it the moments; bound
-1,161 MB), same-layout load +355 MB (bound 610 MB). (gpt2-medium, which this test used before, measured
+1,078 MB), same-layout load +355 MB (bound 610 MB). (gpt2-medium, which this test used before, measured
 +149 / +2,326 / +1,000 MB with the whole-parameter load, at twice the suite time.)
 """
 
@@ -23,15 +24,15 @@ from __future__ import annotations
 import pytest
 
 from conftest import read_metrics, run_train, tiny_corpus_overrides
-from trainer.checkpoint.sharded import PART_ELEMENTS
+from trainer.checkpoint.sharded import CHUNK_ELEMENTS, PART_ELEMENTS
 
 MB = 2**20
 PARAMS = 123_738_624  # gpt2-small at seq_len 64, its 50257 vocabulary rows padded to 50304
-LARGEST = 50304 * 768 * 4  # the token embedding, the model's largest tensor (bytes)
+CHUNK = CHUNK_ELEMENTS * 4  # the largest saved chunk (bytes)
 SLACK = 256 * MB  # what the C allocator keeps of freed temporaries, and the files' buffers
 PART = 3 * PART_ELEMENTS * 4 / 2  # one part's three kinds over (at least) 2 ranks
-SAVE_BOUND = 2 * LARGEST / 4 + SLACK
-LOAD_BOUND = PART + LARGEST + SLACK + 8 * PARAMS / 2  # + both moments of a rank's half, allocated
+SAVE_BOUND = PART + SLACK
+LOAD_BOUND = PART + CHUNK + SLACK + 8 * PARAMS / 2  # + both moments of a rank's half, allocated
 DEEPSPEED_LOAD_BOUND = 12 * PARAMS / 4 + SLACK
 MODEL = ["model=gpt2-small", "model.seq_len=64", "parallel.micro_batch=1", "parallel.global_batch=4"]
 

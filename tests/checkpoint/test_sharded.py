@@ -88,7 +88,9 @@ def _zero1_engine(named, mesh) -> SimpleNamespace:
     return SimpleNamespace(device=torch.device("cpu"), optimizer=optimizer, zero_optimization_stage=lambda: 1)
 
 
-def _check_roundtrip(rank: int, world: int, path: str, zero1: bool = False) -> None:
+def _check_roundtrip(rank: int, world: int, path: str, zero1: bool = False, chunk: int | None = None) -> None:
+    if chunk is not None:
+        sharded.CHUNK_ELEMENTS = chunk
     saved_at = build_mesh(ParallelDims(world, tp=2, pp=1 if zero1 else 2))  # dp2 under ZeRO-1, else pp2
     named = _params(saved_at, V_SAVED)
     engine = (_zero1_engine if zero1 else _engine)(named, saved_at)
@@ -115,9 +117,24 @@ def _middle(param) -> tuple[int, int]:
     return param.numel() // 3 + 1, param.numel() * 2 // 3
 
 
-@pytest.mark.parametrize("zero1", [False, True], ids=["tp2-pp2", "tp2-dp2-zero1"])
-def test_written_at_one_layout_read_at_others(tmp_path, zero1):
-    run_ranks(_check_roundtrip, 4, str(tmp_path / "step"), zero1)
+CHUNK = 20  # elements: two rows of the matrices (8 wide) per saved chunk, a run of 20 of the vectors
+
+
+@pytest.mark.parametrize(
+    "zero1, chunk", [(False, None), (True, None), (True, CHUNK)], ids=["tp2-pp2", "tp2-dp2-zero1", "zero1-chunked"]
+)
+def test_written_at_one_layout_read_at_others(tmp_path, zero1, chunk):
+    from torch.distributed.checkpoint import FileSystemReader
+
+    run_ranks(_check_roundtrip, 4, str(tmp_path / "step"), zero1, chunk)
+    chunks = [
+        c.sizes
+        for part in sharded.part_dirs(tmp_path / "step")
+        for meta in FileSystemReader(part).read_metadata().state_dict_metadata.values()
+        for c in meta.chunks
+    ]
+    largest = max(torch.Size(size).numel() for size in chunks)
+    assert largest <= CHUNK if chunk else largest > CHUNK, chunks
     # every tensor once, whole, without a process group; the last stage's tied copy was not written twice
     assert sorted(sharded.tensor_names(tmp_path / "step")) == sorted(PARAMS)
     assert torch.equal(

@@ -24,7 +24,7 @@ rank writing whole rows of its tp shard as DCP chunks:
 
 so a rank writes about 1/(tp·dp) of its stage and nothing is gathered whole. The parameters go in parts of
 at most ``PART_ELEMENTS`` elements each (``state/part_<k>/``, one DCP checkpoint per part, in parameter
-order); a rank copies one tensor's rows at a time, as DCP writes them. A load reads only what the rank
+order); a rank holds one part's copies at most (see ``_Rows``). A load reads only what the rank
 keeps: under ZeRO the rows its partition covers, without ZeRO its tp shard; DCP reads any chunking back.
 The last stage's copy of the tied embedding is not written (the first stage's is the same tensor: DeepSpeed
 all-reduces their gradients).
@@ -57,6 +57,7 @@ from trainer.parallel.mappings import gather_objects
 
 STATE_DIR = "state"  # the sharded state inside a step directory: one DCP checkpoint per part
 PART_ELEMENTS = int(5e7)  # parameter elements per part (times 3 with both Adam moments), over a stage's ranks
+CHUNK_ELEMENTS = 2**24  # elements per saved chunk at most (64 MiB in fp32), or one row where a row is longer
 KINDS = ("model", *MOMENTS)
 
 
@@ -149,8 +150,10 @@ def _save_range(engine, param: nn.Parameter, mesh: Mesh) -> tuple[int, int]:
 @dataclass(frozen=True)
 class _Rows:
     """The whole rows of a tensor that this rank writes: its own elements (a view of what it holds) and the
-    following ranks' leading pieces that complete its last row. Joined only when DCP writes them, so a rank
-    copies one tensor's rows at a time."""
+    following ranks' leading pieces that complete its last row, joined only when DCP writes them. DCP copies
+    a view of a larger buffer before writing it and (torch 2.13's FileSystemWriter) keeps what it wrote to a
+    file, one tensor per name, until the file (the rank's part) is closed: a save holds at most one chunk
+    of each tensor of a part."""
 
     own: torch.Tensor
     tail: tuple[torch.Tensor, ...]
@@ -161,10 +164,24 @@ class _Rows:
     def tensor(self) -> torch.Tensor:
         return (torch.cat([self.own, *self.tail]) if self.tail else self.own).view(self.shape)
 
+    def split(self, limit: int) -> list[_Rows]:
+        """Runs of whole rows of at most ``limit`` elements (at least a row each): what DCP keeps of a tensor
+        while writing, and what it reads whole before narrowing it on a load."""
+        row = self.shape[1:].numel()
+        step = max(1, limit // row)
+        out = []
+        for first in range(0, self.shape[0], step):
+            last = min(first + step, self.shape[0])
+            tail = self.tail if last * row > self.own.numel() else ()  # the pieces complete the last row only
+            offsets = torch.Size([self.offsets[0] + first, *self.offsets[1:]])
+            shape = torch.Size([last - first, *self.shape[1:]])
+            out.append(_Rows(self.own[first * row : last * row], tail, shape, offsets, self.size))
+        return out
 
-def _part_rows(engine, named: list, mesh: Mesh, kinds) -> dict[str, _Rows]:
-    """{key: this rank's rows} for one part; collective over dp (each rank's leading piece of a row that an
-    earlier rank writes goes to that rank)."""
+
+def _part_rows(engine, named: list, mesh: Mesh, kinds) -> dict[str, list[_Rows]]:
+    """{key: this rank's rows, in chunks of at most ``CHUNK_ELEMENTS``} for one part; collective over dp
+    (each rank's leading piece of a row that an earlier rank writes goes to that rank)."""
     ranges, values, pieces = {}, {}, {}
     for name, param in named:
         if not _saved_here(name, mesh):
@@ -179,9 +196,14 @@ def _part_rows(engine, named: list, mesh: Mesh, kinds) -> dict[str, _Rows]:
                 value = value[start:stop]
             ranges[fqn], values[fqn] = (start, stop, param), value[lead:]
             if lead:
-                pieces[fqn] = (start, value[:lead].clone())
-    everyone = gather_objects(pieces, group=mesh.dp_group)  # at most a row per tensor and rank
-    return {fqn: _rows(fqn, *ranges[fqn], values[fqn], everyone, mesh) for fqn in ranges if values[fqn].numel()}
+                pieces[fqn] = (start, value[:lead].to("cpu", copy=True))
+    # Less than a row per tensor and rank, on the CPU: a pickled CUDA tensor unpickles on the sender's device.
+    everyone = gather_objects(pieces, group=mesh.dp_group)
+    return {
+        fqn: _rows(fqn, *ranges[fqn], values[fqn], everyone, mesh).split(CHUNK_ELEMENTS)
+        for fqn in ranges
+        if values[fqn].numel()
+    }
 
 
 def _rows(fqn: str, start: int, stop: int, param: nn.Parameter, own: torch.Tensor, everyone: list, mesh: Mesh):
@@ -191,7 +213,7 @@ def _rows(fqn: str, start: int, stop: int, param: nn.Parameter, own: torch.Tenso
     row = shard[1:].numel()
     first, end = -(-start // row), -(-stop // row) * row
     tail = sorted((p[fqn] for p in everyone if fqn in p and stop <= p[fqn][0] < end), key=lambda piece: piece[0])
-    tail = tuple(piece for _, piece in tail)
+    tail = tuple(piece.to(own.device) for _, piece in tail)
     count = own.numel() + sum(piece.numel() for piece in tail)
     assert count == end - first * row, (fqn, start, stop, count)
     offsets = [0] * len(shard)
@@ -203,7 +225,7 @@ def _rows(fqn: str, start: int, stop: int, param: nn.Parameter, own: torch.Tenso
 
 
 def _rows_save_planner():
-    """DCP's default save planner over a state of ``_Rows``: each is written as a chunk at its offsets in a
+    """DCP's default save planner over a state of ``_Rows`` lists: each is written as a chunk at its offsets in a
     tensor of its dense shape (DCP's metadata then lists every rank's rows as chunks), and joined only when
     the writer asks for it."""
     from torch.distributed.checkpoint import DefaultSavePlanner, SavePlan
@@ -212,17 +234,19 @@ def _rows_save_planner():
 
     class RowsSavePlanner(DefaultSavePlanner):
         def create_local_plan(self) -> SavePlan:
-            items = []
-            for fqn, rows in self.state_dict.items():
-                chunk = ChunkStorageMetadata(offsets=rows.offsets, sizes=rows.shape)
-                properties = TensorProperties.create_from_tensor(rows.own)
-                data = TensorWriteData(chunk=chunk, properties=properties, size=rows.size)
-                items.append(WriteItem(MetadataIndex(fqn, rows.offsets), WriteItemType.SHARD, tensor_data=data))
+            items, self.rows = [], {}
+            for fqn, chunks in self.state_dict.items():
+                for rows in chunks:
+                    chunk = ChunkStorageMetadata(offsets=rows.offsets, sizes=rows.shape)
+                    properties = TensorProperties.create_from_tensor(rows.own)
+                    data = TensorWriteData(chunk=chunk, properties=properties, size=rows.size)
+                    items.append(WriteItem(MetadataIndex(fqn, rows.offsets), WriteItemType.SHARD, tensor_data=data))
+                    self.rows[fqn, tuple(rows.offsets)] = rows
             self.plan = SavePlan(items)
             return self.plan
 
         def lookup_object(self, index):  # the default looks offsets up in ShardedTensors only
-            return self.state_dict[index.fqn].tensor()
+            return self.rows[index.fqn, tuple(index.offset)].tensor()
 
     return RowsSavePlanner(flatten_state_dict=False, flatten_sharded_tensors=False)
 
