@@ -40,8 +40,9 @@ def launch(repo: Path, run_dir: Path, overrides: list[str], ranks: int = 4) -> t
         proc = subprocess.Popen(cmd, cwd=repo, env=env, stdout=log, stderr=subprocess.STDOUT)
         with RankMemory(proc.pid) as watch:
             code = proc.wait()
-    if code != 0:
-        raise SystemExit(f"{run_dir.name} failed (exit {code}); see {run_dir.parent / (run_dir.name + '.log')}")
+    if code != 0:  # the log lives in a temporary directory: show its end here
+        tail = (run_dir.parent / f"{run_dir.name}.log").read_text().splitlines()[-15:]
+        raise SystemExit(f"{run_dir.name} failed (exit {code}); the end of its log:\n" + "\n".join(tail))
     return time.perf_counter() - start, watch
 
 
