@@ -176,6 +176,33 @@ def test_failed_save_stops_the_run_and_keeps_the_previous_checkpoint(saved_run, 
     assert damage(run_dir / "checkpoints" / "step_4") is None
 
 
+@pytest.mark.parametrize(
+    "error, expected",
+    [
+        (RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 80908288 vs 80908180"), "disk full"),
+        (OSError(28, "No space left on device"), "No space left on device"),
+        (RuntimeError("a bug, not the disk"), None),
+    ],
+    ids=["torch.save short write", "OSError", "other error"],
+)
+def test_a_save_that_storage_stops_is_one_line(tmp_path, monkeypatch, error, expected):
+    """A full disk surfaces from DeepSpeed's torch.save as a RuntimeError; it becomes the same one-line
+    SaveError as an OSError from DCP, naming the newest published checkpoint. Other errors pass through."""
+    from trainer.checkpoint.store import SaveError, Saver
+
+    def fail(self, step, client_state):
+        raise error
+
+    monkeypatch.setattr(Saver, "_save", fail)
+    saver = Saver(engine=None, mesh=None, named_params=list, run_dir=tmp_path, meta={}, tokenizer_dir=None)
+    with pytest.raises(SaveError if expected else RuntimeError) as raised:
+        saver.save(6, {})
+    if expected:
+        assert expected in str(raised.value) and "newest: none" in str(raised.value)
+    else:
+        assert raised.value is error
+
+
 # --- export of real checkpoints --------------------------------------------------------------------------
 
 

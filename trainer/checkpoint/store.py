@@ -146,6 +146,18 @@ def check_writable(run_dir: Path) -> None:
         ) from None
 
 
+def storage_failure(err: BaseException) -> str | None:
+    """Why a write failed where storage is to blame (full disk, permissions), or None for any other error.
+    torch.save's C++ writer, which writes DeepSpeed's files, reports a short write (a full disk) as a
+    RuntimeError ("unexpected pos N vs M"), not as an OSError."""
+    if isinstance(err, OSError):
+        return str(err)
+    message = str(err)
+    if isinstance(err, RuntimeError) and ("unexpected pos" in message or "PytorchStreamWriter failed" in message):
+        return "a file was written short: is the disk full?"
+    return None
+
+
 @dataclass
 class Saver:
     """Writes checkpoints of one run; every rank calls ``save`` at the same step."""
@@ -169,11 +181,14 @@ class Saver:
         try:
             with memory_window() as self.io:
                 return self._save(step, client_state)
-        except OSError as err:
+        except (OSError, RuntimeError) as err:
+            why = storage_failure(err)
+            if why is None:
+                raise
             latest = self.root / LATEST
             newest = latest.read_text().strip() if latest.is_file() else "none"
             raise SaveError(
-                f"checkpoint step_{step} could not be written ({err}); published checkpoints are untouched "
+                f"checkpoint step_{step} could not be written ({why}); published checkpoints are untouched "
                 f"(newest: {newest}); free space or fix permissions, then continue with train.resume=auto"
             ) from None
 
