@@ -52,6 +52,7 @@ LAYOUTS = {
     "tp2": (2, ["parallel=tp2"]),
     "tp2-sp": (2, ["parallel=tp2-sp"]),
     "tp2-dp2-zero1": (4, ["parallel=tp2-zero1"]),
+    "tp2-dp2-zero3": (4, ["parallel=zero3", "parallel.tp=2", "parallel.sequence_parallel=true"]),
     "pp2": (2, ["parallel=pp2"]),
     "pp4": (4, ["parallel=pp4"]),
     "tp2-pp2": (4, ["parallel=tp2-pp2"]),

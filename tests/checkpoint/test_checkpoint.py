@@ -97,6 +97,7 @@ LAYOUTS = {  # the shared table's layouts under the names the resharding matrix 
     "tp2-pp2": SHARED["tp2-pp2"],
     "zero1-dp2": SHARED["zero1-dp2"],
     "zero3-dp2": SHARED["zero3-dp2"],
+    "tp2-dp2-zero3": SHARED["tp2-dp2-zero3"],
 }
 BF16 = "parallel.precision=bf16"
 LAYOUTS |= {f"{name}-bf16": (LAYOUTS[name][0], [*LAYOUTS[name][1], BF16]) for name in ("tp2-pp2", "zero3-dp2")}
@@ -105,6 +106,7 @@ RESHARDS = [("tp2-pp2", "tp1-pp1"), ("tp2-pp2", "tp1-pp2"), ("tp2-pp2", "tp2-pp1
 RESHARDS += [("tp2-pp2", "zero1-dp2"), ("tp2-pp2", "zero3-dp2"), ("tp2-pp2-bf16", "zero3-dp2-bf16")]
 RESHARDS += [("tp2-pp2-bf16", "pp2-dp2-bf16")]  # DeepSpeed's BF16_Optimizer: fp32 masters partitioned over dp
 RESHARDS += [("zero1-dp2", "tp2-pp2")]  # saved from ZeRO-1's flat partitions, whose boundaries fall mid-row
+RESHARDS += [("tp2-dp2-zero3", "tp1-pp1"), ("tp2-pp2", "tp2-dp2-zero3")]  # ZeRO-3 partitions of tp shards
 # bf16 layouts round their activations differently (measured: losses within 2e-5 relative of the source's);
 # a load that left ZeRO-3's 16-bit weights at their initial values was 1.8e-2 off at the first step.
 BF16_RTOL = 1e-3

@@ -20,6 +20,7 @@ LAYOUTS = {
     "tp2-pp2": (4, ["parallel=tp2-pp2", "model.n_layer=4"]),
     "zero3-fp16": (2, ["parallel=zero3", "parallel.precision=fp16"]),  # the loss scaler's state carried
     "pp2-bf16": (2, ["parallel=pp2", "parallel.precision=bf16"]),
+    "tp2-dp2-zero3-sp": (4, ["parallel=zero3", "parallel.tp=2", "parallel.sequence_parallel=true"]),
 }
 # DeepSpeed's BF16_Optimizer (bf16 under a pipeline without ZeRO) cannot read its own files back: the sharded
 # state resumes it even where they are there (consolidate.deepspeed_resumes)

@@ -17,7 +17,7 @@ STEPS = 10
 SAVE_AT = 5
 MODEL = ["model=llama-tiny", "debug=smoke", "model.n_layer=4", "model.n_embd=64", "model.seq_len=32"]
 BATCH = ["parallel.micro_batch=4", "parallel.global_batch=8"]
-PARITY = ["tp2", "tp2-sp", "pp2", "zero3-dp2", "tp2-pp2"]
+PARITY = ["tp2", "tp2-sp", "pp2", "zero3-dp2", "tp2-pp2", "tp2-dp2-zero3"]
 RESHARDS = ["single", "zero3-dp2", "tp2-sp"]  # targets of the tp2-pp2 checkpoint
 
 

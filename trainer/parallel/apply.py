@@ -80,7 +80,7 @@ def _build_partitioned(cfg: Config, shape: ModelShape, layers, mesh: Mesh, ds_di
     from trainer.runtime.engine import zero3_construction
     from trainer.runtime.hardware import release_free_memory
 
-    context, whole = zero3_construction(ds_dict, mesh.dp_group)
+    context, whole = zero3_construction(ds_dict, mesh)
     with context:
         model = GPT(shape, layers, None, recompute, every)
     init_weights(model, cfg.train.seed, shape.n_layer, whole=whole)

@@ -125,10 +125,12 @@ def build_engine(model: nn.Module, ds_dict: dict[str, Any], weight_decay: float,
     return engine
 
 
-def zero3_construction(ds_dict: dict[str, Any], dp_group):
+def zero3_construction(ds_dict: dict[str, Any], mesh):
     """(context, whole): build a module inside ``context`` and ZeRO-3 partitions each parameter over the
     data-parallel group as its layer is created, so no rank ever holds the whole model; ``whole(param)``
     gathers one parameter, writable, and re-partitions it on exit (rank 0's values, broadcast).
+    ``mesh`` is DeepSpeed's ``mpu`` here as for the engine: without it DeepSpeed checks the batch against the
+    whole world, not the data-parallel degree, and refuses every tp > 1.
     """
     import deepspeed
 
@@ -136,7 +138,8 @@ def zero3_construction(ds_dict: dict[str, Any], dp_group):
         return deepspeed.zero.GatheredParameters([param], modifier_rank=0)
 
     context = deepspeed.zero.Init(
-        data_parallel_group=dp_group,
+        data_parallel_group=mesh.dp_group,
+        mpu=mesh,
         # The parameters' dtype comes from the config (fp32, bf16 or fp16). Not ``dtype=``: DeepSpeed 0.19
         # ignores it on an accelerator without fp16 (the CPU) and builds in bf16.
         config_dict_or_path=ds_dict,
