@@ -48,6 +48,9 @@ BAND, GAP, TOP_K = 0.10, 0.10, 15
 # Rows whose published layout the planner predicts more than GAP slower than its best (docs/planner.md, "Where the
 # planner disagrees with the paper"): tp4·pp4, which the paper did not run, is predicted faster.
 GAP_MISSES = {"39.1B on 512 GPUs (Table 1)": 0.123}
+# DeepSpeed-engine runs predicted further than BAND from the published TFLOP/s (docs/planner.md, "DeepSpeed's
+# engine"): BLOOM ran its slots faster than MT-NLG's engine, whose efficiency the cluster files state.
+BAND_MISSES = {"176B on 384 GPUs (BLOOM)": -0.101}
 
 
 # --- memory formulas -------------------------------------------------------------------------------------
@@ -254,23 +257,39 @@ def test_pipeline_efficiency_is_the_one_fitted_on_mtnlg():
 
 @pytest.mark.parametrize("run", DEEPSPEED_RUNS, ids=lambda r: r.name)
 def test_deepspeed_engine_runs_are_predicted_within_the_band(run):
-    """The published layout fits (BLOOM: 70 layers over 12 stages, which DeepSpeed's partitioner cuts unevenly) and
-    its predicted TFLOP/s per GPU is within 10 % of the published; the rows other than the fitted one, BLOOM (another
-    cluster, model, micro-batch and precision) above all, are out of sample."""
+    """The published layout fits (BLOOM: 70 layers over 12 stages, which DeepSpeed's partitioner cuts unevenly;
+    GPT-NeoX on 40 GB GPUs) and its predicted TFLOP/s per GPU is within 10 % of the published, but for the
+    misses the docs state; the rows other than the fitted one (BLOOM and GPT-NeoX: other clusters, models,
+    micro-batches, precisions) are out of sample."""
     assert predict_published(run, A100).fits
-    assert abs(_error(run, A100)) <= BAND, f"{_error(run, A100):+.1%}"
+    if run.name in BAND_MISSES:
+        assert _error(run, A100) == pytest.approx(BAND_MISSES[run.name], abs=0.01)
+    else:
+        assert abs(_error(run, A100)) <= BAND, f"{_error(run, A100):+.1%}"
+
+
+def test_the_runs_before_flash_attention_are_predicted_with_their_kernel():
+    """DeepSpeed's engine with the s×s scores in memory, as these runs computed attention, is slower than with
+    this trainer's fused kernels; GPT-NeoX (h 6144, 64 heads: the scores are most of its activations) is over-
+    predicted by more than the band with the fused kernels' traffic."""
+    for run in DEEPSPEED_RUNS:
+        assert run.attention == "materialized"
+        fused = replace(run, attention="fused")
+        assert predict_published(fused, A100).time.total < predict_published(run, A100).time.total
+    neox = next(run for run in DEEPSPEED_RUNS if run.source == "GPT-NeoX")
+    assert _error(replace(neox, attention="fused"), A100) > BAND
 
 
 @pytest.mark.parametrize("run", DEEPSPEED_RUNS, ids=lambda r: r.name)
 def test_megatrons_slots_overpredict_deepspeeds_engine(run):
     """Predicted as Megatron-LM's engine runs them (pipeline_efficiency 1), every DeepSpeed run is over-predicted by
-    more than the band (+16 % to +32 %): what the engine term is for."""
+    more than the band (+12 % to +29 %): what the engine term is for."""
     assert _error(run, replace(A100, pipeline_efficiency=1.0)) > BAND
 
 
 def test_bloom_is_planned_on_its_uneven_stages():
     """BLOOM's layout is among the planner's own candidates for its model, batch and 48 nodes."""
-    bloom = DEEPSPEED_RUNS[-1]
+    bloom = next(run for run in DEEPSPEED_RUNS if run.source == "BLOOM")
     plan = make_plan(bloom.shape(), cluster_spec(bloom.cluster(A100)), bloom.global_batch, "bf16")
     assert any((p.layout.tp, p.layout.pp, p.layout.dp) == (4, 12, 8) for p in plan.ranked)
 
@@ -472,6 +491,7 @@ def test_spearman():
         (["cluster=a100-80gb", "cluster.pipeline_efficiency=1.3"], "cluster.pipeline_efficiency"),
         (["cluster=a100-80gb", "parallel.virtual_stages=2"], "parallel.virtual_stages"),  # DeepSpeed's engine
         (["cluster=a100-80gb", "cluster.engine=megatron", "parallel.virtual_stages=0"], "parallel.virtual_stages"),
+        (["cluster=a100-80gb", "cluster.attention=flash"], "cluster.attention"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(argv, key, capsys):
@@ -535,6 +555,27 @@ def test_pinned_degrees_rank_the_layouts_that_have_them(tmp_path):
     published = check(run, compose_plan(["cluster=a100-80gb"]).cluster).predicted_tflops
     assert fitting[0]["hw_tflops_per_gpu"] == pytest.approx(published, rel=1e-9)
     assert f"{published:.3g} TFLOP/s per GPU counting recompute" in line
+
+
+def test_a_published_deepspeed_run_is_checked_from_the_command_line():
+    """GPT-NeoX-20B as a user states it (its shape, conf/cluster/a100-40gb.yaml with its 12 nodes and NICs, attention
+    as it computed it, its layout pinned): the plan's TFLOP/s for it, recompute counted, is the published-run
+    check's, within the band of the published 117."""
+    neox = next(run for run in DEEPSPEED_RUNS if run.source == "GPT-NeoX")
+    argv = [
+        "model=gpt3-13b", "model.n_layer=44", "model.n_embd=6144", "model.n_head=64", "model.vocab_size=50432",
+        "model.tie_embeddings=false", "model.position=rope", "cluster=a100-40gb", "cluster.nodes=12",
+        "cluster.inter_node_bw_gbs=12.5", "cluster.attention=materialized", "parallel.global_batch=1536",
+        "parallel.tp=2", "parallel.pp=4", "parallel.zero_stage=1", "parallel.micro_batch=4", "parallel.recompute=full",
+        "parallel.sequence_parallel=false", "parallel.precision=fp16",
+    ]  # fmt: skip
+    done = subprocess.run([sys.executable, "-m", "trainer.plan", *argv], cwd=ROOT, env=child_env(), capture_output=True,
+                          text=True)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    line = next(line for line in done.stdout.splitlines() if line.startswith("the fastest of them ranks"))
+    predicted = predict_published(neox, A100).hw_tflops_per_gpu
+    assert f"{predicted:.3g} TFLOP/s per GPU counting recompute" in line, (line, predicted)
+    assert abs(predicted / neox.tflops_per_gpu - 1) <= BAND
 
 
 def test_train_global_batch_is_an_alias():

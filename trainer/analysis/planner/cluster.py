@@ -11,6 +11,7 @@ from dataclasses import dataclass, replace
 
 from trainer.analysis.planner.config import ClusterConfig
 from trainer.analysis.planner.memory import Collectives
+from trainer.analysis.planner.stages import keeps_attention_scores
 
 GB = 1e9
 
@@ -47,6 +48,12 @@ class ClusterSpec:
     engine: str = "deepspeed"  # whose costs are predicted: this trainer's (DeepSpeed) or Megatron-LM 2021's
     pipeline_efficiency: float = 1.0  # the engine's 1F1B slot: predicted / achieved time (ClusterConfig's)
     overlap_grad_reduce: bool = False  # the gradient reduction hides behind the last backward (ClusterConfig's)
+    attention: str = "auto"  # how attention is computed (ClusterConfig's)
+
+    @property
+    def keeps_scores(self) -> bool:
+        """Attention writes the s×s scores to memory and keeps them for backward (``stages.keeps_attention_scores``)."""
+        return keeps_attention_scores(self.engine, self.attention)
 
     @property
     def world(self) -> int:
@@ -142,6 +149,7 @@ def cluster_spec(c: ClusterConfig, notes: tuple[str, ...] = ()) -> ClusterSpec:
         # Megatron-LM 2021's engine runs the modelled slots as modelled (its Table 2 is met): 1 by construction
         pipeline_efficiency=c.pipeline_efficiency if c.engine == "deepspeed" else 1.0,
         overlap_grad_reduce=c.overlap_grad_reduce,
+        attention=c.attention,
     )
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from omegaconf import MISSING
 
 from trainer.analysis.planner.layouts import PIN_KEYS
-from trainer.analysis.planner.stages import ENGINES
+from trainer.analysis.planner.stages import ATTENTIONS, ENGINES
 from trainer.config.schema import PRECISIONS as TRAINER_PRECISIONS
 from trainer.config.schema import ZERO_STAGES, ConfigError, ModelConfig, ParallelConfig
 from trainer.config.validate import _validate_architecture
@@ -66,6 +66,10 @@ class ClusterConfig:
     # outlasts it (Megatron-LM's --DDP-impl torch, as its 2021 paper ran Table 1's pp = 1 rows); false: after
     # backward (Megatron-LM's local DDP; this trainer's DeepSpeed engine as the planner predicts it).
     overlap_grad_reduce: bool = False
+    # How attention is computed (``stages.ATTENTIONS``): auto = the engine's (deepspeed: this trainer's fused
+    # kernels, no s×s scores in memory; megatron: scores written and kept); materialized / fused to predict a run
+    # whose attention differs from its engine's, e.g. a DeepSpeed-engine run from before flash attention.
+    attention: str = "auto"
 
 
 @dataclass
@@ -143,6 +147,8 @@ def validate_cluster(c: ClusterConfig) -> None:
         raise ConfigError("cluster.nodes", c.nodes, "must be >= 1 (whole nodes), e.g. cluster.nodes=16")
     if c.engine not in ENGINES:
         raise ConfigError("cluster.engine", c.engine, f"must be one of {', '.join(ENGINES)}")
+    if c.attention not in ATTENTIONS:
+        raise ConfigError("cluster.attention", c.attention, f"must be one of {', '.join(ATTENTIONS)}")
     if c.gpus_per_node < (0 if c.measure else 1):
         raise ConfigError("cluster.gpus_per_node", c.gpus_per_node, "must be >= 1")
     if c.measure:

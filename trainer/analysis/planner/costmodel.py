@@ -54,7 +54,6 @@ from trainer.analysis.planner.layouts import Layout
 from trainer.analysis.planner.stages import (
     Stage,
     even_stage,
-    keeps_attention_scores,
     partition_method,
     pipeline_stages,
     shards_optimizer,
@@ -129,7 +128,7 @@ def elementwise_bytes(
     for SwiGLU, narrower K and V for GQA): the forward moves 2A; the backward twice that, as with FLOPs; full
     recompute adds a forward, selective the attention core's share of A at t = 1 (5as/h of 34 + 5as/h for GPT).
     ``blocks``: the stage's blocks (default l/p, an even split). ``scores=False``: a fused attention kernel
-    (``stages.keeps_attention_scores``) keeps the s×s scores on chip, so neither their traffic nor its
+    (``ClusterSpec.keeps_scores``) keeps the s×s scores on chip, so neither their traffic nor its
     recomputation counts."""
     s, b, h, t = shape.seq_len, layout.micro_batch, shape.n_embd, layout.tp
     block = shape_activation_bytes(shape, b, t, layout.sequence_parallel, precision, scores)
@@ -158,8 +157,7 @@ def stage_compute(
     rate = cluster.rank_peak(precision) * cluster.compute_efficiency
     head = head_flops(shape, layout) if stage.last else 0.0
     flops = stage.blocks * block_flops(shape, layout) + head
-    scores = keeps_attention_scores(cluster.engine)
-    memory = elementwise_bytes(shape, layout, precision, stage.last, stage.blocks, scores)
+    memory = elementwise_bytes(shape, layout, precision, stage.last, stage.blocks, cluster.keeps_scores)
     return flops / layout.tp / rate + memory / cluster.mem_bw
 
 

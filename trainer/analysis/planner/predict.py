@@ -10,7 +10,7 @@ from trainer.analysis.planner.cluster import ClusterSpec
 from trainer.analysis.planner.costmodel import StepTime, executed_flops_per_step, step_time
 from trainer.analysis.planner.layouts import Layout, enumerate_layouts, interleave
 from trainer.analysis.planner.memory import Memory, memory_per_gpu
-from trainer.analysis.planner.stages import keeps_attention_scores, partition_method
+from trainer.analysis.planner.stages import partition_method
 from trainer.config.schema import lean_heap
 from trainer.model.shape import ModelShape
 
@@ -57,7 +57,6 @@ def predict(
     # A lean C heap (the trainer's default for CPU ranks at ZeRO-3) hands freed memory back: no slack.
     lean = lean_heap("auto", cluster.cpu, layout.zero_stage)
     fragmentation = 0.0 if lean else cluster.fragmentation
-    scores = keeps_attention_scores(cluster.engine)
     memory = memory_per_gpu(
         shape,
         layout,
@@ -67,7 +66,7 @@ def predict(
         fragmentation,
         cluster.collectives,
         method,
-        scores,
+        cluster.keeps_scores,
         cluster.engine,
     )
     time = step_time(shape, layout, global_batch, precision, cluster, method)

@@ -1,7 +1,7 @@
 """Measured large-scale runs to check the planner against: Megatron-LM on DGX A100 80GB nodes
 (Selene), Narayanan et al. 2021, "Efficient Large-Scale Language Model Training on GPU Clusters Using
 Megatron-LM" (SC'21; arXiv:2104.04473), as we recall them from the paper (docs/planner.md lists them with the
-caveat); and two runs on DeepSpeed's pipeline engine, this trainer's (``DEEPSPEED_RUNS``, below). No copy of
+caveat); and three runs on DeepSpeed's pipeline engine, this trainer's (``DEEPSPEED_RUNS``, below). No copy of
 the papers is in the project: the places cited are sections, tables and figures; page numbers are not given
 because we could not check them.
 
@@ -52,6 +52,10 @@ class PublishedRun:
     vocab: int = VOCAB
     iteration_s: float | None = None  # as published, where it is
     inter_node_bw_gbs: float | None = None  # per GPU, one direction, where the cluster is not a DGX A100's 25
+    gpu_gb: int = 80  # A100-SXM4 80GB (DGX A100 80GB) or 40GB: device memory and its bandwidth
+    attention: str = "auto"  # cluster.attention: the run's kernel where it is not its engine's
+    tie_embeddings: bool = True
+    position: str = "learned"
 
     @property
     def name(self) -> str:
@@ -66,7 +70,8 @@ class PublishedRun:
         return self.gpus // 8
 
     def shape(self) -> ModelShape:
-        return ModelShape(self.n_layer, self.hidden, self.heads, SEQ_LEN, self.vocab, name=f"{self.params_b:g}B")
+        name, arch = f"{self.params_b:g}B", {"tie_embeddings": self.tie_embeddings, "position": self.position}
+        return ModelShape(self.n_layer, self.hidden, self.heads, SEQ_LEN, self.vocab, name=name, **arch)
 
     def cluster(self, dgx_a100):
         """The ClusterConfig the run had: ``dgx_a100`` (one DGX A100 80GB node's file) with the run's nodes,
@@ -74,8 +79,13 @@ class PublishedRun:
         from dataclasses import replace
 
         network = {"inter_node_bw_gbs": self.inter_node_bw_gbs} if self.inter_node_bw_gbs else {}
+        # conf/cluster/a100-40gb.yaml's numbers for the 40GB part
+        memory = {"mem_per_gpu_gb": 42.4, "mem_bw_gbs": 1555} if self.gpu_gb == 40 else {}
         overlap = self.ddp == "torch"
-        return replace(dgx_a100, nodes=self.nodes, engine=self.engine, overlap_grad_reduce=overlap, **network)
+        return replace(
+            dgx_a100, nodes=self.nodes, engine=self.engine, overlap_grad_reduce=overlap, attention=self.attention,
+            **network, **memory,
+        )  # fmt: skip
 
 
 T1, T2 = "Table 1", "Table 2"
@@ -116,8 +126,16 @@ MEGATRON_2021 = (
 #     per GPU), tp 4 x pp 12 x dp 8, batch 2048, micro-batch 2, bf16 with ZeRO-1-style sharding (DeepSpeed's
 #     BF16_Optimizer; it accumulates and reduces gradients in fp32, which this trainer does not), full
 #     recomputation; 70 layers over 12 stages (uneven for Megatron-LM), vocabulary 250,680. Out of sample.
-MTNLG, BLOOM = "MT-NLG", "BLOOM"
-_DEEPSPEED = {"engine": "deepspeed", "zero_stage": 1}
+#   * GPT-NeoX-20B, Black et al. 2022 ("GPT-NeoX-20B: An Open-Source Autoregressive Language Model",
+#     arXiv:2204.06745, Section 3 ("117 teraFLOPS per GPU") and its training config, configs/20B.yml in
+#     EleutherAI/gpt-neox): 12 nodes of 8 A100-SXM4-40GB (HGX board, NVSwitch) with four 200 Gb/s HDR HCAs per node
+#     (12.5 GB/s per GPU), tp 2 x pp 4 x dp 12, micro-batch 4 x 32 accumulation = 1536 sequences (the paper writes
+#     1538), fp16, ZeRO-1, full recomputation, 44 layers, h 6144, 64 heads, vocabulary 50,432, untied head,
+#     rotary positions. Out of sample.
+# None of them had flash attention: Megatron's softmax kernel between two batched matmuls, the s×s scores in
+# memory (attention "materialized"), where this trainer's engine runs fused kernels.
+MTNLG, BLOOM, NEOX = "MT-NLG", "BLOOM", "GPT-NeoX"
+_DEEPSPEED = {"engine": "deepspeed", "zero_stage": 1, "attention": "materialized"}
 # fmt: off
 DEEPSPEED_RUNS = (
     *(
@@ -127,6 +145,8 @@ DEEPSPEED_RUNS = (
     ),
     PublishedRun(BLOOM, 176, 70, 14336, 112, 4, 12, 384, 2048, 150, micro_batch=2, precision="bf16", vocab=250680,
                  inter_node_bw_gbs=6.25, **_DEEPSPEED),
+    PublishedRun(NEOX, 20.6, 44, 6144, 64, 2, 4, 96, 1536, 117, micro_batch=4, precision="fp16", vocab=50432,
+                 inter_node_bw_gbs=12.5, gpu_gb=40, tie_embeddings=False, position="rope", **_DEEPSPEED),
 )
 # fmt: on
 FITTED_RUN = DEEPSPEED_RUNS[1]  # MT-NLG on 350 nodes: what pipeline_efficiency is fitted on

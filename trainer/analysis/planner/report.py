@@ -57,7 +57,8 @@ def header(plan: Plan) -> list[str]:
         f"{c.mem_bytes / GB:.1f} GB, {c.rank_peak(plan.precision) / 1e12:.3g} TFLOP/s {plan.precision} peak, "
         f"matmul efficiency {c.compute_efficiency:.2f}, {c.engine}"
         + (f" (pipeline {c.pipeline_efficiency:.2f})" if c.pipeline_efficiency < 1 else "")
-        + (", gradient reduction overlapped with backward" if c.overlap_grad_reduce else ""),
+        + (", gradient reduction overlapped with backward" if c.overlap_grad_reduce else "")
+        + (f", {c.attention} attention" if c.attention != "auto" else ""),
         f"global batch {plan.global_batch} x {s.seq_len} tokens, {plan.precision}",
     ]
     return lines + [f"  {line}" for line in c.measured]
@@ -206,6 +207,7 @@ def write_json(plan: Plan, path: str, pins: dict | None = None) -> None:
             "engine": c.engine,
             "pipeline_efficiency": c.pipeline_efficiency,
             "overlap_grad_reduce": c.overlap_grad_reduce,
+            "attention": c.attention,
             "measured": list(c.measured),
         },
         "global_batch": plan.global_batch,

@@ -13,6 +13,9 @@ Engines (``cluster.engine``):
   (p must divide l), the embedding on the first, the final norm and head on the last; gradients reduced in
   fp32; its softmax kernel keeps the scores (5as/h of Korthikanti et al.) unless they are recomputed.
 
+The attention kernel is the engine's unless ``cluster.attention`` says otherwise: runs on DeepSpeed's engine
+before flash attention (Megatron-DeepSpeed's MT-NLG and BLOOM, GPT-NeoX) computed it as Megatron-LM does.
+
 ``trainer.model.shape.ModelShape.stage_bounds`` is the one definition of the cuts (DeepSpeed's algorithms,
 checked against DeepSpeed's own ``PipelineModule`` on the trainer's layer specs in
 ``tests/parallel/test_pipeline_partition.py``); this module turns them into what the cost and memory models
@@ -27,6 +30,10 @@ from functools import lru_cache
 from trainer.model.shape import PIPELINE_PARTITIONS, ModelShape
 
 ENGINES = ("deepspeed", "megatron")
+# cluster.attention: fused = one kernel keeps the s×s scores on chip (flash; this trainer's SDPA); materialized =
+# two batched matmuls around a softmax kernel, the scores and probabilities written to memory and kept for
+# backward (Megatron-LM's fused scale-mask-softmax); auto = the engine's (deepspeed fused, megatron materialized)
+ATTENTIONS = ("auto", "fused", "materialized")
 
 
 @dataclass(frozen=True)
@@ -42,11 +49,12 @@ class Stage:
         return min(pp - self.index, micro_batches)
 
 
-def keeps_attention_scores(engine: str) -> bool:
-    """Whether ``engine``'s attention keeps the s×s scores for backward when nothing is recomputed."""
-    if engine not in ENGINES:
-        raise ValueError(f"engine {engine!r}: must be one of {ENGINES}")
-    return engine == "megatron"
+def keeps_attention_scores(engine: str, attention: str = "auto") -> bool:
+    """Whether attention writes the s×s scores to memory and keeps them for backward when nothing is recomputed:
+    ``attention`` (``ATTENTIONS``) where it is not ``auto``, else the engine's own kernel."""
+    if engine not in ENGINES or attention not in ATTENTIONS:
+        raise ValueError(f"engine {engine!r}, attention {attention!r}: must be one of {ENGINES}, {ATTENTIONS}")
+    return attention == "materialized" or (attention == "auto" and engine == "megatron")
 
 
 def zero_gradient_reduction(engine: str) -> str:
