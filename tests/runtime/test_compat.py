@@ -447,10 +447,10 @@ def test_replicas_or_zero_keep_the_gradient_all_reduce(dp, zero):
     assert compat.skip_single_replica_reduction(engine) is False and engine.enable_backward_allreduce
 
 
-def _wrapper_steps(precision: str, foreach: bool) -> tuple[list[torch.Tensor], list[float]]:
+def _wrapper_steps(precision: str, foreach: bool) -> tuple[list[torch.Tensor], list[float], list[float]]:
     """Five steps of a small model in ``precision`` at ZeRO-0 with a clipping norm that bites, the third with NaN
-    gradients: the fp32 masters, and the gradient norms and the loss scale, with DeepSpeed's own step or
-    ``foreach_fp16_step``."""
+    gradients: the fp32 masters, the gradient norms and the final loss scale, and the scale of each step's
+    gradients, with DeepSpeed's own step or ``foreach_fp16_step``."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4))
     config = {
@@ -465,10 +465,11 @@ def _wrapper_steps(precision: str, foreach: bool) -> tuple[list[torch.Tensor], l
         compat.scale_zero0_fp16_loss()
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
     restore = compat.foreach_fp16_step(engine.optimizer) if foreach else None
-    norms, dtype = [], next(model.parameters()).dtype
+    norms, scales, dtype = [], [], next(model.parameters()).dtype
     for i in range(5):
         loss = engine(torch.randn(2, 8, dtype=dtype)).float().square().mean()
         engine.backward(loss * float("nan") if i == 2 else loss)  # step 3: every gradient NaN
+        scales.append(engine.optimizer.loss_scale)
         engine.step()
         norms.append(engine.optimizer._global_grad_norm)
     assert engine.skipped_steps == 1 and compat.skips_nonfinite(engine.optimizer) is foreach
@@ -476,7 +477,7 @@ def _wrapper_steps(precision: str, foreach: bool) -> tuple[list[torch.Tensor], l
         restore()
         assert "step" not in vars(engine.optimizer)
     masters = [m.detach().clone() for group in engine.optimizer.fp32_groups for m in group]
-    return masters, [*norms, engine.optimizer.loss_scale]
+    return masters, [*norms, engine.optimizer.loss_scale], scales
 
 
 def _foreach_step_matches_deepspeeds(rank: int, world: int) -> None:
@@ -484,11 +485,15 @@ def _foreach_step_matches_deepspeeds(rank: int, world: int) -> None:
 
     start_deepspeed(rank, world)
     for precision in ("bf16", "fp16"):
-        want, want_norms = _wrapper_steps(precision, foreach=False)
-        got, got_norms = _wrapper_steps(precision, foreach=True)
+        want, want_norms, scales = _wrapper_steps(precision, foreach=False)
+        got, got_norms, _ = _wrapper_steps(precision, foreach=True)
         assert min(want_norms[:2] + want_norms[3:5]) > 0.05 and want_norms[2] == float("inf")  # clipped; skipped
         assert want_norms[-1] == (2**7 if precision == "fp16" else 1.0)  # the skip halved fp16's scale
-        assert got_norms == pytest.approx(want_norms, rel=1e-6), precision  # fp32 norms, summed in another order
+        assert scales == ([2**8, 2**8, 2**8, 2**7, 2**7] if precision == "fp16" else [1.0] * 5)
+        # DeepSpeed's unfused wrapper keeps the scaled norm; ours the gradients' own (fp32 norms, summed in
+        # another order)
+        unscaled = [norm / scale for norm, scale in zip(want_norms, scales)] + want_norms[-1:]
+        assert got_norms == pytest.approx(unscaled, rel=1e-6), precision
         for g, w in zip(got, want):
             torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-7)
 

@@ -20,6 +20,9 @@ STEPS = 50
 # Relative deviation of a bf16/fp16 run's loss from fp32's, allowed at every step. Measured on this model
 # (gpt-tiny at debug=smoke sizes, 50 steps): at most 0.0091% (bf16) and 0.0034% (fp16) at any layout.
 MIXED_RTOL = 0.02
+# The same for the logged gradient norm (before clipping; fp16's loss scale divided out). Measured: at most 0.14%
+# (bf16) and 0.041% (fp16); DeepSpeed's fp16 wrapper at ZeRO-0 would log it 2^16 times too large.
+NORM_RTOL = 0.01
 INITIAL_SCALE = 2.0**16  # trainer.runtime.ds_config: fp16.initial_scale_power = 16
 
 
@@ -32,11 +35,11 @@ def _steps(run_dir) -> dict[int, dict]:
 
 
 @pytest.fixture(scope="module")
-def fp32_losses(tmp_path_factory, data_cache) -> list[float]:
+def fp32_records(tmp_path_factory, data_cache) -> list[dict]:
     run_dir = tmp_path_factory.mktemp("fp32")
     proc = run_train(run_dir, _overrides(data_cache))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return [r["loss"] for r in _steps(run_dir).values()]
+    return list(_steps(run_dir).values())
 
 
 CASES = [
@@ -47,13 +50,13 @@ CASES = [
 
 
 @pytest.mark.parametrize(("layout", "precision"), CASES)
-def test_mixed_precision_follows_fp32(layout, precision, tmp_path, data_cache, fp32_losses):
+def test_mixed_precision_follows_fp32(layout, precision, tmp_path, data_cache, fp32_records):
     ranks, extra = LAYOUTS[layout]
     run_dir = tmp_path / f"{layout}-{precision}"
     proc = run_train(run_dir, _overrides(data_cache, f"parallel.precision={precision}", *extra), ranks=ranks)
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = list(_steps(run_dir).values())
-    losses = [r["loss"] for r in records]
+    losses, fp32_losses = [r["loss"] for r in records], [r["loss"] for r in fp32_records]
     assert len(losses) == len(fp32_losses) == STEPS
     deviation = max(abs(a - b) / b for a, b in zip(losses, fp32_losses))
     print(f"\n| {layout} | {precision} | {losses[-1]:.6f} | {deviation:.2e} |")
@@ -62,6 +65,11 @@ def test_mixed_precision_follows_fp32(layout, precision, tmp_path, data_cache, f
     assert all(r["skipped_steps"] == 0 for r in records)  # no overflow on the way
     scales = {r["loss_scale"] for r in records}
     assert scales == ({INITIAL_SCALE} if precision == "fp16" else {None})
+    norms = [(r["grad_norm"], f["grad_norm"]) for r, f in zip(records, fp32_records) if f["grad_norm"] is not None]
+    assert norms and all(got is not None for got, _ in norms)
+    norm_deviation = max(abs(got - want) / want for got, want in norms)
+    print(f"grad_norm deviation {norm_deviation:.2e}")
+    assert norm_deviation < NORM_RTOL, norms
 
 
 def test_fp16_overflow_is_skipped_and_halves_the_loss_scale(tmp_path, data_cache):

@@ -585,7 +585,9 @@ def foreach_fp16_step(optimizer) -> Restore | None:
     each time, with three host syncs (two for the overflow flag, one for the norm), and its norm reads those flags
     off the gradients, which carry none (every tp rank but the first dropped its shards of the split weights --
     tp2, gpt-tiny: norm 1.75 instead of 2.04 -- and a pipeline's tied embedding counted twice). Norms are
-    per-tensor fp32 as DeepSpeed's; only their summation order differs.
+    per-tensor fp32 as DeepSpeed's; only their summation order differs. The norm it keeps (``_global_grad_norm``,
+    what the engine reports and the trainer logs) is the gradients' own, the loss scale divided out, as DeepSpeed's
+    fused ``FP16_Optimizer`` keeps it; the unfused one kept the scaled norm (fp16: 2^16 times too large).
     Undo: the returned callable puts the optimizer's step back.
     """
     import torch
@@ -599,6 +601,7 @@ def foreach_fp16_step(optimizer) -> Restore | None:
         return None
     check_version("foreach_fp16_step", optimizer, "step", "fp16_groups", "fp32_groups", "mpu", "clip_grad")
     check_version("foreach_fp16_step", optimizer, "_skip_invalid_grad_norm", "_update_scale", "unscale_and_clip_grads")
+    check_version("foreach_fp16_step", optimizer, "loss_scale")
     first_tp_rank = bwc_tensor_model_parallel_rank(mpu=optimizer.mpu) == 0
     model_parallel = optimizer.mpu.get_model_parallel_group() if optimizer.mpu is not None else None
 
@@ -628,7 +631,7 @@ def foreach_fp16_step(optimizer) -> Restore | None:
         if overflow or not all(math.isfinite(s) for s in group_squares):
             return optimizer._skip_invalid_grad_norm()  # sets optimizer.overflow, which the engine counts
         optimizer.overflow = False
-        optimizer._global_grad_norm = math.sqrt(sum(group_squares))
+        scaled, scale = math.sqrt(sum(group_squares)), optimizer.loss_scale  # the scale these gradients carry
         masters, grads, halves, fp16_grads = [], [], [], []
         for fp32_group, fp16_group in zip(optimizer.fp32_groups, optimizer.fp16_groups):
             for master, param in zip(fp32_group, fp16_group):
@@ -640,7 +643,8 @@ def foreach_fp16_step(optimizer) -> Restore | None:
                 halves.append(param)
         torch._foreach_copy_(grads, fp16_grads)
         optimizer._update_scale(False)
-        combined_scale = optimizer.unscale_and_clip_grads(optimizer._global_grad_norm, apply_scale=False)
+        combined_scale = optimizer.unscale_and_clip_grads(scaled, apply_scale=False)
+        optimizer._global_grad_norm = scaled / scale
         if combined_scale != 1.0:  # bf16 without clipping: the multiply by 1 changes nothing
             torch._foreach_mul_(grads, 1.0 / combined_scale)
         optimizer.optimizer.step()
