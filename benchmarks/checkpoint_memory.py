@@ -83,7 +83,7 @@ def row(m: dict) -> str:
             continue
         grown = max(p - b for p, b in zip(rec["checkpoint_peak_rss_bytes"], rec["checkpoint_rss_before_bytes"]))
         state = max(rec["checkpoint_state_bytes"]) / MB
-        cells += [f"{max(rec['checkpoint_s']):.1f} s, +{grown / MB:,.0f} MB, {state:,.0f} MB state/rank"]
+        cells += [f"{max(rec['checkpoint_s']):.1f} s, {round(grown / MB) + 0:+,} MB, {state:,.0f} MB state/rank"]
     return "| " + " | ".join(cells) + " |"
 
 

@@ -52,6 +52,7 @@ from trainer.checkpoint.consolidate import (
     span,
     to_layout,
 )
+from trainer.checkpoint.dcp_writer import LeanWriter
 from trainer.parallel.dims import Mesh
 from trainer.parallel.mappings import gather_objects
 
@@ -131,7 +132,8 @@ def save(engine, named: Iterable[tuple[str, nn.Parameter]], mesh: Mesh, step_dir
     mine = parts(named, mesh.dims.tp)
     for k in range(_part_count(named, mesh)):
         rows = _part_rows(engine, mine[k] if k < len(mine) else [], mesh, kinds)
-        dcp.save(rows, checkpoint_id=str(part_dir(step_dir, k)), planner=_rows_save_planner())
+        path = str(part_dir(step_dir, k))
+        dcp.save(rows, checkpoint_id=path, storage_writer=LeanWriter(path), planner=_rows_save_planner())
         del rows  # one part's exchanged pieces at a time
 
 
@@ -150,10 +152,9 @@ def _save_range(engine, param: nn.Parameter, mesh: Mesh) -> tuple[int, int]:
 @dataclass(frozen=True)
 class _Rows:
     """The whole rows of a tensor that this rank writes: its own elements (a view of what it holds) and the
-    following ranks' leading pieces that complete its last row, joined only when DCP writes them. DCP copies
-    a view of a larger buffer before writing it and (torch 2.13's FileSystemWriter) keeps what it wrote to a
-    file, one tensor per name, until the file (the rank's part) is closed: a save holds at most one chunk
-    of each tensor of a part."""
+    following ranks' leading pieces that complete its last row, joined only when DCP writes them. The writer
+    (``dcp_writer.LeanWriter``) copies a view of a larger buffer before writing it and drops the copy once
+    written: a save holds one chunk's copy at a time."""
 
     own: torch.Tensor
     tail: tuple[torch.Tensor, ...]
