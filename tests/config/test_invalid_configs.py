@@ -203,3 +203,35 @@ def test_empty_corpus_is_refused_before_any_process_group(tmp_path):
     assert proc.returncode == 2
     assert "data" in proc.stderr.strip().splitlines()[-1] and "Traceback" not in proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("launcher", ["deepspeed", "ranks"])
+def test_launched_ranks_say_a_bad_config_once(launcher, tmp_path):
+    """Every rank refuses the config, exit code 2; the line is printed once, not once per rank."""
+    from conftest import run_train
+
+    proc = run_train(tmp_path / "run", ["model=gpt-tiny", "parallel.pp=3"], ranks=4, launcher=launcher)
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.strip().splitlines() if "error" in line]
+    assert lines == ["config error: parallel.tp=1: tp*pp=3 must divide the world size 4"], proc.stderr
+
+
+def test_a_line_is_said_once_per_launch_and_node(monkeypatch, tmp_path, capsys):
+    """Within one launch (same launcher process, same launch id) a line is printed by the first rank that gives it;
+    another line, or another launch, is printed; a process no launcher started always prints."""
+    from trainer.config.cli import print_bad_input
+    from trainer.config.schema import ConfigError
+
+    monkeypatch.setenv("TRAINER_LAUNCH_ID", f"test-{tmp_path.name}")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    memory = ConfigError("parallel.micro_batch", 8, "needs 90 GB on this GPU, 80 free")
+    for err in (memory, memory, ConfigError("parallel.tp", 3, "must divide 8"), memory):
+        print_bad_input(err)
+    monkeypatch.setenv("TRAINER_LAUNCH_ID", f"test-{tmp_path.name}-again")
+    print_bad_input(memory)
+    monkeypatch.delenv("LOCAL_RANK")
+    print_bad_input(memory)
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split(":")[1].strip() for line in lines] == ["parallel.micro_batch=8", "parallel.tp=3"] + [
+        "parallel.micro_batch=8"
+    ] * 2, lines

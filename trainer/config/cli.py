@@ -2,18 +2,22 @@
 
 Hydra reports an unknown option or a mistyped value with several lines and exit code 1, after
 creating a run directory. The entry points call ``preflight`` first, so every bad input ends the
-same way: one line naming the key, the value and the fix, exit code 2, nothing written.
+same way: one line naming the key, the value and the fix, exit code 2, nothing written. The ranks a launcher
+starts on one node check alike, so a line one of them printed the others leave out.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import os
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
-from trainer.config.rundir import register_resolvers
+from trainer.config.rundir import launch_id, register_resolvers
 from trainer.config.schema import BadInput, Config, ConfigError
 from trainer.config.validate import validate
 from trainer.runtime.env import world_size_from_env
@@ -197,7 +201,26 @@ def _check_job(cfg: Config) -> None:
 def print_bad_input(err: BadInput) -> None:
     """The one stderr line every entry point gives for bad input ("config error: " names a config key)."""
     prefix = "config error: " if isinstance(err, ConfigError) else ""
-    print(f"{prefix}{err}", file=sys.stderr)
+    line = f"{prefix}{err}"
+    if first_to_say(line):
+        print(line, file=sys.stderr)
+
+
+def first_to_say(line: str) -> bool:
+    """False when a rank of the same launch on this node (the same launcher process) has printed ``line``:
+    the first to create a file named by the launch and the line says it. A line only some ranks give (one GPU
+    short of memory) is still said."""
+    if "LOCAL_RANK" not in os.environ:
+        return True
+    digest = hashlib.sha256(line.encode()).hexdigest()[:16]
+    said = f"trainer-said-{os.getuid()}-{os.getppid()}-{launch_id()}-{digest}"
+    try:
+        os.close(os.open(Path(tempfile.gettempdir()) / said, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    except OSError:  # no temporary directory to agree through: say it
+        return True
+    return True
 
 
 def exit_bad_input(err: BadInput) -> NoReturn:
